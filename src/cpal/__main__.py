@@ -1,0 +1,3 @@
+from cpal.cli import main
+
+raise SystemExit(main())

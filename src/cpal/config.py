@@ -1,0 +1,335 @@
+"""Typed run configuration: YAML files plus `KEY=VALUE` overrides, validated against a schema.
+
+The schema is a tree of dataclasses. Loading converts each value to the declared type and
+rejects unknown keys naming the valid ones, so that a typo fails before hours of training
+instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from cpal.errors import ConfigError
+
+Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in procedural dataset (used when `data.root` is null)."""
+
+    seed: int = 0
+    num_train: int = 2000
+    num_val: int = 500
+    image_size: int = 128
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None
+    """A dataset in VOC layout; null selects the built-in synthetic dataset."""
+    cache_dir: str | None = None
+    """Where the built-in dataset is generated; null: $CPAL_CACHE or ~/.cache/cpal."""
+    train_split: str = "train"
+    num_workers: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    arch: Arch = "resnet50"
+    width: float = 1.0
+    """Channel multiplier of the backbone (1.0 = torchvision widths; <1 for CPU-sized runs)."""
+    output_stride: Literal[8, 16] = 16
+    frozen_bn: bool = True
+    """BatchNorm running statistics never update (affine parameters still train)."""
+    frozen_stages: int = 0
+    """0: train everything; 1: freeze the stem; 2: + layer1; 3: + layer2 (IRN/SIPE)."""
+    pretrained: str | None = None
+    """A local torchvision/timm ResNet checkpoint, loaded by key."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 16
+    crop_size: int = 512
+    resize_long: list[int] = field(default_factory=lambda: [320, 640])
+    """Random resize: the long side is drawn uniformly from [min, max]."""
+    hflip: bool = True
+    lr: float = 0.1
+    """Backbone learning rate; the classifier uses lr * head_lr_mult."""
+    head_lr_mult: float = 10.0
+    momentum: float = 0.0
+    """The references' SGD wrapper passed weight decay into the momentum slot, so their
+    published numbers used (almost) no momentum; 0.9 is the usual choice elsewhere."""
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    grad_clip: float | None = None
+    checkpoint_every: int = 1
+    """Epochs between checkpoints (the last epoch is always saved)."""
+    keep_checkpoints: int = 2
+    resume: bool = True
+    """Continue from the newest complete checkpoint in output_dir when one exists."""
+    log_every: int = 20
+
+
+@dataclass
+class InferConfig:
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5, 2.0])
+    flip: bool = True
+    batch_size: int = 8
+    """Images per forward pass (each with its flip); images are grouped by size."""
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+
+
+@dataclass
+class EvalConfig:
+    thresholds: list[float] = field(
+        default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)]
+    )
+    """Background thresholds swept when evaluating maps."""
+
+
+@dataclass
+class LabelsConfig:
+    split: str = "train"
+    """Split for which pseudo labels are exported (the training split)."""
+    threshold: float | None = None
+    """Fixed background threshold; null: chosen by the sweep on `tune_split`."""
+    tune_split: str = "val"
+    """Split whose GT picks the threshold when `threshold` is null. Using the export
+    split itself is allowed but reported as an oracle."""
+
+
+@dataclass
+class VizConfig:
+    num_images: int = 8
+    split: str = "train"
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    deterministic: bool = False
+    """torch deterministic algorithms, for exact reproduction (slower on GPU)."""
+    device: str = "auto"
+    """auto (cuda when available), cpu, cuda or cuda:N."""
+    threads: int | None = None
+    """torch CPU threads; null keeps torch's default."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    viz: VizConfig = field(default_factory=VizConfig)
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
+    """Read a YAML file (or start from defaults), apply `KEY=VALUE` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})".replace("\n", " ")) from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        raw = loaded
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form KEY=VALUE")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    config = _build(Config, raw, prefix="")
+    _check_values(config)
+    return _resolve_paths(config)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a plain mapping (e.g. a run's saved config) into a Config."""
+    config = _build(Config, raw, prefix="")
+    _check_values(config)
+    return config
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            valid = ", ".join(prefix + n for n in names)
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}; valid keys: {valid}")
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            kwargs[name] = _convert(hints[name], raw[name], prefix + name)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key + ".")
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"'{key}': invalid value {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        for choice in choices:
+            if value == choice and type(value) is type(choice):
+                return choice
+        raise ConfigError(
+            f"'{key}': invalid value {value!r}; choose one of {', '.join(map(repr, choices))}"
+        )
+    if origin is list:
+        (item_type,) = get_args(tp)
+        if not isinstance(value, list):
+            value = [value] if not isinstance(value, (dict, tuple)) else value
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}': expected a list, got {value!r}")
+        return [_convert(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-4" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"'{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"'{key}': expected a string, got {value!r}")
+    raise ConfigError(f"'{key}': unsupported type {tp}")  # a schema bug, not user input
+
+
+def _check_values(config: Config) -> None:
+    """Range checks that types alone cannot express."""
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"'{key}': {message}")
+
+    t, m, i, s = config.train, config.model, config.infer, config.data.synthetic
+    need(m.width > 0, "model.width", "must be > 0")
+    need(0 <= m.frozen_stages <= 3, "model.frozen_stages", "must be 0, 1, 2 or 3")
+    need(t.epochs >= 1, "train.epochs", "must be >= 1")
+    need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(t.crop_size >= 16, "train.crop_size", "must be >= 16")
+    need(
+        len(t.resize_long) == 2 and 0 < t.resize_long[0] <= t.resize_long[1],
+        "train.resize_long",
+        "must be [min, max] with 0 < min <= max",
+    )
+    need(t.lr > 0, "train.lr", "must be > 0")
+    need(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
+    need(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    need(len(i.scales) >= 1 and all(x > 0 for x in i.scales), "infer.scales", "must be > 0")
+    need(i.batch_size >= 1, "infer.batch_size", "must be >= 1")
+    need(bool(config.eval.thresholds), "eval.thresholds", "must not be empty")
+    need(
+        all(0 <= x <= 1 for x in config.eval.thresholds), "eval.thresholds", "must lie in [0, 1]"
+    )
+    th = config.labels.threshold
+    need(th is None or 0 <= th <= 1, "labels.threshold", "must lie in [0, 1]")
+    need(s.num_train >= 1 and s.num_val >= 1, "data.synthetic", "needs >= 1 image per split")
+    need(s.image_size >= 32, "data.synthetic.image_size", "must be >= 32")
+    need(config.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    dev = config.device
+    need(
+        dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"),
+        "device",
+        "choose auto, cpu, cuda or cuda:N",
+    )
+
+
+def _resolve_paths(config: Config) -> Config:
+    """Make every path absolute once, so stages never depend on the working directory."""
+
+    def absolute(p: str | None) -> str | None:
+        return None if p is None else str(Path(p).expanduser().resolve())
+
+    config.output_dir = absolute(config.output_dir) or ""
+    config.data.root = absolute(config.data.root)
+    config.data.cache_dir = absolute(config.data.cache_dir)
+    config.model.pretrained = absolute(config.model.pretrained)
+    return config
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("CPAL_CACHE")
+    if env:
+        return Path(env).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return (base / "cpal").resolve()

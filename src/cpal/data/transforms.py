@@ -1,0 +1,70 @@
+"""Image transforms for training (random resize, flip, crop) and inference (normalise).
+
+Randomness comes from a `numpy.random.Generator` handed in per sample, so a sample's
+augmentation depends only on (seed, epoch, index): identical across worker counts and
+across an interrupted-then-resumed run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def normalize(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3, H, W) with ImageNet mean/std."""
+    x = (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def resize_long_side(image: np.ndarray, long_side: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = long_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size == (w, h):
+        return image
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+
+
+class TrainTransform:
+    """Random long-side resize, horizontal flip, normalisation and a random square crop.
+
+    Images smaller than the crop are placed at a random position on a zero canvas
+    (zero = the mean colour after normalisation), as IRN/SIPE do."""
+
+    def __init__(self, crop_size: int, resize_long: tuple[int, int], hflip: bool) -> None:
+        self.crop_size = crop_size
+        self.resize_long = resize_long
+        self.hflip = hflip
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        lo, hi = self.resize_long
+        image = resize_long_side(image, int(rng.integers(lo, hi + 1)))
+        if self.hflip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        x = normalize(image)
+        return random_crop(x, self.crop_size, rng)
+
+
+def random_crop(x: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
+    _, h, w = x.shape
+    out = x.new_zeros((x.shape[0], size, size))
+    # Offsets of the crop window inside the image (when larger) or of the image inside
+    # the canvas (when smaller), chosen per axis.
+    dy_img, dy_out = _offsets(h, size, rng)
+    dx_img, dx_out = _offsets(w, size, rng)
+    ch, cw = min(h, size), min(w, size)
+    out[:, dy_out : dy_out + ch, dx_out : dx_out + cw] = x[
+        :, dy_img : dy_img + ch, dx_img : dx_img + cw
+    ]
+    return out
+
+
+def _offsets(length: int, size: int, rng: np.random.Generator) -> tuple[int, int]:
+    if length >= size:
+        return int(rng.integers(0, length - size + 1)), 0
+    return 0, int(rng.integers(0, size - length + 1))

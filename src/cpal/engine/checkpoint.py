@@ -1,0 +1,136 @@
+"""Training checkpoints: tensors in safetensors, everything else in JSON.
+
+A checkpoint is `epoch_NNN.safetensors` plus `epoch_NNN.json`; the JSON is written last
+and records the tensor file's size, so it acts as the commit marker: a run killed during
+a write leaves no JSON (or a stale one that does not match), and resume ignores it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cpal.errors import CheckpointError
+from cpal.io import atomic_path, write_json_atomic
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^epoch_(\d{3,})\.json$")
+
+
+@dataclass
+class Checkpoint:
+    epoch: int  # epochs completed
+    step: int  # optimizer steps completed
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    meta: dict[str, Any]
+
+
+def save_checkpoint(
+    directory: Path,
+    *,
+    epoch: int,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    meta: dict[str, Any],
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    optim_meta = None
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        optim_state: dict[str, dict[str, Any]] = {}
+        for pid, entries in state["state"].items():
+            for name, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim.{pid}.{name}"] = value.detach().cpu().contiguous()
+                else:
+                    optim_state.setdefault(str(pid), {})[name] = value
+        optim_meta = {"param_groups": state["param_groups"], "state": optim_state}
+    stem = f"epoch_{epoch:03d}"
+    tensor_path = directory / f"{stem}.safetensors"
+    with atomic_path(tensor_path) as tmp:
+        save_file(tensors, str(tmp))
+    record = {
+        "format": FORMAT_VERSION,
+        "epoch": epoch,
+        "step": step,
+        "tensors": tensor_path.name,
+        "tensor_bytes": tensor_path.stat().st_size,
+        "optimizer": optim_meta,
+        "meta": meta,
+    }
+    json_path = directory / f"{stem}.json"
+    write_json_atomic(json_path, record)
+    return json_path
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints (JSON marker whose tensor file matches), oldest first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = _NAME.match(path.name)
+        if match and _is_complete(path):
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def _is_complete(json_path: Path) -> bool:
+    try:
+        record = json.loads(json_path.read_text(encoding="utf-8"))
+        tensor_path = json_path.with_name(record["tensors"])
+        return tensor_path.stat().st_size == record["tensor_bytes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def load_checkpoint(json_path: Path) -> Checkpoint:
+    try:
+        record = json.loads(json_path.read_text(encoding="utf-8"))
+        tensors = load_file(str(json_path.with_name(record["tensors"])), device="cpu")
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{json_path}: unreadable checkpoint ({exc})") from exc
+    if record.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{json_path}: checkpoint format {record.get('format')} unsupported")
+    model = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    optimizer = None
+    if record["optimizer"] is not None:
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, pid, name = key.split(".", 2)
+                state.setdefault(int(pid), {})[name] = value
+        for pid, entries in record["optimizer"]["state"].items():
+            state.setdefault(int(pid), {}).update(entries)
+        optimizer = {"state": state, "param_groups": record["optimizer"]["param_groups"]}
+    return Checkpoint(
+        epoch=record["epoch"], step=record["step"], model=model, optimizer=optimizer,
+        meta=record["meta"],
+    )
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (and any orphaned tensor files)."""
+    complete = list_checkpoints(directory)
+    for json_path in complete[:-keep] if keep > 0 else complete:
+        tensor_path = json_path.with_name(json_path.stem + ".safetensors")
+        json_path.unlink(missing_ok=True)
+        tensor_path.unlink(missing_ok=True)
+    kept = {p.stem for p in complete[-keep:]} if keep > 0 else set()
+    for tensor_path in directory.glob("epoch_*.safetensors"):
+        if tensor_path.stem not in kept and not tensor_path.with_suffix(".json").exists():
+            tensor_path.unlink(missing_ok=True)

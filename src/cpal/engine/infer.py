@@ -1,0 +1,123 @@
+"""Multi-scale + flip class activation maps, one `.npz` per image, resumable.
+
+Each forward pass takes a batch of same-size images together with their flips; maps of
+every scale are upsampled to the image grid, summed, and each class divided by its
+maximum (IRN's recipe). Images whose map file exists are skipped, and each file is
+written atomically, so an interrupted run resumes without truncated outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cpal.config import Config
+from cpal.data.datasets import InferenceDataset, SameSizeBatchSampler
+from cpal.data.source import open_dataset
+from cpal.data.voc import VOCLayout
+from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
+from cpal.engine.paths import RunPaths
+from cpal.engine.runtime import setup
+from cpal.errors import CheckpointError
+from cpal.io import MapRecord, save_maps
+from cpal.models.cam_net import CAMNet, build_cam_net
+
+
+def load_trained_model(config: Config, num_classes: int, device: torch.device) -> CAMNet:
+    paths = RunPaths(config.output_path)
+    latest = latest_checkpoint(paths.checkpoints)
+    if latest is None:
+        raise CheckpointError(f"{paths.checkpoints}: no checkpoint; run `cpal train` first")
+    # Weights come from the checkpoint; do not require the ImageNet file at inference.
+    model, _ = build_cam_net(dataclasses.replace(config.model, pretrained=None), num_classes)
+    model.load_state_dict(load_checkpoint(latest).model)
+    return model.to(device).eval()
+
+
+@torch.inference_mode()
+def multiscale_cam(
+    model: CAMNet, images: Tensor, scales: Sequence[float], flip: bool
+) -> Tensor:
+    """Sum over scales (and flips) of relu CAMs at the input's resolution: (B, C, H, W)."""
+    batch, _, height, width = images.shape
+    stride = model.output_stride
+    # IRN aligns the CAM grid to the top-left: upsample to a multiple of the stride, crop.
+    padded = (math.ceil(height / stride) * stride, math.ceil(width / stride) * stride)
+    total = None
+    for scale in scales:
+        x = images
+        if scale != 1.0:
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        if flip:
+            x = torch.cat([x, x.flip(-1)])
+        cam = F.relu(model(x).cam)
+        if flip:
+            cam = cam[:batch] + cam[batch:].flip(-1)
+        cam = F.interpolate(cam, size=padded, mode="bilinear", align_corners=False)
+        cam = cam[:, :, :height, :width]
+        total = cam if total is None else total + cam
+    assert total is not None
+    return total
+
+
+def infer_split(
+    config: Config, layout: VOCLayout, model: CAMNet, split: str, device: torch.device,
+    *, progress: bool = True,
+) -> int:
+    """Write maps for every image of `split` not yet done; return how many were written."""
+    out_dir = RunPaths(config.output_path).maps(split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = layout.split_ids(split)
+    pending = [i for i in ids if not (out_dir / f"{i}.npz").exists()]
+    if not pending:
+        return 0
+    dataset = InferenceDataset(layout, pending)
+    sampler = SameSizeBatchSampler(dataset.sizes(), config.infer.batch_size)
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=config.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    bar = tqdm(total=len(pending), desc=f"maps {split}", disable=not progress, leave=False,
+               dynamic_ncols=True)
+    for batch in loader:
+        cams = multiscale_cam(
+            model, batch["image"].to(device), config.infer.scales, config.infer.flip
+        )
+        for cam, label, image_id in zip(cams, batch["label"], batch["id"], strict=True):
+            _write_record(out_dir / f"{image_id}.npz", cam, label)
+        bar.update(len(batch["id"]))
+    bar.close()
+    return len(pending)
+
+
+def _write_record(path: Path, cam: Tensor, label: Tensor) -> None:
+    present = torch.nonzero(label > 0.5).flatten()
+    maps = cam[present]
+    peak = maps.flatten(1).amax(dim=1)[:, None, None]
+    maps = maps / (peak + 1e-5)
+    save_maps(
+        path,
+        MapRecord(classes=(present + 1).cpu().numpy().astype(np.int64),
+                  maps=maps.float().cpu().numpy()),
+    )
+
+
+def infer(config: Config, splits: Sequence[str] | None = None, *, progress: bool = True) -> dict:
+    """Generate maps for the configured splits; return {split: images written}."""
+    device = setup(config)
+    layout = open_dataset(config.data)
+    model = load_trained_model(config, layout.num_foreground, device)
+    return {
+        split: infer_split(config, layout, model, split, device, progress=progress)
+        for split in (splits or config.infer.splits)
+    }

@@ -1,0 +1,339 @@
+"""The stages of a run and how `cpal run` chains them.
+
+Each stage reads the previous stage's files under `output_dir` and writes its own, so any
+stage can be rerun alone (IRN's style). Finished stages are recorded in `stages.json`;
+metrics accumulate in `metrics.json`, each number with the protocol that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from cpal.config import Config
+from cpal.data.images import load_mask
+from cpal.data.source import open_dataset
+from cpal.data.voc import VOCLayout
+from cpal.engine.infer import infer
+from cpal.engine.paths import RunPaths
+from cpal.engine.train import train
+from cpal.errors import ConfigError, DatasetError
+from cpal.evaluation.metrics import (
+    SegmentationScores,
+    ThresholdSweep,
+    confusion_matrix,
+    labels_from_maps,
+)
+from cpal.evaluation.protocol import Protocol, results_table
+from cpal.io import load_maps, save_label_png, write_json_atomic
+from cpal.viz.figures import OverlayRow, overlay_grid, per_class_iou_chart, sweep_curve
+
+STAGES = ("train", "infer", "evaluate", "labels", "figures")
+_LABELS_META = "_labels.json"
+
+
+# ---------------------------------------------------------------------------------------
+# Bookkeeping
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise DatasetError(f"{path}: corrupt JSON ({exc})") from exc
+
+
+def _update_json(path: Path, key: str, value: Any) -> dict[str, Any]:
+    data = _read_json(path)
+    data[key] = value
+    write_json_atomic(path, data)
+    return data
+
+
+def _record_stage(paths: RunPaths, stage: str, seconds: float, **details: Any) -> None:
+    _update_json(
+        paths.stages,
+        stage,
+        {
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(seconds, 1),
+            **details,
+        },
+    )
+
+
+def _inference_description(config: Config) -> str:
+    scales = ",".join(f"{s:g}" for s in config.infer.scales)
+    return f"scales {scales}" + (" + flip" if config.infer.flip else "")
+
+
+def _has_masks(layout: VOCLayout, ids: Sequence[str]) -> bool:
+    return all(layout.mask_path(i).exists() for i in ids)
+
+
+def _map_paths(config: Config, layout: VOCLayout, split: str) -> list[tuple[str, Path]]:
+    """(id, map file) for every image of `split`; fails naming the first missing file."""
+    directory = RunPaths(config.output_path).maps(split)
+    pairs = [(i, directory / f"{i}.npz") for i in layout.split_ids(split)]
+    missing = [p for _, p in pairs if not p.exists()]
+    if missing:
+        raise DatasetError(
+            f"{missing[0]}: map missing ({len(missing)} of {len(pairs)} for split '{split}'); "
+            f"run `cpal infer` with infer.splits including '{split}'"
+        )
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------
+# Stages
+
+
+def stage_train(config: Config, *, progress: bool = True) -> dict[str, Any]:
+    start = time.perf_counter()
+    checkpoint = train(config, progress=progress)
+    details = {"checkpoint": checkpoint.name}
+    _record_stage(RunPaths(config.output_path), "train", time.perf_counter() - start, **details)
+    return details
+
+
+def stage_infer(config: Config, *, progress: bool = True) -> dict[str, Any]:
+    start = time.perf_counter()
+    written = infer(config, progress=progress)
+    _record_stage(RunPaths(config.output_path), "infer", time.perf_counter() - start,
+                  written=written)
+    return written
+
+
+def sweep_split(config: Config, layout: VOCLayout, split: str) -> ThresholdSweep:
+    """One pass over a split's maps, scoring every background threshold at once."""
+    sweep = ThresholdSweep(config.eval.thresholds, layout.num_classes)
+    for image_id, path in _map_paths(config, layout, split):
+        sweep.update(load_maps(path), layout.load_mask(image_id))
+    return sweep
+
+
+def stage_evaluate(config: Config) -> dict[str, Any]:
+    """Score the maps of every inferred split that has GT masks, over all thresholds."""
+    start = time.perf_counter()
+    paths = RunPaths(config.output_path)
+    layout = open_dataset(config.data)
+    results: dict[str, Any] = {}
+    for split in config.infer.splits:
+        ids = layout.split_ids(split)
+        if not _has_masks(layout, ids):
+            results[split] = {"skipped": "no GT masks for this split"}
+            continue
+        sweep = sweep_split(config, layout, split)
+        best_threshold, best = sweep.best()
+        protocol = Protocol(
+            split=split, num_images=len(ids), source="maps:cam", threshold=best_threshold,
+            threshold_choice="oracle", tuned_on=split,
+            inference=_inference_description(config),
+        )
+        results[split] = {
+            "num_images": len(ids),
+            "sweep": [
+                {"threshold": float(t), "miou": round(100 * s.miou, 2)}
+                for t, s in zip(sweep.thresholds, sweep.scores(), strict=True)
+            ],
+            "oracle_best": {
+                "threshold": best_threshold,
+                **best.to_dict(layout.class_names),
+                "protocol": protocol.to_dict(),
+            },
+        }
+    _update_json(paths.metrics, "maps", results)
+    _record_stage(paths, "evaluate", time.perf_counter() - start)
+    return results
+
+
+def choose_threshold(config: Config, layout: VOCLayout) -> dict[str, Any]:
+    """The background threshold for pseudo labels, and how it was chosen."""
+    lc = config.labels
+    if lc.threshold is not None:
+        return {"value": lc.threshold, "choice": "fixed", "tuned_on": None}
+    tune_ids = layout.split_ids(lc.tune_split)
+    if not _has_masks(layout, tune_ids):
+        raise ConfigError(
+            f"'labels.tune_split': split '{lc.tune_split}' has no GT masks to tune on; "
+            "set labels.threshold to a fixed value"
+        )
+    value, _ = sweep_split(config, layout, lc.tune_split).best()
+    choice = "oracle" if lc.tune_split == lc.split else "tuned"
+    return {"value": value, "choice": choice, "tuned_on": lc.tune_split}
+
+
+def stage_labels(config: Config, *, progress: bool = True) -> dict[str, Any]:
+    """Export pseudo labels as palette PNGs and score them against GT where it exists."""
+    start = time.perf_counter()
+    paths = RunPaths(config.output_path)
+    layout = open_dataset(config.data)
+    split = config.labels.split
+    threshold = choose_threshold(config, layout)
+    out_dir = paths.labels(split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = out_dir / _LABELS_META
+    # Labels made at another threshold are stale: rewrite them all.
+    reuse = _read_json(meta_path).get("threshold") == threshold["value"]
+    pairs = _map_paths(config, layout, split)
+    for image_id, map_path in tqdm(pairs, desc=f"labels {split}", disable=not progress,
+                                   leave=False, dynamic_ncols=True):
+        target = out_dir / f"{image_id}.png"
+        if reuse and target.exists():
+            continue
+        save_label_png(target, labels_from_maps(load_maps(map_path), threshold["value"]))
+    write_json_atomic(meta_path, {"threshold": threshold["value"], "source": "maps:cam"})
+
+    result: dict[str, Any] = {"split": split, "num_images": len(pairs),
+                              "dir": str(out_dir), "miou": None}
+    ids = [i for i, _ in pairs]
+    if _has_masks(layout, ids):
+        scores = score_label_dir(layout, ids, out_dir)
+        protocol = Protocol(
+            split=split, num_images=len(ids), source="labels:cam", threshold=threshold["value"],
+            threshold_choice=threshold["choice"], tuned_on=threshold["tuned_on"],
+            inference=_inference_description(config),
+        )
+        result.update(scores.to_dict(layout.class_names))
+        result["protocol"] = protocol.to_dict()
+    else:
+        result["skipped"] = "no GT masks for this split"
+    _update_json(paths.metrics, "threshold", threshold)
+    _update_json(paths.metrics, "pseudo_labels", result)
+    _record_stage(paths, "labels", time.perf_counter() - start, threshold=threshold["value"])
+    return result
+
+
+def score_label_dir(layout: VOCLayout, ids: Sequence[str], label_dir: Path) -> SegmentationScores:
+    """mIoU of label PNGs in `label_dir` against the dataset's GT masks."""
+    conf = np.zeros((layout.num_classes, layout.num_classes), dtype=np.int64)
+    for image_id in ids:
+        path = label_dir / f"{image_id}.png"
+        if not path.exists():
+            raise DatasetError(f"{path}: label file missing")
+        pred = load_mask(path, layout.num_classes)
+        conf += confusion_matrix(layout.load_mask(image_id), pred, layout.num_classes)
+    return SegmentationScores.from_confusion(conf)
+
+
+def evaluate_label_dir(config: Config, label_dir: Path, split: str) -> dict[str, Any]:
+    """Score any folder of label PNGs (ours or another method's) against a split's GT."""
+    layout = open_dataset(config.data)
+    ids = layout.split_ids(split)
+    scores = score_label_dir(layout, ids, label_dir)
+    protocol = Protocol(
+        split=split, num_images=len(ids), source=f"labels:{label_dir}", threshold=None,
+        threshold_choice="none", image_labels="as produced by the labels' source",
+    )
+    return {**scores.to_dict(layout.class_names), "protocol": protocol.to_dict()}
+
+
+def stage_figures(config: Config) -> list[Path]:
+    """Overlay grid, threshold-sweep curve and per-class IoU chart, as PNGs."""
+    start = time.perf_counter()
+    paths = RunPaths(config.output_path)
+    layout = open_dataset(config.data)
+    metrics = _read_json(paths.metrics)
+    written: list[Path] = []
+    threshold = metrics.get("threshold", {}).get("value")
+    if threshold is None:
+        threshold = choose_threshold(config, layout)["value"]
+
+    split = config.viz.split
+    ids = layout.split_ids(split)
+    step = max(1, len(ids) // max(1, config.viz.num_images))
+    chosen_ids = ids[::step][: config.viz.num_images]
+    has_gt = _has_masks(layout, chosen_ids)
+    rows = []
+    for image_id in chosen_ids:
+        record = load_maps(paths.maps(split) / f"{image_id}.npz")
+        heat = record.maps.max(axis=0) if len(record.classes) else record.maps.sum(axis=0)
+        rows.append(OverlayRow(
+            image_id=image_id, image=layout.load_image(image_id),
+            gt=layout.load_mask(image_id) if has_gt else None,
+            heat=heat, pseudo=labels_from_maps(record, threshold),
+        ))
+    target = paths.figures / f"overlay_{split}.png"
+    overlay_grid(rows, target, layout.class_names)
+    written.append(target)
+
+    maps = {s: r for s, r in metrics.get("maps", {}).items() if "sweep" in r}
+    if maps:
+        target = paths.figures / "threshold_sweep.png"
+        sweep_curve(
+            [row["threshold"] for row in next(iter(maps.values()))["sweep"]],
+            {s: _fractions(row["miou"] for row in r["sweep"]) for s, r in maps.items()},
+            threshold, target, title="CAM maps: mIoU vs background threshold",
+        )
+        written.append(target)
+    series = {
+        f"maps {s} (oracle thr {r['oracle_best']['threshold']:g})": _fractions(
+            r["oracle_best"]["per_class"][n]["iou"] for n in layout.class_names
+        )
+        for s, r in maps.items()
+    }
+    pseudo = metrics.get("pseudo_labels", {})
+    if pseudo.get("per_class"):
+        series[f"pseudo labels {pseudo['split']} (thr {threshold:g})"] = _fractions(
+            pseudo["per_class"][n]["iou"] for n in layout.class_names
+        )
+    if series:
+        target = paths.figures / "per_class_iou.png"
+        per_class_iou_chart(layout.class_names, series, target, title="Per-class IoU (%)")
+        written.append(target)
+    _record_stage(paths, "figures", time.perf_counter() - start,
+                  files=[p.name for p in written])
+    return written
+
+
+def _fractions(percents: Iterable[float | None]) -> list[float | None]:
+    """metrics.json holds percent; the figure functions take fractions."""
+    return [None if p is None else p / 100 for p in percents]
+
+
+# ---------------------------------------------------------------------------------------
+# The whole chain
+
+
+def summary_table(config: Config) -> str:
+    """The results table of a run: every number beside its protocol."""
+    metrics = _read_json(RunPaths(config.output_path).metrics)
+    rows: list[tuple[str, float, Protocol]] = []
+    for split, result in metrics.get("maps", {}).items():
+        if "oracle_best" in result:
+            best = result["oracle_best"]
+            rows.append((f"CAM maps ({split})", best["miou"] / 100,
+                         Protocol.from_dict(best["protocol"])))
+    pseudo = metrics.get("pseudo_labels", {})
+    if pseudo.get("miou") is not None:
+        rows.append((f"pseudo labels ({pseudo['split']})", pseudo["miou"] / 100,
+                     Protocol.from_dict(pseudo["protocol"])))
+    return results_table(rows)
+
+
+def run(config: Config, *, progress: bool = True,
+        log: Callable[[str], None] = tqdm.write) -> dict[str, Any]:
+    """train -> maps -> evaluation -> pseudo labels -> figures; returns metrics.json."""
+    paths = RunPaths(config.output_path)
+    log(f"cpal run: output in {paths.root}")
+    stage_train(config, progress=progress)
+    log("stage train: done")
+    stage_infer(config, progress=progress)
+    log("stage infer: done")
+    stage_evaluate(config)
+    log("stage evaluate: done")
+    stage_labels(config, progress=progress)
+    log("stage labels: done")
+    figures = stage_figures(config)
+    log("stage figures: " + ", ".join(str(p) for p in figures))
+    log("\n" + summary_table(config))
+    return _read_json(paths.metrics)

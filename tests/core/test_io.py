@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from cpal.io import MapRecord, atomic_path, load_maps, save_label_png, save_maps, voc_palette
+
+
+def test_voc_palette_known_colours():
+    pal = voc_palette()
+    assert pal[0].tolist() == [0, 0, 0]
+    assert pal[1].tolist() == [128, 0, 0]  # aeroplane
+    assert pal[15].tolist() == [192, 128, 128]  # person
+    assert pal[255].tolist() == [224, 224, 192]  # ignore
+
+
+def test_label_png_round_trip_keeps_indices_and_palette(tmp_path):
+    label = np.array([[0, 1, 2], [255, 20, 3]], dtype=np.uint8)
+    save_label_png(tmp_path / "a.png", label)
+    image = Image.open(tmp_path / "a.png")
+    assert image.mode == "P"
+    np.testing.assert_array_equal(np.asarray(image), label)
+    assert image.getpalette()[3:6] == [128, 0, 0]
+
+
+def test_atomic_path_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "x.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_maps_round_trip_float16(tmp_path):
+    maps = np.random.default_rng(0).random((2, 5, 7)).astype(np.float32)
+    save_maps(tmp_path / "m.npz", MapRecord(classes=np.array([3, 9]), maps=maps))
+    record = load_maps(tmp_path / "m.npz")
+    assert record.classes.tolist() == [3, 9]
+    np.testing.assert_allclose(record.maps, maps, atol=1e-3)
+    with pytest.raises(ValueError, match="does not match"):
+        MapRecord(classes=np.array([1]), maps=maps)

@@ -1,0 +1,143 @@
+"""End-to-end behaviour of the stages on a tiny generated dataset."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tests.conftest import tiny_overrides
+
+import cpal.engine.train as train_module
+from cpal.cli import main
+from cpal.config import load_config
+from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
+from cpal.engine.paths import RunPaths
+from cpal.errors import CheckpointError
+from cpal.io import load_maps
+from cpal.pipeline import run, stage_infer, stage_labels, stage_train
+
+
+def test_run_writes_every_artifact(tiny_config):
+    metrics = run(tiny_config, progress=False)
+    paths = RunPaths(tiny_config.output_path)
+    # maps: one file per image, present classes only, values in [0, 1], full resolution
+    root = Path(tiny_config.data.root)
+    train_ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
+    record = load_maps(paths.maps("train") / f"{train_ids[0]}.npz")
+    assert record.maps.shape[1:] == (64, 64)
+    assert record.maps.min() >= 0 and record.maps.max() <= 1.0 + 1e-3
+    labels = json.loads((root / "image_labels.json").read_text())
+    assert len(record.classes) == len(labels[train_ids[0]])
+    # pseudo labels: palette PNGs for every training image, only present classes or bg
+    for image_id in train_ids:
+        png = Image.open(paths.labels("train") / f"{image_id}.png")
+        assert png.mode == "P"
+        assert set(np.unique(np.asarray(png))) <= {0, *load_maps(
+            paths.maps("train") / f"{image_id}.npz").classes.tolist()}
+    # metrics: pseudo-label mIoU in percent with its protocol; threshold tuned on val
+    pseudo = metrics["pseudo_labels"]
+    assert 0 <= pseudo["miou"] <= 100
+    assert pseudo["protocol"]["threshold_choice"] == "tuned"
+    assert pseudo["protocol"]["tuned_on"] == "val" and pseudo["protocol"]["gt_used_for_tuning"]
+    assert metrics["maps"]["train"]["oracle_best"]["protocol"]["threshold_choice"] == "oracle"
+    assert len(metrics["maps"]["val"]["sweep"]) == 19
+    for name in ("overlay_train.png", "threshold_sweep.png", "per_class_iou.png"):
+        assert Image.open(paths.figures / name).size[0] > 100
+    stages = json.loads(paths.stages.read_text())
+    assert set(stages) == {"train", "infer", "evaluate", "labels", "figures"}
+
+
+def test_resume_after_crash_equals_uninterrupted_run(tiny_dataset, tmp_path, monkeypatch):
+    straight = load_config(None, tiny_overrides(tiny_dataset, tmp_path / "straight"))
+    stage_train(straight, progress=False)
+
+    crashed = load_config(None, tiny_overrides(tiny_dataset, tmp_path / "crashed"))
+    real_epoch = train_module._run_epoch
+    calls = {"n": 0}
+
+    def dies_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_run_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        stage_train(crashed, progress=False)
+    assert latest_checkpoint(RunPaths(crashed.output_path).checkpoints).name == "epoch_001.json"
+    monkeypatch.setattr(train_module, "_run_epoch", real_epoch)
+    stage_train(crashed, progress=False)
+
+    a = load_checkpoint(latest_checkpoint(RunPaths(straight.output_path).checkpoints))
+    b = load_checkpoint(latest_checkpoint(RunPaths(crashed.output_path).checkpoints))
+    assert (a.epoch, a.step) == (b.epoch, b.step) == (2, 6)
+    for key, value in a.model.items():
+        assert torch.equal(value, b.model[key]), key
+
+
+def test_resume_refuses_changed_settings(tiny_config, tiny_dataset):
+    stage_train(tiny_config, progress=False)
+    changed = load_config(None, [*tiny_overrides(tiny_dataset, tiny_config.output_path),
+                                 "train.lr=0.01"])
+    with pytest.raises(CheckpointError, match=r"other settings \(train\.lr\)"):
+        stage_train(changed, progress=False)
+
+
+def test_training_never_reads_masks(tiny_dataset, tmp_path):
+    root = tmp_path / "no_masks"
+    shutil.copytree(tiny_dataset, root)
+    shutil.rmtree(root / "SegmentationClass")
+    config = load_config(None, [*tiny_overrides(root, tmp_path / "run"), "train.epochs=1"])
+    stage_train(config, progress=False)
+    stage_infer(config, progress=False)
+    # with no GT anywhere, a fixed threshold still exports labels; their mIoU is not claimed
+    config = load_config(None, [*tiny_overrides(root, tmp_path / "run"), "train.epochs=1",
+                                "labels.threshold=0.3"])
+    result = stage_labels(config, progress=False)
+    assert result["miou"] is None and "no GT" in result["skipped"]
+
+
+def test_infer_skips_finished_images(tiny_config):
+    stage_train(tiny_config, progress=False)
+    first = stage_infer(tiny_config, progress=False)
+    assert first == {"train": 24, "val": 8}
+    victim = sorted(RunPaths(tiny_config.output_path).maps("val").glob("*.npz"))[0]
+    victim.unlink()
+    assert stage_infer(tiny_config, progress=False) == {"train": 0, "val": 1}
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["config", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cpal: error:") and "nope.yaml" in err and "\n" not in err
+    assert main(["train", _empty(tmp_path), "train.epochz=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.epochz" in err and "train.epochs" in err
+    assert main(["train", _empty(tmp_path), f"data.root={tmp_path / 'missing'}",
+                 f"output_dir={tmp_path / 'out'}"]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def _empty(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("{}\n")
+    return str(path)
+
+
+def test_evaluate_external_label_dir(tiny_dataset, tmp_path, capsys):
+    # GT masks themselves as "labels": a perfect score, computed through the CLI.
+    from cpal.io import save_label_png
+
+    gt_dir = tmp_path / "gt_as_labels"
+    ids = (tiny_dataset / "ImageSets/Segmentation/val.txt").read_text().split()
+    for image_id in ids:
+        mask = np.asarray(Image.open(tiny_dataset / "SegmentationClass" / f"{image_id}.png"))
+        save_label_png(gt_dir / f"{image_id}.png", np.where(mask == 255, 0, mask))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  root: {tiny_dataset}\n")
+    assert main(["evaluate", str(cfg), "--labels", str(gt_dir), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("mIoU 100.00") and "val (8 images)" in out
