@@ -72,7 +72,7 @@ def _record_stage(paths: RunPaths, stage: str, seconds: float, **details: Any) -
 
 
 def _inference_description(config: Config) -> str:
-    scales = ",".join(f"{s:g}" for s in config.infer.scales)
+    scales = ",".join(str(float(s)) for s in config.infer.scales)
     return f"scales {scales}" + (" + flip" if config.infer.flip else "")
 
 

@@ -247,7 +247,11 @@ def per_class_iou_chart(
     ax.set_xlim(0, 100)
     ax.set_xlabel("IoU (%)")
     ax.grid(True, axis="x", alpha=0.3)
-    figure.legend(loc="outside lower center", ncol=min(num_series, 4), fontsize=8, frameon=False)
+    # Long series names (they carry thresholds and means) get one legend row each.
+    _, labels = ax.get_legend_handles_labels()
+    longest = max((len(label) for label in labels), default=0)
+    ncol = 1 if longest > 30 else min(num_series, 4)
+    figure.legend(loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)
     if title:
         ax.set_title(title)
     _save(figure, Path(path))
