@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = data_sub.add_parser("check", help="validate a dataset split by split")
     _add_config_args(check)
     check.add_argument("--decode", action="store_true", help="decode every image and mask")
+    check.add_argument("--masks", action="store_true",
+                       help="require a GT mask for every image (default: check masks of the "
+                            "splits that have them all)")
     return parser
 
 
@@ -115,7 +118,7 @@ def _cmd_data(cfg: Config, args: argparse.Namespace) -> Any:
     layout = open_dataset(cfg.data)
     splits = dict.fromkeys([cfg.data.train_split, *cfg.infer.splits])
     for split in splits:
-        masks = all(layout.mask_path(i).exists() for i in layout.split_ids(split))
+        masks = args.masks or layout.has_masks(layout.split_ids(split))
         count = layout.check(split, masks=masks, decode=args.decode)
         checked = "images, labels" + (", masks" if masks else "")
         checked += " (decoded)" if args.decode else ""
@@ -136,7 +139,14 @@ _COMMANDS: dict[str, Callable[[Config, argparse.Namespace], Any]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides after an option (`a=1 --no-progress b=2`) arrive as leftovers: keep them.
+    args, rest = parser.parse_known_args(argv)
+    unknown = [item for item in rest if item.startswith("-") or "=" not in item]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     try:
         cfg = load_config(args.config, list(args.overrides))
         result = _COMMANDS[args.command](cfg, args)

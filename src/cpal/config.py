@@ -291,9 +291,16 @@ def _check_values(config: Config) -> None:
         "must be [min, max] with 0 < min <= max",
     )
     need(t.lr > 0, "train.lr", "must be > 0")
+    need(t.head_lr_mult > 0, "train.head_lr_mult", "must be > 0")
     need(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(t.poly_power >= 0, "train.poly_power", "must be >= 0")
+    need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
     need(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    need(t.log_every >= 1, "train.log_every", "must be >= 1")
+    need(config.viz.num_images >= 1, "viz.num_images", "must be >= 1")
+    need(config.threads is None or config.threads >= 1, "threads", "must be >= 1 or null")
     need(len(i.scales) >= 1 and all(x > 0 for x in i.scales), "infer.scales", "must be > 0")
     need(i.batch_size >= 1, "infer.batch_size", "must be >= 1")
     need(bool(config.eval.thresholds), "eval.thresholds", "must not be empty")
@@ -302,6 +309,12 @@ def _check_values(config: Config) -> None:
     )
     th = config.labels.threshold
     need(th is None or 0 <= th <= 1, "labels.threshold", "must lie in [0, 1]")
+    # Later stages read the maps of these splits: catch a missing one before training.
+    inferred = ", ".join(i.splits)
+    for key, split in (("labels.split", config.labels.split), ("viz.split", config.viz.split),
+                       ("labels.tune_split", config.labels.tune_split if th is None else None)):
+        need(split is None or split in i.splits, key,
+             f"split '{split}' has no maps: add it to infer.splits (now: {inferred})")
     need(s.num_train >= 1 and s.num_val >= 1, "data.synthetic", "needs >= 1 image per split")
     need(s.image_size >= 32, "data.synthetic.image_size", "must be >= 32")
     need(config.data.num_workers >= 0, "data.num_workers", "must be >= 0")

@@ -21,7 +21,7 @@ from cpal.config import Config
 from cpal.data.images import load_mask
 from cpal.data.source import open_dataset
 from cpal.data.voc import VOCLayout
-from cpal.engine.infer import infer
+from cpal.engine.infer import infer, read_maps_identity
 from cpal.engine.paths import RunPaths
 from cpal.engine.train import train
 from cpal.errors import ConfigError, DatasetError
@@ -32,7 +32,7 @@ from cpal.evaluation.metrics import (
     labels_from_maps,
 )
 from cpal.evaluation.protocol import Protocol, results_table
-from cpal.io import load_maps, save_label_png, write_json_atomic
+from cpal.io import IGNORE_INDEX, load_maps, save_label_png, write_json_atomic
 from cpal.viz.figures import OverlayRow, overlay_grid, per_class_iou_chart, sweep_curve
 
 STAGES = ("train", "infer", "evaluate", "labels", "figures")
@@ -71,18 +71,17 @@ def _record_stage(paths: RunPaths, stage: str, seconds: float, **details: Any) -
     )
 
 
-def _inference_description(config: Config) -> str:
-    scales = ",".join(str(float(s)) for s in config.infer.scales)
-    return f"scales {scales}" + (" + flip" if config.infer.flip else "")
+def _no_masks_note(layout: VOCLayout, ids: Sequence[str]) -> str:
+    return f"GT masks for {layout.count_masks(ids)} of {len(ids)} images; not evaluated"
 
 
-def _has_masks(layout: VOCLayout, ids: Sequence[str]) -> bool:
-    return all(layout.mask_path(i).exists() for i in ids)
-
-
-def _map_paths(config: Config, layout: VOCLayout, split: str) -> list[tuple[str, Path]]:
-    """(id, map file) for every image of `split`; fails naming the first missing file."""
+def _map_paths(
+    config: Config, layout: VOCLayout, split: str
+) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
+    """(id, map file) for every image of `split`, and what made the maps; fails naming the
+    first missing file."""
     directory = RunPaths(config.output_path).maps(split)
+    identity = read_maps_identity(directory)
     pairs = [(i, directory / f"{i}.npz") for i in layout.split_ids(split)]
     missing = [p for _, p in pairs if not p.exists()]
     if missing:
@@ -90,7 +89,7 @@ def _map_paths(config: Config, layout: VOCLayout, split: str) -> list[tuple[str,
             f"{missing[0]}: map missing ({len(missing)} of {len(pairs)} for split '{split}'); "
             f"run `cpal infer` with infer.splits including '{split}'"
         )
-    return pairs
+    return pairs, identity
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,12 +112,18 @@ def stage_infer(config: Config, *, progress: bool = True) -> dict[str, Any]:
     return written
 
 
-def sweep_split(config: Config, layout: VOCLayout, split: str) -> ThresholdSweep:
+def sweep_split(
+    config: Config, layout: VOCLayout, split: str
+) -> tuple[ThresholdSweep, dict[str, Any]]:
     """One pass over a split's maps, scoring every background threshold at once."""
     sweep = ThresholdSweep(config.eval.thresholds, layout.num_classes)
-    for image_id, path in _map_paths(config, layout, split):
-        sweep.update(load_maps(path), layout.load_mask(image_id))
-    return sweep
+    pairs, identity = _map_paths(config, layout, split)
+    for image_id, path in pairs:
+        try:
+            sweep.update(load_maps(path), layout.load_mask(image_id))
+        except ValueError as exc:
+            raise DatasetError(f"{path} vs {layout.mask_path(image_id)}: {exc}") from exc
+    return sweep, identity
 
 
 def stage_evaluate(config: Config) -> dict[str, Any]:
@@ -129,15 +134,14 @@ def stage_evaluate(config: Config) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for split in config.infer.splits:
         ids = layout.split_ids(split)
-        if not _has_masks(layout, ids):
-            results[split] = {"skipped": "no GT masks for this split"}
+        if not layout.has_masks(ids):
+            results[split] = {"skipped": _no_masks_note(layout, ids)}
             continue
-        sweep = sweep_split(config, layout, split)
+        sweep, identity = sweep_split(config, layout, split)
         best_threshold, best = sweep.best()
         protocol = Protocol(
             split=split, num_images=len(ids), source="maps:cam", threshold=best_threshold,
-            threshold_choice="oracle", tuned_on=split,
-            inference=_inference_description(config),
+            threshold_choice="oracle", tuned_on=split, inference=identity["inference"],
         )
         results[split] = {
             "num_images": len(ids),
@@ -162,12 +166,12 @@ def choose_threshold(config: Config, layout: VOCLayout) -> dict[str, Any]:
     if lc.threshold is not None:
         return {"value": lc.threshold, "choice": "fixed", "tuned_on": None}
     tune_ids = layout.split_ids(lc.tune_split)
-    if not _has_masks(layout, tune_ids):
+    if not layout.has_masks(tune_ids):
         raise ConfigError(
             f"'labels.tune_split': split '{lc.tune_split}' has no GT masks to tune on; "
             "set labels.threshold to a fixed value"
         )
-    value, _ = sweep_split(config, layout, lc.tune_split).best()
+    value, _ = sweep_split(config, layout, lc.tune_split)[0].best()
     choice = "oracle" if lc.tune_split == lc.split else "tuned"
     return {"value": value, "choice": choice, "tuned_on": lc.tune_split}
 
@@ -181,32 +185,35 @@ def stage_labels(config: Config, *, progress: bool = True) -> dict[str, Any]:
     threshold = choose_threshold(config, layout)
     out_dir = paths.labels(split)
     out_dir.mkdir(parents=True, exist_ok=True)
+    pairs, identity = _map_paths(config, layout, split)
     meta_path = out_dir / _LABELS_META
-    # Labels made at another threshold are stale: rewrite them all.
-    reuse = _read_json(meta_path).get("threshold") == threshold["value"]
-    pairs = _map_paths(config, layout, split)
+    meta = {"threshold": threshold["value"], "maps": identity}
+    # Reuse finished files only if they were made from these maps at this threshold; the
+    # marker is removed while writing, so a killed run never passes for a finished one.
+    reuse = _read_json(meta_path) == meta
+    meta_path.unlink(missing_ok=True)
     for image_id, map_path in tqdm(pairs, desc=f"labels {split}", disable=not progress,
                                    leave=False, dynamic_ncols=True):
         target = out_dir / f"{image_id}.png"
         if reuse and target.exists():
             continue
         save_label_png(target, labels_from_maps(load_maps(map_path), threshold["value"]))
-    write_json_atomic(meta_path, {"threshold": threshold["value"], "source": "maps:cam"})
+    write_json_atomic(meta_path, meta)
 
     result: dict[str, Any] = {"split": split, "num_images": len(pairs),
                               "dir": str(out_dir), "miou": None}
     ids = [i for i, _ in pairs]
-    if _has_masks(layout, ids):
+    if layout.has_masks(ids):
         scores = score_label_dir(layout, ids, out_dir)
         protocol = Protocol(
             split=split, num_images=len(ids), source="labels:cam", threshold=threshold["value"],
             threshold_choice=threshold["choice"], tuned_on=threshold["tuned_on"],
-            inference=_inference_description(config),
+            inference=identity["inference"],
         )
         result.update(scores.to_dict(layout.class_names))
         result["protocol"] = protocol.to_dict()
     else:
-        result["skipped"] = "no GT masks for this split"
+        result["skipped"] = _no_masks_note(layout, ids)
     _update_json(paths.metrics, "threshold", threshold)
     _update_json(paths.metrics, "pseudo_labels", result)
     _record_stage(paths, "labels", time.perf_counter() - start, threshold=threshold["value"])
@@ -214,14 +221,22 @@ def stage_labels(config: Config, *, progress: bool = True) -> dict[str, Any]:
 
 
 def score_label_dir(layout: VOCLayout, ids: Sequence[str], label_dir: Path) -> SegmentationScores:
-    """mIoU of label PNGs in `label_dir` against the dataset's GT masks."""
+    """mIoU of label PNGs in `label_dir` against the dataset's GT masks.
+
+    A predicted 255 (a pixel left unlabelled, as in IRN's IR labels) counts as background:
+    it is right only where GT is background, so leaving pixels out never raises the score.
+    """
     conf = np.zeros((layout.num_classes, layout.num_classes), dtype=np.int64)
     for image_id in ids:
         path = label_dir / f"{image_id}.png"
         if not path.exists():
             raise DatasetError(f"{path}: label file missing")
         pred = load_mask(path, layout.num_classes)
-        conf += confusion_matrix(layout.load_mask(image_id), pred, layout.num_classes)
+        pred[pred == IGNORE_INDEX] = 0
+        try:
+            conf += confusion_matrix(layout.load_mask(image_id), pred, layout.num_classes)
+        except ValueError as exc:
+            raise DatasetError(f"{path} vs {layout.mask_path(image_id)}: {exc}") from exc
     return SegmentationScores.from_confusion(conf)
 
 
@@ -244,18 +259,21 @@ def stage_figures(config: Config) -> list[Path]:
     layout = open_dataset(config.data)
     metrics = _read_json(paths.metrics)
     written: list[Path] = []
-    threshold = metrics.get("threshold", {}).get("value")
+    # A threshold given now wins over the one the labels stage recorded.
+    threshold = config.labels.threshold
+    if threshold is None:
+        threshold = metrics.get("threshold", {}).get("value")
     if threshold is None:
         threshold = choose_threshold(config, layout)["value"]
 
     split = config.viz.split
-    ids = layout.split_ids(split)
-    step = max(1, len(ids) // max(1, config.viz.num_images))
-    chosen_ids = ids[::step][: config.viz.num_images]
-    has_gt = _has_masks(layout, chosen_ids)
+    pairs, _ = _map_paths(config, layout, split)
+    step = max(1, len(pairs) // config.viz.num_images)
+    chosen = pairs[::step][: config.viz.num_images]
+    has_gt = layout.has_masks([i for i, _ in chosen])
     rows = []
-    for image_id in chosen_ids:
-        record = load_maps(paths.maps(split) / f"{image_id}.npz")
+    for image_id, map_path in chosen:
+        record = load_maps(map_path)
         heat = record.maps.max(axis=0) if len(record.classes) else record.maps.sum(axis=0)
         rows.append(OverlayRow(
             image_id=image_id, image=layout.load_image(image_id),

@@ -47,6 +47,11 @@ def test_unknown_key_names_valid_choices(tmp_path):
         ("device=tpu", r"'device'"),
         ("train", r"KEY=VALUE"),
         ("train.epochs.x=1", r"'train\.epochs': expected an integer"),
+        ("train.log_every=0", r"'train\.log_every': must be >= 1"),
+        ("viz.num_images=0", r"'viz\.num_images': must be >= 1"),
+        ("threads=-1", r"'threads': must be >= 1 or null"),
+        ("train.weight_decay=-1", r"'train\.weight_decay'"),
+        ("infer.splits=[val]", r"'labels\.split': split 'train' has no maps: add it to infer"),
     ],
 )
 def test_bad_values_fail_with_key(override, message):
@@ -65,7 +70,7 @@ def test_bad_yaml_names_file(tmp_path):
 def test_round_trip_through_yaml():
     import yaml
 
-    cfg = load_config(None, ["seed=7", "infer.splits=[val]"])
+    cfg = load_config(None, ["seed=7", "viz.num_images=3"])
     again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
 

@@ -40,3 +40,15 @@ def test_maps_round_trip_float16(tmp_path):
     np.testing.assert_allclose(record.maps, maps, atol=1e-3)
     with pytest.raises(ValueError, match="does not match"):
         MapRecord(classes=np.array([1]), maps=maps)
+
+
+def test_atomic_files_get_default_permissions(tmp_path):
+    import os
+    import stat
+
+    from cpal.io import write_text_atomic
+
+    write_text_atomic(tmp_path / "a.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~mask

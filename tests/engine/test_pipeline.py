@@ -15,7 +15,7 @@ from cpal.cli import main
 from cpal.config import load_config
 from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
 from cpal.engine.paths import RunPaths
-from cpal.errors import CheckpointError
+from cpal.errors import CheckpointError, ConfigError, DatasetError
 from cpal.io import load_maps
 from cpal.pipeline import run, stage_infer, stage_labels, stage_train
 
@@ -74,6 +74,9 @@ def test_resume_after_crash_equals_uninterrupted_run(tiny_dataset, tmp_path, mon
     a = load_checkpoint(latest_checkpoint(RunPaths(straight.output_path).checkpoints))
     b = load_checkpoint(latest_checkpoint(RunPaths(crashed.output_path).checkpoints))
     assert (a.epoch, a.step) == (b.epoch, b.step) == (2, 6)
+    summaries = [json.loads(line) for line in
+                 RunPaths(crashed.output_path).train_log.read_text().splitlines()]
+    assert [r["epoch"] for r in summaries if "mean_loss" in r] == [1, 2]
     for key, value in a.model.items():
         assert torch.equal(value, b.model[key]), key
 
@@ -97,7 +100,8 @@ def test_training_never_reads_masks(tiny_dataset, tmp_path):
     config = load_config(None, [*tiny_overrides(root, tmp_path / "run"), "train.epochs=1",
                                 "labels.threshold=0.3"])
     result = stage_labels(config, progress=False)
-    assert result["miou"] is None and "no GT" in result["skipped"]
+    assert result["miou"] is None
+    assert result["skipped"] == "GT masks for 0 of 24 images; not evaluated"
 
 
 def test_infer_skips_finished_images(tiny_config):
@@ -141,3 +145,92 @@ def test_evaluate_external_label_dir(tiny_dataset, tmp_path, capsys):
     assert main(["evaluate", str(cfg), "--labels", str(gt_dir), "--split", "val"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("mIoU 100.00") and "val (8 images)" in out
+
+
+def test_result_does_not_depend_on_worker_count(tiny_dataset, tmp_path):
+    states = []
+    for workers in (0, 2):
+        cfg = load_config(None, [*tiny_overrides(tiny_dataset, tmp_path / f"w{workers}"),
+                                 "train.epochs=1", f"data.num_workers={workers}"])
+        stage_train(cfg, progress=False)
+        states.append(load_checkpoint(latest_checkpoint(RunPaths(cfg.output_path).checkpoints)))
+    for key, value in states[0].model.items():
+        assert torch.equal(value, states[1].model[key]), key
+
+
+def test_data_check_cli(tiny_dataset, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  root: {tiny_dataset}\n")
+    assert main(["data", "check", str(cfg), "--decode"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 24 images OK (images, labels, masks (decoded))" in out
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dataset, broken)
+    (broken / "SegmentationClass" / "val_00003.png").unlink()
+    cfg.write_text(f"data:\n  root: {broken}\n")
+    assert main(["data", "check", str(cfg), "--masks"]) == 2
+    assert "val_00003" in capsys.readouterr().err
+
+
+def test_cli_accepts_overrides_around_options(capsys):
+    demo = str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
+    assert main(["config", demo, "seed=3", "--no-progress", "train.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 3" in out and "epochs: 2" in out
+
+
+def test_infer_refuses_unfinished_training_and_stale_maps(tiny_config, tiny_dataset, monkeypatch):
+    real_epoch = train_module._run_epoch
+    calls = {"n": 0}
+
+    def dies_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_run_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        stage_train(tiny_config, progress=False)
+    with pytest.raises(CheckpointError, match="stopped at epoch 1 of 2"):
+        stage_infer(tiny_config, progress=False)
+    monkeypatch.setattr(train_module, "_run_epoch", real_epoch)
+    stage_train(tiny_config, progress=False)
+    stage_infer(tiny_config, progress=False)
+    other_scales = load_config(None, [*tiny_overrides(tiny_dataset, tiny_config.output_path),
+                                      "infer.scales=[1.0]"])
+    with pytest.raises(ConfigError, match=r"other settings \(inference, scales\)"):
+        stage_infer(other_scales, progress=False)
+
+
+def test_killed_labels_run_is_not_reused(tiny_config, tiny_dataset, monkeypatch):
+    import cpal.pipeline as pipeline_module
+
+    fixed = [*tiny_overrides(tiny_dataset, tiny_config.output_path), "labels.threshold=0.4"]
+    cfg = load_config(None, fixed)
+    stage_train(cfg, progress=False)
+    stage_infer(cfg, progress=False)
+    clean = stage_labels(cfg, progress=False)["miou"]
+    real_save, written = pipeline_module.save_label_png, {"n": 0}
+
+    def dies_after_three(*args, **kwargs):
+        written["n"] += 1
+        if written["n"] > 3:
+            raise KeyboardInterrupt
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "save_label_png", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        stage_labels(load_config(None, [*fixed, "labels.threshold=0.05"]), progress=False)
+    monkeypatch.setattr(pipeline_module, "save_label_png", real_save)
+    assert stage_labels(cfg, progress=False)["miou"] == clean
+
+
+def test_missing_image_fails_before_training(tiny_dataset, tmp_path):
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_dataset, root)
+    (root / "JPEGImages" / "train_00007.png").unlink()
+    cfg = load_config(None, [*tiny_overrides(root, tmp_path / "run"), "data.num_workers=2"])
+    with pytest.raises(DatasetError, match="train_00007"):
+        stage_train(cfg, progress=False)
+    assert not RunPaths(cfg.output_path).checkpoints.exists()

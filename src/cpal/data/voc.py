@@ -286,6 +286,21 @@ class VOCLayout:
         """Where the mask of `image_id` should be (existence not checked). Evaluation only."""
         return self.root / MASK_DIR / f"{self._checked_id(image_id)}.png"
 
+    def count_masks(self, ids: Sequence[str]) -> int:
+        """How many of `ids` have a mask file (one directory listing, no decoding)."""
+        folder = self.root / MASK_DIR
+        try:
+            present = set(os.listdir(folder))
+        except FileNotFoundError:
+            return 0
+        except OSError as error:
+            raise DatasetError(f"cannot list {folder}: {error.strerror or error}") from error
+        return sum(self.mask_path(i).name in present for i in ids)
+
+    def has_masks(self, ids: Sequence[str]) -> bool:
+        """Whether every one of `ids` has a mask, i.e. the split can be evaluated."""
+        return self.count_masks(ids) == len(ids)
+
     # ------------------------------------------------------------------ image-level labels
 
     @property

@@ -9,9 +9,12 @@ written atomically, so an interrupted run resumes without truncated outputs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,22 +27,52 @@ from cpal.config import Config
 from cpal.data.datasets import InferenceDataset, SameSizeBatchSampler
 from cpal.data.source import open_dataset
 from cpal.data.voc import VOCLayout
-from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
+from cpal.engine.checkpoint import Checkpoint
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import setup
-from cpal.errors import CheckpointError
-from cpal.io import MapRecord, save_maps
+from cpal.engine.train import load_final_checkpoint
+from cpal.errors import ConfigError, DatasetError
+from cpal.io import MapRecord, save_maps, write_json_atomic
 from cpal.models.cam_net import CAMNet, build_cam_net
 
+MAPS_META = "_maps.json"
 
-def load_trained_model(config: Config, num_classes: int, device: torch.device) -> CAMNet:
-    paths = RunPaths(config.output_path)
-    latest = latest_checkpoint(paths.checkpoints)
-    if latest is None:
-        raise CheckpointError(f"{paths.checkpoints}: no checkpoint; run `cpal train` first")
+
+def describe_inference(scales: Sequence[float], flip: bool) -> str:
+    return "scales " + ",".join(str(float(x)) for x in scales) + (" + flip" if flip else "")
+
+
+def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[str, Any]:
+    """What made a folder of maps: stored beside them, compared before any reuse, and
+    the source of the inference text in every protocol computed from them."""
+    digest = hashlib.sha256(
+        json.dumps(ckpt.meta.get("fingerprint"), sort_keys=True).encode()
+    ).hexdigest()[:16]
+    return {
+        "maps": "cam",
+        "checkpoint": checkpoint.name,
+        "training_fingerprint": digest,
+        "scales": [float(x) for x in config.infer.scales],
+        "flip": config.infer.flip,
+        "inference": describe_inference(config.infer.scales, config.infer.flip),
+    }
+
+
+def read_maps_identity(directory: Path) -> dict[str, Any]:
+    path = directory / MAPS_META
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{path}: not found; run `cpal infer` first") from exc
+    except ValueError as exc:
+        raise DatasetError(f"{path}: corrupt ({exc})") from exc
+
+
+def load_trained_model(ckpt: Checkpoint, config: Config, num_classes: int,
+                       device: torch.device) -> CAMNet:
     # Weights come from the checkpoint; do not require the ImageNet file at inference.
     model, _ = build_cam_net(dataclasses.replace(config.model, pretrained=None), num_classes)
-    model.load_state_dict(load_checkpoint(latest).model)
+    model.load_state_dict(ckpt.model)
     return model.to(device).eval()
 
 
@@ -72,11 +105,12 @@ def multiscale_cam(
 
 def infer_split(
     config: Config, layout: VOCLayout, model: CAMNet, split: str, device: torch.device,
-    *, progress: bool = True,
+    identity: dict[str, Any], *, progress: bool = True,
 ) -> int:
     """Write maps for every image of `split` not yet done; return how many were written."""
     out_dir = RunPaths(config.output_path).maps(split)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _claim_folder(out_dir, identity)
     ids = layout.split_ids(split)
     pending = [i for i in ids if not (out_dir / f"{i}.npz").exists()]
     if not pending:
@@ -100,6 +134,25 @@ def infer_split(
     return len(pending)
 
 
+def _claim_folder(directory: Path, identity: dict[str, Any]) -> None:
+    """Record what makes this folder's maps, or refuse if it holds maps made otherwise."""
+    meta = directory / MAPS_META
+    if meta.exists():
+        existing = read_maps_identity(directory)
+        if existing != identity:
+            changed = sorted(k for k in identity if existing.get(k) != identity[k])
+            raise ConfigError(
+                f"{directory}: holds maps made with other settings ({', '.join(changed)}); "
+                "delete that folder or use another output_dir"
+            )
+        return
+    if any(directory.glob("*.npz")):
+        raise ConfigError(
+            f"{directory}: holds maps of unknown origin (no {MAPS_META}); delete the folder"
+        )
+    write_json_atomic(meta, identity)
+
+
 def _write_record(path: Path, cam: Tensor, label: Tensor) -> None:
     present = torch.nonzero(label > 0.5).flatten()
     maps = cam[present]
@@ -116,8 +169,13 @@ def infer(config: Config, splits: Sequence[str] | None = None, *, progress: bool
     """Generate maps for the configured splits; return {split: images written}."""
     device = setup(config)
     layout = open_dataset(config.data)
-    model = load_trained_model(config, layout.num_foreground, device)
+    splits = list(splits or config.infer.splits)
+    for split in splits:
+        layout.check(split)  # fail before any work, not halfway through
+    checkpoint, ckpt = load_final_checkpoint(config)
+    model = load_trained_model(ckpt, config, layout.num_foreground, device)
+    identity = maps_identity(config, checkpoint, ckpt)
     return {
-        split: infer_split(config, layout, model, split, device, progress=progress)
-        for split in (splits or config.infer.splits)
+        split: infer_split(config, layout, model, split, device, identity, progress=progress)
+        for split in splits
     }

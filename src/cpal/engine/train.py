@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from cpal.data.datasets import ClassificationDataset
 from cpal.data.source import open_dataset
 from cpal.data.transforms import TrainTransform
 from cpal.engine.checkpoint import (
+    Checkpoint,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -49,6 +51,32 @@ def training_fingerprint(config: Config) -> dict[str, Any]:
     }
 
 
+def _check_fingerprint(path: Path, ckpt: Checkpoint, fingerprint: dict[str, Any]) -> None:
+    if ckpt.meta.get("fingerprint") != fingerprint:
+        changed = _changed_keys(ckpt.meta.get("fingerprint", {}), fingerprint)
+        raise CheckpointError(
+            f"{path}: made with other settings ({', '.join(changed) or 'unknown'}); "
+            "use another output_dir to train with these"
+        )
+
+
+def load_final_checkpoint(config: Config) -> tuple[Path, Checkpoint]:
+    """The finished training run of this config, for inference: refuses a checkpoint made
+    with other settings or one from an unfinished run."""
+    directory = RunPaths(config.output_path).checkpoints
+    latest = latest_checkpoint(directory)
+    if latest is None:
+        raise CheckpointError(f"{directory}: no checkpoint; run `cpal train` first")
+    ckpt = load_checkpoint(latest)
+    _check_fingerprint(latest, ckpt, training_fingerprint(config))
+    if ckpt.epoch < config.train.epochs:
+        raise CheckpointError(
+            f"{latest}: training stopped at epoch {ckpt.epoch} of {config.train.epochs}; "
+            "run `cpal train` to finish it"
+        )
+    return latest, ckpt
+
+
 def poly_lr(base: float, step: int, total: int, power: float) -> float:
     return base * (1.0 - step / total) ** power
 
@@ -72,6 +100,13 @@ def train(config: Config, *, progress: bool = True) -> Path:
     device = setup(config)
     t = config.train
     layout = open_dataset(config.data)
+    layout.check(config.data.train_split)  # every image present: fail now, not mid-epoch
+    if config.model.frozen_bn and not config.model.pretrained:
+        warnings.warn(
+            "model.frozen_bn=true without model.pretrained: BatchNorm keeps its initial "
+            "statistics (an identity); set model.frozen_bn=false to train from scratch",
+            stacklevel=2,
+        )
     transform = TrainTransform(t.crop_size, (t.resize_long[0], t.resize_long[1]), t.hflip)
     dataset = ClassificationDataset(layout, config.data.train_split, transform, config.seed)
     steps_per_epoch = len(dataset) // t.batch_size
@@ -98,17 +133,12 @@ def train(config: Config, *, progress: bool = True) -> Path:
                 "train.resume=true to continue it or choose another output_dir"
             )
         ckpt = load_checkpoint(latest)
-        if ckpt.meta.get("fingerprint") != fingerprint:
-            changed = _changed_keys(ckpt.meta.get("fingerprint", {}), fingerprint)
-            raise CheckpointError(
-                f"{latest}: made with other settings ({', '.join(changed) or 'unknown'}); "
-                "use another "
-                "output_dir to train with these"
-            )
+        _check_fingerprint(latest, ckpt, fingerprint)
         model.load_state_dict(ckpt.model)
         if ckpt.optimizer is not None:
             optimizer.load_state_dict(ckpt.optimizer)
         start_epoch, step = ckpt.epoch, ckpt.step
+        _truncate_log(paths.train_log, start_epoch)
         if start_epoch < t.epochs:
             tqdm.write(f"resuming from {latest.name} (epoch {start_epoch}/{t.epochs})")
     write_text_atomic(paths.config, config.to_yaml())
@@ -196,6 +226,16 @@ def _run_epoch(
         f"{summary['images_per_s']:.1f} images/s"
     )
     return step
+
+
+def _truncate_log(path: Path, epochs_kept: int) -> None:
+    """Drop log rows of epochs after the checkpoint we resume from (they will be rerun)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("epoch", 0) <= epochs_kept]
+    if len(kept) != len(rows):
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
