@@ -23,8 +23,8 @@ from cpal.data.source import open_dataset
 from cpal.data.transforms import TrainTransform
 from cpal.engine.infer import multiscale_cam
 from cpal.engine.runtime import setup
-from cpal.engine.train import build_optimizer
-from cpal.models.cam_net import build_cam_net, classification_loss
+from cpal.engine.train import build_optimizer, compute_loss
+from cpal.models.cam_net import build_network
 from cpal.models.resnet import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def main() -> None:
     device = setup(cfg)
     layout = open_dataset(cfg.data)
     t = cfg.train
-    model, _ = build_cam_net(cfg.model, layout.num_foreground)
+    model, _ = build_network(cfg, layout.num_foreground)
     model.to(device)
     print(f"config: {args.config} | {cfg.model.arch} width {cfg.model.width} "
           f"OS {cfg.model.output_stride} | {count_parameters(model) / 1e6:.2f} M params")
@@ -62,8 +62,7 @@ def main() -> None:
         if i == warmup:
             _sync(device)
             start = time.perf_counter()
-        loss = classification_loss(model(batch["image"].to(device)).logits,
-                                   batch["label"].to(device))
+        loss, _ = compute_loss(model, batch["image"].to(device), batch["label"].to(device), cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -16,7 +16,7 @@ from typing import Any
 
 from cpal import __version__
 from cpal.config import Config, load_config
-from cpal.errors import CpalError
+from cpal.errors import ConfigError, CpalError
 
 _STAGE_HELP = {
     "run": "train -> maps -> evaluation -> pseudo labels -> figures",
@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                                help="score the label PNGs in DIR instead of the run's maps")
             stage.add_argument("--split", default=None,
                                help="split of the --labels images (default: labels.split)")
+    ablate = sub.add_parser(
+        "ablate", help="train every variant on the same data and seeds; write a table",
+        description="Runs cam, sipe, cpal-mean, cpal-topk and cpal (and optional sweeps) "
+        "under OUTPUT_DIR/ablation/ and writes ablation.md and ablation.csv there.",
+    )
+    _add_config_args(ablate)
+    ablate.add_argument("--seeds", type=int, default=1, help="seeds per variant (default 1)")
+    ablate.add_argument("--sweep", action="append", default=[], choices=["score", "k"],
+                        help="also sweep the positiveness score (dot/cosine/l2) or K")
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     gen = data_sub.add_parser("generate", help="generate the built-in dataset; print its root")
@@ -105,6 +114,16 @@ def _cmd_figures(cfg: Config, args: argparse.Namespace) -> Any:
     return {"figures": [str(p) for p in stage_figures(cfg)]}
 
 
+def _cmd_ablate(cfg: Config, args: argparse.Namespace) -> Any:
+    from cpal.ablation import ablate
+
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    path = ablate(args.config, list(args.overrides), seeds=args.seeds, sweeps=args.sweep,
+                  progress=not args.no_progress)
+    return {"table": str(path)}
+
+
 def _cmd_config(cfg: Config, args: argparse.Namespace) -> Any:
     print(cfg.to_yaml(), end="")
 
@@ -134,6 +153,7 @@ _COMMANDS: dict[str, Callable[[Config, argparse.Namespace], Any]] = {
     "labels": _cmd_labels,
     "figures": _cmd_figures,
     "config": _cmd_config,
+    "ablate": _cmd_ablate,
     "data": _cmd_data,
 }
 

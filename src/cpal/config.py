@@ -58,6 +58,62 @@ class ModelConfig:
     """A local torchvision/timm ResNet checkpoint, loaded by key."""
 
 
+Method = Literal["cam", "sipe", "cpal-mean", "cpal-topk", "cpal"]
+
+
+@dataclass
+class PrototypeConfig:
+    """Embedding head and instance prototypes (cpal-method.md, steps 2-3)."""
+
+    features: Literal["layer4", "hierarchical"] = "hierarchical"
+    """layer4, or SIPE's hierarchical feature (side convs on layer1..4, concatenated)."""
+    dim: int = 256
+    """Embedding dimension D of the projection v."""
+    region: Literal["threshold", "sipe_seeds"] = "threshold"
+    tau: float = 0.5
+    """Foreground region: normalised CAM > tau."""
+    tau_bg: float = 0.5
+    """Background region: 1 - max_c CAM > tau_bg."""
+
+
+@dataclass
+class BankConfig:
+    """Support bank of past instance prototypes and its context clusters (steps 4-5)."""
+
+    size: int = 512
+    """FIFO capacity per class (background included)."""
+    recluster_every: int = 50
+    clusters: int = 16
+    """Spherical k-means centroids per class; 0 uses the raw queue entries."""
+    kmeans_iters: int = 10
+
+
+@dataclass
+class AwarenessConfig:
+    """Prototype awareness: positiveness, top-K soft selection (step 6)."""
+
+    score: Literal["dot", "cosine", "l2"] = "dot"
+    top_k: int = 5
+    temperature: float = 0.1
+    alpha: float = 0.5
+    """Weight of the selected context in the context-aware prototype."""
+
+
+@dataclass
+class AlignmentConfig:
+    """Feature distribution alignment (step 7)."""
+
+    beta: float = 1.0
+    loss_weight: float = 0.0
+    """Weight of the optional compactness loss L_fda (0 = off)."""
+
+
+@dataclass
+class LossConfig:
+    self_weight: float = 1.0
+    """lambda_self: weight of |CAM - PACAM| (step 9)."""
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 5
@@ -90,6 +146,9 @@ class InferConfig:
     batch_size: int = 8
     """Images per forward pass (each with its flip); images are grouped by size."""
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    map: Literal["auto", "cam", "pacam", "fused"] = "auto"
+    """Which localisation map to write: auto = pacam for prototype methods, cam for cam;
+    fused = mean of the max-normalised CAM and PACAM."""
 
 
 @dataclass
@@ -127,8 +186,15 @@ class Config:
     """auto (cuda when available), cpu, cuda or cuda:N."""
     threads: int | None = None
     """torch CPU threads; null keeps torch's default."""
+    method: Method = "cam"
+    """Variant: cam, sipe, cpal-mean, cpal-topk or cpal (the ablation ladder)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    awareness: AwarenessConfig = field(default_factory=AwarenessConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -141,6 +207,13 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def map_kind(self) -> str:
+        """The map `infer` writes: `infer.map`, with auto resolved by the method."""
+        if self.infer.map != "auto":
+            return self.infer.map
+        return "cam" if self.method == "cam" else "pacam"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -303,6 +376,22 @@ def _check_values(config: Config) -> None:
     need(config.threads is None or config.threads >= 1, "threads", "must be >= 1 or null")
     need(len(i.scales) >= 1 and all(x > 0 for x in i.scales), "infer.scales", "must be > 0")
     need(i.batch_size >= 1, "infer.batch_size", "must be >= 1")
+    need(config.method != "cam" or i.map in ("auto", "cam"), "infer.map",
+         f"'{i.map}' needs a prototype method (method=cam has no PACAM)")
+    pc, bc, ac = config.prototype, config.bank, config.awareness
+    need(pc.dim >= 1, "prototype.dim", "must be >= 1")
+    need(0 <= pc.tau < 1, "prototype.tau", "must be in [0, 1)")
+    need(0 <= pc.tau_bg < 1, "prototype.tau_bg", "must be in [0, 1)")
+    need(bc.size >= 1, "bank.size", "must be >= 1")
+    need(bc.recluster_every >= 1, "bank.recluster_every", "must be >= 1")
+    need(0 <= bc.clusters <= bc.size, "bank.clusters", "must be in [0, bank.size]")
+    need(bc.kmeans_iters >= 1, "bank.kmeans_iters", "must be >= 1")
+    need(ac.top_k >= 1, "awareness.top_k", "must be >= 1")
+    need(ac.temperature > 0, "awareness.temperature", "must be > 0")
+    need(0 <= ac.alpha <= 1, "awareness.alpha", "must be in [0, 1]")
+    need(config.alignment.beta >= 0, "alignment.beta", "must be >= 0")
+    need(config.alignment.loss_weight >= 0, "alignment.loss_weight", "must be >= 0")
+    need(config.loss.self_weight >= 0, "loss.self_weight", "must be >= 0")
     need(bool(config.eval.thresholds), "eval.thresholds", "must not be empty")
     need(
         all(0 <= x <= 1 for x in config.eval.thresholds), "eval.thresholds", "must lie in [0, 1]"

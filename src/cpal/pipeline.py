@@ -7,6 +7,7 @@ metrics accumulate in `metrics.json`, each number with the protocol that produce
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -15,15 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from cpal.config import Config
 from cpal.data.images import load_mask
 from cpal.data.source import open_dataset
+from cpal.data.transforms import normalize
 from cpal.data.voc import VOCLayout
-from cpal.engine.infer import infer, read_maps_identity
+from cpal.engine.infer import infer, load_trained_model, normalised_maps, read_maps_identity
 from cpal.engine.paths import RunPaths
-from cpal.engine.train import train
+from cpal.engine.runtime import resolve_device
+from cpal.engine.train import load_final_checkpoint, train
 from cpal.errors import ConfigError, DatasetError
 from cpal.evaluation.metrics import (
     SegmentationScores,
@@ -69,6 +73,11 @@ def _record_stage(paths: RunPaths, stage: str, seconds: float, **details: Any) -
             **details,
         },
     )
+
+
+def _source(what: str, identity: dict[str, Any]) -> str:
+    """e.g. "maps:pacam (method cpal)": what was scored, from the maps' own record."""
+    return f"{what}:{identity['map']} (method {identity['method']})"
 
 
 def _no_masks_note(layout: VOCLayout, ids: Sequence[str]) -> str:
@@ -140,10 +149,13 @@ def stage_evaluate(config: Config) -> dict[str, Any]:
         sweep, identity = sweep_split(config, layout, split)
         best_threshold, best = sweep.best()
         protocol = Protocol(
-            split=split, num_images=len(ids), source="maps:cam", threshold=best_threshold,
+            split=split, num_images=len(ids), source=_source("maps", identity),
+            threshold=best_threshold,
             threshold_choice="oracle", tuned_on=split, inference=identity["inference"],
         )
         results[split] = {
+            "map": identity["map"],
+            "method": identity["method"],
             "num_images": len(ids),
             "sweep": [
                 {"threshold": float(t), "miou": round(100 * s.miou, 2)}
@@ -206,7 +218,8 @@ def stage_labels(config: Config, *, progress: bool = True) -> dict[str, Any]:
     if layout.has_masks(ids):
         scores = score_label_dir(layout, ids, out_dir)
         protocol = Protocol(
-            split=split, num_images=len(ids), source="labels:cam", threshold=threshold["value"],
+            split=split, num_images=len(ids), source=_source("labels", identity),
+            threshold=threshold["value"],
             threshold_choice=threshold["choice"], tuned_on=threshold["tuned_on"],
             inference=identity["inference"],
         )
@@ -281,8 +294,12 @@ def stage_figures(config: Config) -> list[Path]:
             heat=heat, pseudo=labels_from_maps(record, threshold),
         ))
     target = paths.figures / f"overlay_{split}.png"
-    overlay_grid(rows, target, layout.class_names)
+    overlay_grid(rows, target, layout.class_names, heat_title=f"{config.map_kind} heat map")
     written.append(target)
+    if config.method != "cam":
+        target = paths.figures / f"cam_vs_pacam_{split}.png"
+        _comparison_figure(config, layout, rows, target)
+        written.append(target)
 
     maps = {s: r for s, r in metrics.get("maps", {}).items() if "sweep" in r}
     if maps:
@@ -290,7 +307,7 @@ def stage_figures(config: Config) -> list[Path]:
         sweep_curve(
             [row["threshold"] for row in next(iter(maps.values()))["sweep"]],
             {s: _fractions(row["miou"] for row in r["sweep"]) for s, r in maps.items()},
-            threshold, target, title="CAM maps: mIoU vs background threshold",
+            threshold, target, title="Maps: mIoU vs background threshold",
         )
         written.append(target)
     series = {
@@ -313,6 +330,31 @@ def stage_figures(config: Config) -> list[Path]:
     return written
 
 
+def _comparison_figure(
+    config: Config, layout: VOCLayout, rows: list[OverlayRow], target: Path
+) -> None:
+    """Image | GT | CAM | PACAM | pseudo label, recomputed for the figure's few images from
+    the final checkpoint (the run stores only one kind of map)."""
+    device = resolve_device(config.device)
+    _, ckpt = load_final_checkpoint(config)
+    model = load_trained_model(ckpt, config, layout.num_foreground, device)
+    compared = []
+    for row in rows:
+        image = normalize(layout.load_image(row.image_id))[None].to(device)
+        labels = torch.from_numpy(layout.image_labels([row.image_id])).to(device)
+        maps = normalised_maps(model, image, labels, config.infer.scales, config.infer.flip,
+                               ("cam", "pacam"))
+        present = torch.nonzero(labels[0] > 0.5).flatten()
+
+        def heat(kind: str, present: torch.Tensor = present, maps: dict = maps) -> np.ndarray:
+            chosen = maps[kind][0, present]
+            return (chosen.amax(dim=0) if len(present) else chosen.sum(dim=0)).cpu().numpy()
+
+        compared.append(dataclasses.replace(row, heat=heat("cam"),
+                                            more_heats={"PACAM": heat("pacam")}))
+    overlay_grid(compared, target, layout.class_names, heat_title="CAM")
+
+
 def _fractions(percents: Iterable[float | None]) -> list[float | None]:
     """metrics.json holds percent; the figure functions take fractions."""
     return [None if p is None else p / 100 for p in percents]
@@ -329,7 +371,7 @@ def summary_table(config: Config) -> str:
     for split, result in metrics.get("maps", {}).items():
         if "oracle_best" in result:
             best = result["oracle_best"]
-            rows.append((f"CAM maps ({split})", best["miou"] / 100,
+            rows.append((f"{result['map']} maps ({split})", best["miou"] / 100,
                          Protocol.from_dict(best["protocol"])))
     pseudo = metrics.get("pseudo_labels", {})
     if pseudo.get("miou") is not None:

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.conftest import tiny_overrides
 
 import cpal.engine.train as train_module
 from cpal.cli import main
@@ -18,6 +17,7 @@ from cpal.engine.paths import RunPaths
 from cpal.errors import CheckpointError, ConfigError, DatasetError
 from cpal.io import load_maps
 from cpal.pipeline import run, stage_infer, stage_labels, stage_train
+from tests.conftest import tiny_overrides
 
 
 def test_run_writes_every_artifact(tiny_config):

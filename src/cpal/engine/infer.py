@@ -8,7 +8,6 @@ written atomically, so an interrupted run resumes without truncated outputs.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -33,7 +32,7 @@ from cpal.engine.runtime import setup
 from cpal.engine.train import load_final_checkpoint
 from cpal.errors import ConfigError, DatasetError
 from cpal.io import MapRecord, save_maps, write_json_atomic
-from cpal.models.cam_net import CAMNet, build_cam_net
+from cpal.models.cam_net import CAMNet, build_network
 
 MAPS_META = "_maps.json"
 
@@ -52,6 +51,8 @@ def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[st
         "maps": "cam",
         "checkpoint": checkpoint.name,
         "training_fingerprint": digest,
+        "method": config.method,
+        "map": config.map_kind,
         "scales": [float(x) for x in config.infer.scales],
         "flip": config.infer.flip,
         "inference": describe_inference(config.infer.scales, config.infer.flip),
@@ -70,37 +71,77 @@ def read_maps_identity(directory: Path) -> dict[str, Any]:
 
 def load_trained_model(ckpt: Checkpoint, config: Config, num_classes: int,
                        device: torch.device) -> CAMNet:
-    # Weights come from the checkpoint; do not require the ImageNet file at inference.
-    model, _ = build_cam_net(dataclasses.replace(config.model, pretrained=None), num_classes)
+    # Weights (and the support bank) come from the checkpoint, not the ImageNet file.
+    model, _ = build_network(config, num_classes, pretrained=False)
     model.load_state_dict(ckpt.model)
     return model.to(device).eval()
 
 
 @torch.inference_mode()
-def multiscale_cam(
-    model: CAMNet, images: Tensor, scales: Sequence[float], flip: bool
-) -> Tensor:
-    """Sum over scales (and flips) of relu CAMs at the input's resolution: (B, C, H, W)."""
+def multiscale_maps(
+    model: CAMNet, images: Tensor, scales: Sequence[float], flip: bool,
+    labels: Tensor | None = None, kinds: Sequence[str] = ("cam",),
+) -> dict[str, Tensor]:
+    """Sums over scales of relu CAMs and/or PACAMs at the input's resolution, (B, C, H, W)
+    each (foreground classes only).
+
+    Per scale the image and its flip share one forward pass. CAMs are summed over the flip
+    (IRN); for PACAM the features and CAMs are first fused over the flip, then the
+    prototypes are computed against the frozen support bank (cpal-method.md, Inference).
+    """
     batch, _, height, width = images.shape
     stride = model.output_stride
     # IRN aligns the CAM grid to the top-left: upsample to a multiple of the stride, crop.
     padded = (math.ceil(height / stride) * stride, math.ceil(width / stride) * stride)
-    total = None
+    totals: dict[str, Tensor] = {}
     for scale in scales:
         x = images
         if scale != 1.0:
             size = (max(1, round(height * scale)), max(1, round(width * scale)))
             x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        if flip:
-            x = torch.cat([x, x.flip(-1)])
-        cam = F.relu(model(x).cam)
-        if flip:
-            cam = cam[:batch] + cam[batch:].flip(-1)
-        cam = F.interpolate(cam, size=padded, mode="bilinear", align_corners=False)
-        cam = cam[:, :, :height, :width]
-        total = cam if total is None else total + cam
-    assert total is not None
-    return total
+        out = model(torch.cat([x, x.flip(-1)]) if flip else x)
+        per_scale: dict[str, Tensor] = {}
+        if "cam" in kinds:
+            cam = F.relu(out.cam)
+            per_scale["cam"] = cam[:batch] + cam[batch:].flip(-1) if flip else cam
+        if "pacam" in kinds:
+            if model.cpal is None or labels is None:
+                raise ValueError("PACAM needs a network with the CPAL module and image labels")
+            features, cam = out.features, out.cam
+            if flip:
+                features = [(f[:batch] + f[batch:].flip(-1)) / 2 for f in features]
+                cam = (cam[:batch] + cam[batch:].flip(-1)) / 2
+            per_scale["pacam"] = model.cpal(features, cam, labels).pacam[:, 1:]
+        for kind, value in per_scale.items():
+            value = F.interpolate(value, size=padded, mode="bilinear", align_corners=False)
+            value = value[:, :, :height, :width]
+            totals[kind] = value if kind not in totals else totals[kind] + value
+    return totals
+
+
+def multiscale_cam(model: CAMNet, images: Tensor, scales: Sequence[float], flip: bool) -> Tensor:
+    """Sum over scales (and flips) of relu CAMs at the input's resolution: (B, C, H, W)."""
+    return multiscale_maps(model, images, scales, flip)["cam"]
+
+
+def normalised_maps(
+    model: CAMNet, images: Tensor, labels: Tensor, scales: Sequence[float], flip: bool,
+    kinds: Sequence[str],
+) -> dict[str, Tensor]:
+    """Multi-scale maps of each kind (cam, pacam), each class max-normalised to [0, 1]."""
+    sums = multiscale_maps(model, images, scales, flip, labels, kinds)
+    return {k: v / (v.flatten(2).amax(dim=2)[..., None, None] + 1e-5) for k, v in sums.items()}
+
+
+def localisation_maps(
+    model: CAMNet, images: Tensor, labels: Tensor, scales: Sequence[float], flip: bool, kind: str
+) -> Tensor:
+    """The map of kind cam, pacam or fused (the mean of the two), values in [0, 1]."""
+    needed = ("cam", "pacam") if kind == "fused" else (kind,)
+    normed = normalised_maps(model, images, labels, scales, flip, needed)
+    if kind == "fused":
+        return (normed["cam"] + normed["pacam"]) / 2
+    return normed[kind]
 
 
 def infer_split(
@@ -124,11 +165,13 @@ def infer_split(
     bar = tqdm(total=len(pending), desc=f"maps {split}", disable=not progress, leave=False,
                dynamic_ncols=True)
     for batch in loader:
-        cams = multiscale_cam(
-            model, batch["image"].to(device), config.infer.scales, config.infer.flip
+        labels = batch["label"].to(device)
+        maps = localisation_maps(
+            model, batch["image"].to(device), labels, config.infer.scales, config.infer.flip,
+            config.map_kind,
         )
-        for cam, label, image_id in zip(cams, batch["label"], batch["id"], strict=True):
-            _write_record(out_dir / f"{image_id}.npz", cam, label)
+        for one, label, image_id in zip(maps, batch["label"], batch["id"], strict=True):
+            _write_record(out_dir / f"{image_id}.npz", one, label)
         bar.update(len(batch["id"]))
     bar.close()
     return len(pending)
@@ -153,11 +196,10 @@ def _claim_folder(directory: Path, identity: dict[str, Any]) -> None:
     write_json_atomic(meta, identity)
 
 
-def _write_record(path: Path, cam: Tensor, label: Tensor) -> None:
+def _write_record(path: Path, maps: Tensor, label: Tensor) -> None:
+    """Keep the present classes' (already normalised) maps."""
     present = torch.nonzero(label > 0.5).flatten()
-    maps = cam[present]
-    peak = maps.flatten(1).amax(dim=1)[:, None, None]
-    maps = maps / (peak + 1e-5)
+    maps = maps[present.to(maps.device)]
     save_maps(
         path,
         MapRecord(classes=(present + 1).cpu().numpy().astype(np.int64),

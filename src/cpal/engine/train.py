@@ -33,7 +33,7 @@ from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import setup
 from cpal.errors import CheckpointError, ConfigError
 from cpal.io import write_text_atomic
-from cpal.models.cam_net import CAMNet, build_cam_net, classification_loss
+from cpal.models.cam_net import CAMNet, build_network, classification_loss
 
 # Settings that change what is trained; a checkpoint made under other values cannot be resumed.
 _RUN_INDEPENDENT = {"num_workers", "resume", "log_every", "keep_checkpoints", "checkpoint_every"}
@@ -45,10 +45,29 @@ def training_fingerprint(config: Config) -> dict[str, Any]:
 
     return {
         "seed": config.seed,
+        "method": config.method,
         "data": strip(config.data),
         "model": strip(config.model),
         "train": strip(config.train),
+        **{
+            name: asdict(getattr(config, name))
+            for name in ("prototype", "bank", "awareness", "alignment", "loss")
+        },
     }
+
+
+def compute_loss(
+    model: CAMNet, images: torch.Tensor, labels: torch.Tensor, config: Config
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L = L_cls + lambda_self L_self + lambda_fda L_fda (the last two for prototype methods)."""
+    out = model(images, labels if model.cpal is not None else None)
+    parts = {"cls": classification_loss(out.logits, labels)}
+    if out.cpal is not None:
+        parts["self"] = config.loss.self_weight * out.cpal.losses["self"]
+        if "fda" in out.cpal.losses:
+            parts["fda"] = config.alignment.loss_weight * out.cpal.losses["fda"]
+    total = torch.stack(list(parts.values())).sum()
+    return total, parts
 
 
 def _check_fingerprint(path: Path, ckpt: Checkpoint, fingerprint: dict[str, Any]) -> None:
@@ -117,7 +136,7 @@ def train(config: Config, *, progress: bool = True) -> Path:
         )
     total_steps = steps_per_epoch * t.epochs
 
-    model, report = build_cam_net(config.model, layout.num_foreground)
+    model, report = build_network(config, layout.num_foreground)
     if report is not None:
         tqdm.write(f"pretrained: {report.summary()}")
     model.to(device)
@@ -152,6 +171,9 @@ def train(config: Config, *, progress: bool = True) -> Path:
             device=device, paths=paths, progress=progress,
         )
         last = epoch + 1 == t.epochs
+        if last and model.cpal is not None:
+            # Inference uses the stored context: build it from the final bank.
+            model.cpal.refresh_context()
         if last or (epoch + 1) % t.checkpoint_every == 0:
             latest = save_checkpoint(
                 paths.checkpoints, epoch=epoch + 1, step=step, model=model, optimizer=optimizer,
@@ -196,7 +218,7 @@ def _run_epoch(
             group["lr"] = poly_lr(group["base_lr"], step, total_steps, t.poly_power)
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        loss = classification_loss(model(images).logits, labels)
+        loss, parts = compute_loss(model, images, labels, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip:
@@ -210,6 +232,7 @@ def _run_epoch(
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}")
             log_rows.append(
                 {"epoch": epoch + 1, "step": step, "loss": round(loss.item(), 6),
+                 **{f"loss_{k}": round(v.item(), 6) for k, v in parts.items()},
                  "lr": optimizer.param_groups[0]["lr"], "images_per_s": round(rate, 2)}
             )
     elapsed = time.perf_counter() - start

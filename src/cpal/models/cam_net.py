@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cpal.config import ModelConfig
+from cpal.config import Config, ModelConfig
 from cpal.models.resnet import ResNet
 from cpal.models.weights import LoadReport, load_backbone_weights
+from cpal.prototypes.module import CPALModule, CPALOutput
 
 
 @dataclass
@@ -22,28 +23,39 @@ class CAMOutput:
     logits: Tensor  # (B, C) image scores
     cam: Tensor  # (B, C, h, w) raw class maps
     features: list[Tensor]  # backbone stage outputs layer1..layer4
+    cpal: CPALOutput | None = None  # prototype branch, when the net has one and labels were given
 
 
 class CAMNet(nn.Module):
-    def __init__(self, backbone: ResNet, num_classes: int) -> None:
+    """Backbone + 1x1 classifier, and optionally the CPAL prototype module.
+
+    Training and inference use this one module (and one state dict, support bank included).
+    """
+
+    def __init__(self, backbone: ResNet, num_classes: int, cpal: CPALModule | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.classifier = nn.Conv2d(backbone.num_features, num_classes, 1, bias=False)
         nn.init.kaiming_normal_(self.classifier.weight, mode="fan_out", nonlinearity="relu")
+        self.cpal = cpal
 
     @property
     def output_stride(self) -> int:
         return self.backbone.output_stride
 
-    def forward(self, x: Tensor) -> CAMOutput:
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> CAMOutput:
         features = self.backbone(x)
         cam = self.classifier(features[-1])
-        return CAMOutput(logits=cam.mean(dim=(2, 3)), cam=cam, features=features)
+        out = CAMOutput(logits=cam.mean(dim=(2, 3)), cam=cam, features=features)
+        if self.cpal is not None and labels is not None:
+            out.cpal = self.cpal(features, cam, labels)
+        return out
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone, new layers): the references train new layers with a 10x learning rate."""
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
-        head = [p for p in self.classifier.parameters() if p.requires_grad]
+        new = [self.classifier] + ([self.cpal] if self.cpal is not None else [])
+        head = [p for m in new for p in m.parameters() if p.requires_grad]
         return backbone, head
 
 
@@ -52,7 +64,9 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.multilabel_soft_margin_loss(logits, labels)
 
 
-def build_cam_net(cfg: ModelConfig, num_classes: int) -> tuple[CAMNet, LoadReport | None]:
+def build_cam_net(
+    cfg: ModelConfig, num_classes: int, *, pretrained: bool = True
+) -> tuple[CAMNet, LoadReport | None]:
     backbone = ResNet(
         cfg.arch,
         width=cfg.width,
@@ -60,8 +74,25 @@ def build_cam_net(cfg: ModelConfig, num_classes: int) -> tuple[CAMNet, LoadRepor
         frozen_bn=cfg.frozen_bn,
         frozen_stages=cfg.frozen_stages,
     )
-    report = load_backbone_weights(backbone, cfg.pretrained) if cfg.pretrained else None
+    report = None
+    if pretrained and cfg.pretrained:
+        report = load_backbone_weights(backbone, cfg.pretrained)
     return CAMNet(backbone, num_classes), report
+
+
+def build_network(
+    config: Config, num_classes: int, *, pretrained: bool = True
+) -> tuple[CAMNet, LoadReport | None]:
+    """The network of a run: the CAM net, plus the CPAL module for prototype methods.
+
+    pretrained=False skips the ImageNet file (inference loads a checkpoint instead)."""
+    net, report = build_cam_net(config.model, num_classes, pretrained=pretrained)
+    if config.method != "cam":
+        net.cpal = CPALModule(
+            net.backbone.stage_channels, num_classes, config.method, config.prototype,
+            config.bank, config.awareness, config.alignment,
+        )
+    return net, report
 
 
 def normalized_cam(cam: Tensor, eps: float = 1e-5) -> Tensor:

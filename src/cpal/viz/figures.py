@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,8 @@ class OverlayRow:
     gt: np.ndarray | None  # (H, W) uint8 class indices, 255 = ignore
     heat: np.ndarray  # (H, W) float in [0, 1], e.g. the max over the class maps
     pseudo: np.ndarray  # (H, W) uint8 class indices
+    more_heats: dict[str, np.ndarray] = field(default_factory=dict)
+    """Further heat maps drawn after `heat`, titled by their keys (e.g. {"PACAM": ...})."""
 
     def validate(self) -> None:
         """Raise ValueError naming the image and the array whose shape is wrong."""
@@ -47,7 +49,7 @@ class OverlayRow:
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"{self.image_id}: image must be (H, W, 3), got {image.shape}")
         size = image.shape[:2]
-        arrays = {"heat": self.heat, "pseudo": self.pseudo}
+        arrays = {"heat": self.heat, "pseudo": self.pseudo, **self.more_heats}
         if self.gt is not None:
             arrays["gt"] = self.gt
         for name, array in arrays.items():
@@ -89,8 +91,11 @@ def _class_name(class_names: Sequence[str], index: int) -> str:
     return class_names[index] if index < len(class_names) else f"class {index}"
 
 
-def overlay_grid(rows: Sequence[OverlayRow], path: Path, class_names: Sequence[str]) -> None:
-    """One row per image: image | GT | heat over image (jet) | pseudo label.
+def overlay_grid(
+    rows: Sequence[OverlayRow], path: Path, class_names: Sequence[str],
+    heat_title: str = "heat map",
+) -> None:
+    """One row per image: image | GT | heat over image (jet) [| more heats] | pseudo label.
 
     GT and pseudo labels use the VOC palette; a legend lists the classes that appear
     (ignore included when present) so that colours can be read without a key.
@@ -100,13 +105,19 @@ def overlay_grid(rows: Sequence[OverlayRow], path: Path, class_names: Sequence[s
     for row in rows:
         row.validate()
     palette = voc_palette()
-    titles = ("image", "ground truth", "heat map", "pseudo label")
+    extra = list(rows[0].more_heats)
+    if any(list(row.more_heats) != extra for row in rows):
+        raise ValueError("overlay_grid: every row needs the same more_heats keys")
+    titles = ("image", "ground truth", heat_title, *extra, "pseudo label")
+    columns = len(titles)
     # Panels 3 inches wide; each row as tall as its image's aspect ratio asks.
     row_heights = [3.0 * row.image.shape[0] / max(row.image.shape[1], 1) for row in rows]
     figure = Figure(
-        figsize=(4 * 3.0, sum(row_heights) + 0.4 * len(rows) + 0.8), layout="constrained"
+        figsize=(columns * 3.0, sum(row_heights) + 0.4 * len(rows) + 0.8), layout="constrained"
     )
-    axes = figure.subplots(len(rows), 4, squeeze=False, gridspec_kw={"height_ratios": row_heights})
+    axes = figure.subplots(
+        len(rows), columns, squeeze=False, gridspec_kw={"height_ratios": row_heights}
+    )
     present: set[int] = set()
     for r, row in enumerate(rows):
         image = _as_uint8_image(row.image)
@@ -116,6 +127,7 @@ def overlay_grid(rows: Sequence[OverlayRow], path: Path, class_names: Sequence[s
             image,
             _NO_GT_GREY if row.gt is None else _colorize(row.gt, palette),
             _blend_heat(image, row.heat),
+            *(_blend_heat(image, row.more_heats[key]) for key in extra),
             _colorize(pseudo, palette),
         ]
         if row.gt is not None:

@@ -1,0 +1,106 @@
+"""Cost of the prototype methods relative to the plain CAM network.
+
+Prints, per backbone: the training-step time (forward + backward + SGD step, random data,
+same batch and crop) of every variant and its ratio to `cam`; the share of a `cpal` step
+spent in the support bank (enqueue + amortised k-means re-clustering); and the memory of the
+bank at VOC (20 + 1 classes) and COCO (80 + 1) scale. Targets (issue 3): cpal <= 1.15 x cam,
+bank + k-means <= 5 % of a step. A benchmark: it prints figures, it asserts nothing.
+
+    python benchmarks/method_overhead.py [--steps N] [--r50-batch B] [--r50-crop S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from cpal.config import load_config
+from cpal.engine.train import build_optimizer, compute_loss
+from cpal.models.cam_net import build_network
+from cpal.prototypes.bank import SupportBank
+
+VARIANTS = ("cam", "sipe", "cpal-mean", "cpal-topk", "cpal")
+
+
+def step_time(overrides: list[str], batch: int, crop: int, steps: int, classes: int) -> float:
+    """Median seconds of one training step after two warm-up steps."""
+    cfg = load_config(None, overrides)
+    torch.manual_seed(0)
+    model, _ = build_network(cfg, classes)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    images = torch.randn(batch, 3, crop, crop)
+    labels = (torch.rand(batch, classes) < 0.2).float()
+    labels[:, 0] = 1.0
+    times = []
+    for i in range(steps + 2):
+        start = time.perf_counter()
+        loss, _ = compute_loss(model, images, labels, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def bank_time(channels: int, size: int, dim: int, clusters: int, per_step: int,
+              recluster_every: int) -> float:
+    """Seconds per step spent in the bank: one enqueue + 1/recluster_every of a k-means."""
+    bank = SupportBank(channels, size, dim)
+    protos = torch.nn.functional.normalize(torch.randn(per_step, dim), dim=1)
+    chans = torch.randint(0, channels, (per_step,))
+    for _ in range(size // max(1, per_step // channels) + 1):
+        bank.enqueue(protos, chans)
+    start = time.perf_counter()
+    for _ in range(20):
+        bank.enqueue(protos, chans)
+    enqueue = (time.perf_counter() - start) / 20
+    generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(3):
+        bank.recluster(clusters, 10, generator)
+    recluster = (time.perf_counter() - start) / 3
+    return enqueue + recluster / recluster_every
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--r50-batch", type=int, default=4)
+    parser.add_argument("--r50-crop", type=int, default=256)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    setups = {
+        "demo net (ResNet-18 x0.5, batch 32, crop 128, 10 classes)": (
+            ["model.arch=resnet18", "model.width=0.5", "model.frozen_bn=false"], 32, 128, 10),
+        f"ResNet-50 (batch {args.r50_batch}, crop {args.r50_crop}, 20 classes)": (
+            ["model.arch=resnet50"], args.r50_batch, args.r50_crop, 20),
+    }
+    for title, (base, batch, crop, classes) in setups.items():
+        print(f"\n{title}")
+        cam = None
+        for variant in VARIANTS:
+            seconds = step_time([*base, f"method={variant}"], batch, crop, args.steps, classes)
+            cam = cam or seconds
+            print(f"  {variant:10s} {seconds * 1000:8.1f} ms/step  {seconds / cam:5.2f} x cam")
+            if variant == "cpal":
+                cfg = load_config(None, [*base, "method=cpal"])
+                bank = bank_time(classes + 1, cfg.bank.size, cfg.prototype.dim,
+                                 cfg.bank.clusters, batch * 3, cfg.bank.recluster_every)
+                print(f"  bank + k-means: {bank * 1000:.2f} ms/step = "
+                      f"{100 * bank / seconds:.2f} % of a cpal step "
+                      f"(size {cfg.bank.size}, D {cfg.prototype.dim}, {cfg.bank.clusters} "
+                      f"clusters every {cfg.bank.recluster_every} steps)")
+    print("\nsupport bank memory (buffers, float32):")
+    for name, classes in (("VOC", 20), ("COCO", 80)):
+        bank = SupportBank(classes + 1, 512, 256)
+        nbytes = sum(b.numel() * b.element_size() for b in bank.buffers())
+        print(f"  {name}: {classes} classes + background, 512 entries, D 256: "
+              f"{nbytes / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

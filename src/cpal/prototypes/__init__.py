@@ -1,0 +1,44 @@
+"""CPAL's prototype branch: embeddings, instance prototypes, support bank, context awareness,
+feature distribution alignment and the prototype-aware CAM (cpal-method.md, steps 2-10)."""
+
+from __future__ import annotations
+
+from cpal.prototypes.alignment import alignment_shift, compactness_loss, shift_features
+from cpal.prototypes.awareness import context_aware_prototype, positiveness, select_top_k
+from cpal.prototypes.bank import SupportBank
+from cpal.prototypes.head import EmbeddingHead
+from cpal.prototypes.kmeans import spherical_kmeans, spherical_kmeans_batched
+from cpal.prototypes.module import CPALModule, CPALOutput
+from cpal.prototypes.pacam import prototype_cam, self_supervision_loss, shifted_prototype_cam
+from cpal.prototypes.pooling import (
+    cam_with_background,
+    channel_valid,
+    instance_prototypes,
+    masked_average,
+    region_weights,
+    sipe_seeds,
+)
+
+__all__ = [
+    "CPALModule",
+    "CPALOutput",
+    "EmbeddingHead",
+    "SupportBank",
+    "alignment_shift",
+    "cam_with_background",
+    "channel_valid",
+    "compactness_loss",
+    "context_aware_prototype",
+    "instance_prototypes",
+    "masked_average",
+    "positiveness",
+    "prototype_cam",
+    "region_weights",
+    "select_top_k",
+    "self_supervision_loss",
+    "shift_features",
+    "shifted_prototype_cam",
+    "sipe_seeds",
+    "spherical_kmeans",
+    "spherical_kmeans_batched",
+]

@@ -1,0 +1,224 @@
+"""CPALModule: (features, CAM, labels) -> prototype-aware CAM and its losses.
+
+The module knows nothing about the network that made the features: a list of maps with
+known channel counts (ResNet stages, MCTformer patch tokens, CLIP features) plus a raw CAM
+at the resolution of the last map. See docs in cpal-method.md, steps 2-10.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cpal.config import (
+    AlignmentConfig,
+    AwarenessConfig,
+    BankConfig,
+    Method,
+    PrototypeConfig,
+)
+from cpal.prototypes.alignment import alignment_shift, compactness_loss
+from cpal.prototypes.awareness import context_aware_prototype, positiveness, select_top_k
+from cpal.prototypes.bank import SupportBank
+from cpal.prototypes.head import EmbeddingHead
+from cpal.prototypes.pacam import prototype_cam, self_supervision_loss, shifted_prototype_cam
+from cpal.prototypes.pooling import (
+    cam_with_background,
+    channel_valid,
+    masked_average,
+    region_weights,
+    sipe_seeds,
+)
+
+METHODS = ("sipe", "cpal-mean", "cpal-topk", "cpal")
+
+
+@dataclass
+class CPALOutput:
+    pacam: Tensor  # (B, C+1, h, w) in [0, 1], bg channel 0, absent classes 0
+    cam_norm: Tensor  # (B, C+1, h, w) normalised CAM with background channel
+    losses: dict[str, Tensor]  # "self" (+ "fda"), unweighted
+    prototypes: Tensor  # (B, C+1, D) instance prototypes p
+    context_prototypes: Tensor  # (B, C+1, D) p* actually used
+    valid: Tensor  # (B, C+1) bool
+    selected: Tensor | None  # (B, C+1, k) context indices, -1 where none
+
+
+class CPALModule(nn.Module):
+    """The prototype branch of every variant from `sipe` to the full `cpal`."""
+
+    step: Tensor
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        method: Method,
+        prototype: PrototypeConfig,
+        bank: BankConfig,
+        awareness: AwarenessConfig,
+        alignment: AlignmentConfig,
+    ) -> None:
+        super().__init__()
+        if method == "cam":
+            raise ValueError("the cam variant has no prototype module")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        self.method = method
+        self.num_classes = num_classes
+        self.pcfg, self.bcfg, self.acfg, self.fcfg = prototype, bank, awareness, alignment
+        self.uses_bank = method != "sipe"
+        self.uses_selection = method in ("cpal-topk", "cpal")
+        self.uses_alignment = method == "cpal"
+        self.head = EmbeddingHead(in_channels, prototype.dim, prototype.features)
+        self.bank: SupportBank | None = None
+        if self.uses_bank:
+            self.bank = SupportBank(
+                num_classes + 1,
+                bank.size,
+                prototype.dim,
+                clusters=bank.clusters if self.uses_selection else 1,
+            )
+        # Counts training forwards: drives reclustering and is restored with the bank.
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------------------------
+
+    def forward(self, features: Sequence[Tensor], cam: Tensor, labels: Tensor) -> CPALOutput:
+        features = list(features)
+        labels = labels.to(cam.dtype)
+        cam_norm = cam_with_background(cam, labels)
+        z = self.head(features)
+        if z.shape[-2:] != cam.shape[-2:]:
+            raise ValueError(
+                f"the CAM ({tuple(cam.shape[-2:])}) must match the last feature map "
+                f"({tuple(z.shape[-2:])})"
+            )
+        valid = channel_valid(labels)
+        seeds = None
+        if self.pcfg.region == "sipe_seeds":
+            # SIPE computes its seeds from the last (semantic) feature map, not the embedding.
+            seeds = sipe_seeds(features[-1], cam_norm, labels)
+        weights = region_weights(
+            cam_norm,
+            labels,
+            tau=self.pcfg.tau,
+            tau_bg=self.pcfg.tau_bg,
+            region=self.pcfg.region,
+            seeds=seeds,
+        )
+        p = F.normalize(masked_average(z, weights), dim=-1, eps=1e-5)
+        p = p * valid[..., None].to(p.dtype)
+
+        p_star, delta, selected = p, None, None
+        if self.bank is not None:
+            p_star, ctx, active, selected = self._context(p, valid)
+            if self.uses_alignment:
+                delta = alignment_shift(p, ctx) * active[..., None].to(p.dtype)
+
+        if delta is not None and self.fcfg.beta > 0:
+            # The shift weights M_c are detached: L_self should shape the CAM through
+            # |M - PACAM|, not by moving the features it is compared against.
+            pacam = shifted_prototype_cam(
+                z, cam_norm.detach(), delta, self.fcfg.beta, p_star, valid
+            )
+        else:
+            pacam = prototype_cam(z, p_star, valid)
+
+        losses = {"self": self_supervision_loss(cam_norm, pacam, valid)}
+        if self.uses_alignment and self.fcfg.loss_weight > 0:
+            losses["fda"] = compactness_loss(z, weights, p_star)
+
+        if self.training and self.bank is not None:
+            self._update_bank(p.detach(), valid)
+
+        return CPALOutput(
+            pacam=pacam,
+            cam_norm=cam_norm,
+            losses=losses,
+            prototypes=p,
+            context_prototypes=p_star,
+            valid=valid,
+            selected=selected,
+        )
+
+    # ------------------------------------------------------------------------------------
+
+    def _context(
+        self, p: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(p*, ctx, active (B, K), selected) against the bank's current context.
+
+        A channel is active (p* != p) once its queue holds >= top_k entries and it has a
+        context; before that the method is SIPE's image-specific prototype (warm-up).
+        """
+        assert self.bank is not None
+        a = self.acfg
+        b, k, _ = p.shape
+        n_held = self.bank.counts()
+        if not self.uses_selection:
+            mean, _ = self.bank.mean_contexts()
+            ready = n_held >= a.top_k
+            ctx = mean.to(p.dtype)[None].expand(b, -1, -1)
+            p_mix, ctx = context_aware_prototype(
+                p, ctx.unsqueeze(2), p.new_ones(b, k, 1), a.alpha
+            )
+            active = ready[None] & valid
+            return torch.where(active[..., None], p_mix, p), ctx, active, None
+
+        table, _, cvalid = self.bank.context_table()
+        table = table.to(p.dtype)
+        ready = (n_held >= a.top_k) & cvalid.any(dim=1)  # (K,)
+        scores = positiveness(p, table, a.score)  # (B, K, kmax)
+        scores = scores.masked_fill(~cvalid[None], float("-inf"))
+        # Rows without any context get finite scores so the softmax stays NaN-free
+        # (their result is discarded below, but NaN would poison the backward pass).
+        scores = torch.where(ready[None, :, None], scores, torch.zeros_like(scores))
+        idx, w = select_top_k(scores, a.top_k, a.temperature)  # (B, K, k')
+        chan = torch.arange(k, device=p.device)[None, :, None]
+        sel_ctx = table[chan, idx]  # (B, K, k', D)
+        active = ready[None] & valid
+        sel_ok = cvalid[chan, idx] & active[..., None]
+        w = w * sel_ok.to(w.dtype)
+        p_mix, ctx = context_aware_prototype(p, sel_ctx, w, a.alpha)
+        p_star = torch.where(active[..., None], p_mix, p)
+        ctx = torch.where(active[..., None], ctx, p)
+        selected = torch.where(sel_ok, idx, torch.full_like(idx, -1))
+        return p_star, ctx, active, selected
+
+    @torch.no_grad()
+    def _update_bank(self, p: Tensor, valid: Tensor) -> None:
+        """Enqueue this batch's present-class + background prototypes; recluster on schedule."""
+        assert self.bank is not None
+        b, k, _ = p.shape
+        chans = torch.arange(k, device=p.device).expand(b, k)
+        self.bank.enqueue_synced(p[valid], chans[valid])
+        self.step += 1
+        if not self.uses_selection:
+            return
+        due = int(self.step) % self.bcfg.recluster_every == 0
+        if not due:
+            # A channel that just became ready but whose context was built from fewer than
+            # top_k entries (or none): cluster now rather than waiting up to recluster_every
+            # steps. This adds at most C+1 reclusters to a run.
+            ready = self.bank.counts() >= self.acfg.top_k
+            clustered = self.bank.ctx_count.sum(dim=1)
+            due = bool((ready & (clustered < self.acfg.top_k)).any())
+        if due:
+            self.refresh_context()
+
+    @torch.no_grad()
+    def refresh_context(self) -> None:
+        """Recluster the bank now (e.g. before saving the final checkpoint).
+
+        The k-means generator is seeded by the step counter, so every rank of a data-
+        parallel run (identical banks) computes identical context.
+        """
+        if self.bank is None or not self.uses_selection:
+            return
+        gen = torch.Generator().manual_seed(int(self.step))
+        self.bank.recluster(self.bcfg.clusters, self.bcfg.kmeans_iters, generator=gen)

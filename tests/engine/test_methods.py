@@ -1,0 +1,115 @@
+"""The prototype methods end to end: training, checkpointed bank, PACAM maps, ablation."""
+
+import json
+
+import pytest
+import torch
+
+import cpal.engine.train as train_module
+from cpal.ablation import VARIANTS, ablate, format_tables
+from cpal.config import load_config
+from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
+from cpal.engine.infer import load_trained_model
+from cpal.engine.paths import RunPaths
+from cpal.pipeline import run, stage_infer, stage_train
+from tests.conftest import tiny_overrides
+
+PROTO = ["prototype.dim=16", "bank.size=16", "bank.clusters=3", "bank.recluster_every=2",
+         "awareness.top_k=2"]
+
+
+def _cfg(tiny_dataset, out, *extra):
+    return load_config(None, [*tiny_overrides(tiny_dataset, out), *PROTO, *extra])
+
+
+def test_cpal_run_writes_pacam_maps_and_comparison_figure(tiny_dataset, tmp_path):
+    cfg = _cfg(tiny_dataset, tmp_path / "run", "method=cpal")
+    metrics = run(cfg, progress=False)
+    paths = RunPaths(cfg.output_path)
+    identity = json.loads((paths.maps("train") / "_maps.json").read_text())
+    assert (identity["map"], identity["method"]) == ("pacam", "cpal")
+    assert metrics["pseudo_labels"]["protocol"]["source"] == "labels:pacam (method cpal)"
+    assert (paths.figures / "cam_vs_pacam_train.png").stat().st_size > 10_000
+    ckpt = load_checkpoint(latest_checkpoint(paths.checkpoints))
+    bank_keys = [k for k in ckpt.model if k.startswith("cpal.bank.")]
+    assert bank_keys, "the support bank must be saved with the model"
+
+
+def test_bank_restored_from_checkpoint_and_frozen_at_inference(tiny_dataset, tmp_path):
+    cfg = _cfg(tiny_dataset, tmp_path / "run", "method=cpal")
+    stage_train(cfg, progress=False)
+    ckpt = load_checkpoint(latest_checkpoint(RunPaths(cfg.output_path).checkpoints))
+    model = load_trained_model(ckpt, cfg, 10, torch.device("cpu"))
+    restored = {k: v for k, v in model.state_dict().items() if k.startswith("cpal.bank.")}
+    for key, value in restored.items():
+        assert torch.equal(value, ckpt.model[key]), key
+    assert int(model.cpal.bank.counts().sum()) > 0
+    stage_infer(cfg, progress=False)
+    model_after = load_trained_model(ckpt, cfg, 10, torch.device("cpu"))
+    for key, value in model_after.state_dict().items():
+        if key.startswith("cpal.bank."):
+            assert torch.equal(value, restored[key]), key
+
+
+@pytest.mark.parametrize("method", ["sipe", "cpal"])
+def test_resume_is_exact_with_prototypes(method, tiny_dataset, tmp_path, monkeypatch):
+    straight = _cfg(tiny_dataset, tmp_path / "a", f"method={method}")
+    stage_train(straight, progress=False)
+    crashed = _cfg(tiny_dataset, tmp_path / "b", f"method={method}")
+    real_epoch, calls = train_module._run_epoch, {"n": 0}
+
+    def dies_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_run_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        stage_train(crashed, progress=False)
+    monkeypatch.setattr(train_module, "_run_epoch", real_epoch)
+    stage_train(crashed, progress=False)
+    a = load_checkpoint(latest_checkpoint(RunPaths(straight.output_path).checkpoints)).model
+    b = load_checkpoint(latest_checkpoint(RunPaths(crashed.output_path).checkpoints)).model
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_self_loss_is_logged_for_prototype_methods(tiny_dataset, tmp_path):
+    cfg = _cfg(tiny_dataset, tmp_path / "run", "method=sipe", "train.epochs=1")
+    stage_train(cfg, progress=False)
+    log = RunPaths(cfg.output_path).train_log.read_text().splitlines()
+    rows = [json.loads(line) for line in log]
+    assert any("loss_self" in row and row["loss_self"] > 0 for row in rows)
+
+
+def test_cam_method_rejects_pacam_map():
+    from cpal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'infer\.map'"):
+        load_config(None, ["method=cam", "infer.map=pacam"])
+
+
+def test_ablate_runs_every_variant_and_writes_tables(tiny_dataset, tmp_path):
+    overrides = [*tiny_overrides(tiny_dataset, tmp_path / "abl"), *PROTO, "train.epochs=1",
+                 "infer.scales=[1.0]", "viz.num_images=1"]
+    md_path = ablate(None, overrides, seeds=1, progress=False, log=lambda _: None)
+    md = md_path.read_text()
+    for variant in VARIANTS:
+        assert f"| {variant} |" in md
+    assert "ORACLE" in md and "held-out" in md
+    rows = (md_path.parent / "ablation.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(VARIANTS)
+
+
+def test_ablation_table_mean_and_std_by_hand():
+    cfg = load_config(None, [])
+    row = {"map": "pacam", "maps_oracle_threshold": 0.3, "pseudo_threshold": 0.35,
+           "pseudo_protocol": "p"}
+    results = {"cpal": [{**row, "maps_oracle": 50.0, "pseudo": 40.0},
+                        {**row, "maps_oracle": 54.0, "pseudo": 44.0}]}
+    md, table_csv = format_tables(results, cfg, seeds=2)
+    # mean 52, sample std sqrt(((50-52)^2 + (54-52)^2) / 1) = 2.83
+    assert "| cpal | pacam | 52.0 ± 2.8 | 42.0 ± 2.8 |" in md
+    assert "52.00,2.83,42.00,2.83" in table_csv

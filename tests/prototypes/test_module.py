@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cpal.config import AlignmentConfig, AwarenessConfig, BankConfig, PrototypeConfig
+from cpal.prototypes.module import CPALModule
+from cpal.prototypes.pacam import prototype_cam
+
+CH = (8, 16)
+C = 3
+
+
+def make(method: str = "cpal", **kw) -> CPALModule:
+    torch.manual_seed(0)
+    return CPALModule(
+        CH,
+        C,
+        method,  # type: ignore[arg-type]
+        PrototypeConfig(dim=6, features=kw.get("features", "hierarchical")),
+        BankConfig(size=8, clusters=kw.get("clusters", 3), recluster_every=100, kmeans_iters=3),
+        AwarenessConfig(top_k=2, temperature=0.5, alpha=0.5),
+        AlignmentConfig(beta=1.0, loss_weight=kw.get("loss_weight", 0.0)),
+    )
+
+
+def batch(seed: int, b: int = 2, requires_grad: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(b, 8, 8, 8, generator=g), torch.randn(b, 16, 4, 4, generator=g)]
+    cam = torch.randn(b, C, 4, 4, generator=g)
+    if requires_grad:
+        for t in [*feats, cam]:
+            t.requires_grad_()
+    labels = torch.zeros(b, C)
+    labels[:, 0] = 1
+    labels[0, 2] = 1
+    return feats, cam, labels
+
+
+def test_cam_variant_refused() -> None:
+    with pytest.raises(ValueError, match="no prototype module"):
+        make("cam")
+
+
+def test_output_shapes_ranges_and_absent_zero() -> None:
+    out = make("cpal", loss_weight=0.1)(*batch(0))
+    assert out.pacam.shape == out.cam_norm.shape == (2, C + 1, 4, 4)
+    pacam = out.pacam.detach()
+    assert float(pacam.min()) >= 0 and float(pacam.max()) <= 1
+    assert torch.all(out.pacam[1, 3] == 0) and torch.all(out.pacam[:, 2] == 0)
+    assert out.valid.tolist() == [[True, True, False, True], [True, True, False, False]]
+    assert set(out.losses) == {"self", "fda"}
+    assert out.selected is not None and out.selected.shape == (2, C + 1, 2)
+    assert set(make("sipe")(*batch(0)).losses) == {"self"}
+
+
+def test_warm_up_then_context_changes_prototypes() -> None:
+    m = make("cpal").train()
+    out = m(*batch(0))  # empty bank: everything is SIPE
+    torch.testing.assert_close(out.context_prototypes, out.prototypes)
+    assert torch.all(out.selected == -1)
+    # no shift before warm-up: PACAM is the plain prototype CAM of the instance prototypes
+    z = m.head(batch(0)[0])
+    torch.testing.assert_close(out.pacam, prototype_cam(z, out.prototypes, out.valid))
+    assert m.bank is not None
+    assert m.bank.counts().tolist() == [2, 2, 0, 1]  # bg + present classes only
+    out = m(*batch(1))  # channels 0, 1 now hold 2 = top_k entries and got clustered
+    ready = torch.tensor([True, True, False, False])
+    assert bool(torch.all(out.selected[:, ready] >= 0))
+    assert bool(torch.all(out.selected[:, ~ready] == -1))
+    diff = (out.context_prototypes - out.prototypes).norm(dim=-1)
+    assert bool(torch.all(diff[:, ready] > 1e-4))
+    assert bool(torch.all(diff[:, ~ready] == 0))  # class 3 still warming up (1 entry)
+    z = m.head(batch(1)[0])
+    assert not torch.allclose(out.pacam, prototype_cam(z, out.context_prototypes, out.valid))
+
+
+@pytest.mark.parametrize("method", ["sipe", "cpal-mean", "cpal-topk", "cpal"])
+def test_gradients_reach_embedding_and_cam(method: str) -> None:
+    m = make(method).train()
+    for s in range(3):  # get past warm-up
+        m(*batch(s))
+    feats, cam, labels = batch(5, requires_grad=True)
+    out = m(feats, cam, labels)
+    out.losses["self"].backward()
+    assert cam.grad is not None and float(cam.grad.abs().sum()) > 0
+    assert m.head.proj.weight.grad is not None and float(m.head.proj.weight.grad.abs().sum()) > 0
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_layer4_gradient_reaches_backbone_features() -> None:
+    m = make("cpal", features="layer4").train()
+    feats, cam, labels = batch(0, requires_grad=True)
+    m(feats, cam, labels).losses["self"].backward()
+    assert feats[-1].grad is not None and float(feats[-1].grad.abs().sum()) > 0
+
+
+def test_eval_does_not_modify_bank() -> None:
+    m = make("cpal").train()
+    for s in range(3):
+        m(*batch(s))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.eval()
+    with torch.no_grad():
+        for s in range(3, 6):
+            m(*batch(s))
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path) -> None:
+    m = make("cpal").train()
+    for s in range(4):
+        m(*batch(s))
+    m.eval()
+    path = tmp_path / "m.safetensors"
+    save_file(m.state_dict(), str(path))
+    for state in (m.state_dict(), load_file(str(path))):
+        fresh = make("cpal")
+        fresh.load_state_dict(state)
+        fresh.eval()
+        assert fresh.bank is not None and m.bank is not None
+        for c in range(C + 1):
+            torch.testing.assert_close(fresh.bank.context(c)[0], m.bank.context(c)[0])
+        with torch.no_grad():
+            a, b = m(*batch(9)), fresh(*batch(9))
+        torch.testing.assert_close(a.pacam, b.pacam)
+        assert torch.equal(a.selected, b.selected)
