@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import cpal.engine.train as train_module
 from cpal.config import Config, load_config
 from cpal.data.synthetic import generate
 
@@ -42,3 +45,21 @@ def tiny_overrides(data_root: Path, output_dir: Path) -> list[str]:
 @pytest.fixture
 def tiny_config(tiny_dataset: Path, tmp_path: Path) -> Config:
     return load_config(None, tiny_overrides(tiny_dataset, tmp_path / "run"))
+
+
+@contextlib.contextmanager
+def killed_in_second_epoch() -> Iterator[None]:
+    """Training raises KeyboardInterrupt as its second epoch starts, as a kill would."""
+    real, calls = train_module._run_epoch, {"n": 0}
+
+    def dies(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    train_module._run_epoch = dies
+    try:
+        yield
+    finally:
+        train_module._run_epoch = real

@@ -5,14 +5,13 @@ import json
 import pytest
 import torch
 
-import cpal.engine.train as train_module
 from cpal.ablation import VARIANTS, ablate, format_tables
 from cpal.config import load_config
 from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
 from cpal.engine.infer import load_trained_model
 from cpal.engine.paths import RunPaths
 from cpal.pipeline import run, stage_infer, stage_train
-from tests.conftest import tiny_overrides
+from tests.conftest import killed_in_second_epoch, tiny_overrides
 
 PROTO = ["prototype.dim=16", "bank.size=16", "bank.clusters=3", "bank.recluster_every=2",
          "awareness.top_k=2"]
@@ -52,22 +51,12 @@ def test_bank_restored_from_checkpoint_and_frozen_at_inference(tiny_dataset, tmp
 
 
 @pytest.mark.parametrize("method", ["sipe", "cpal"])
-def test_resume_is_exact_with_prototypes(method, tiny_dataset, tmp_path, monkeypatch):
+def test_resume_is_exact_with_prototypes(method, tiny_dataset, tmp_path):
     straight = _cfg(tiny_dataset, tmp_path / "a", f"method={method}")
     stage_train(straight, progress=False)
     crashed = _cfg(tiny_dataset, tmp_path / "b", f"method={method}")
-    real_epoch, calls = train_module._run_epoch, {"n": 0}
-
-    def dies_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_run_epoch", dies_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_second_epoch(), pytest.raises(KeyboardInterrupt):
         stage_train(crashed, progress=False)
-    monkeypatch.setattr(train_module, "_run_epoch", real_epoch)
     stage_train(crashed, progress=False)
     a = load_checkpoint(latest_checkpoint(RunPaths(straight.output_path).checkpoints)).model
     b = load_checkpoint(latest_checkpoint(RunPaths(crashed.output_path).checkpoints)).model

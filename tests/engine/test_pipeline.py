@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-import cpal.engine.train as train_module
 from cpal.cli import main
 from cpal.config import load_config
 from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
@@ -17,7 +16,7 @@ from cpal.engine.paths import RunPaths
 from cpal.errors import CheckpointError, ConfigError, DatasetError
 from cpal.io import load_maps
 from cpal.pipeline import run, stage_infer, stage_labels, stage_train
-from tests.conftest import tiny_overrides
+from tests.conftest import killed_in_second_epoch, tiny_overrides
 
 
 def test_run_writes_every_artifact(tiny_config):
@@ -50,25 +49,14 @@ def test_run_writes_every_artifact(tiny_config):
     assert set(stages) == {"train", "infer", "evaluate", "labels", "figures"}
 
 
-def test_resume_after_crash_equals_uninterrupted_run(tiny_dataset, tmp_path, monkeypatch):
+def test_resume_after_crash_equals_uninterrupted_run(tiny_dataset, tmp_path):
     straight = load_config(None, tiny_overrides(tiny_dataset, tmp_path / "straight"))
     stage_train(straight, progress=False)
 
     crashed = load_config(None, tiny_overrides(tiny_dataset, tmp_path / "crashed"))
-    real_epoch = train_module._run_epoch
-    calls = {"n": 0}
-
-    def dies_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_run_epoch", dies_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_second_epoch(), pytest.raises(KeyboardInterrupt):
         stage_train(crashed, progress=False)
     assert latest_checkpoint(RunPaths(crashed.output_path).checkpoints).name == "epoch_001.json"
-    monkeypatch.setattr(train_module, "_run_epoch", real_epoch)
     stage_train(crashed, progress=False)
 
     a = load_checkpoint(latest_checkpoint(RunPaths(straight.output_path).checkpoints))
@@ -179,22 +167,11 @@ def test_cli_accepts_overrides_around_options(capsys):
     assert "seed: 3" in out and "epochs: 2" in out
 
 
-def test_infer_refuses_unfinished_training_and_stale_maps(tiny_config, tiny_dataset, monkeypatch):
-    real_epoch = train_module._run_epoch
-    calls = {"n": 0}
-
-    def dies_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_run_epoch", dies_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+def test_infer_refuses_unfinished_training_and_stale_maps(tiny_config, tiny_dataset):
+    with killed_in_second_epoch(), pytest.raises(KeyboardInterrupt):
         stage_train(tiny_config, progress=False)
     with pytest.raises(CheckpointError, match="stopped at epoch 1 of 2"):
         stage_infer(tiny_config, progress=False)
-    monkeypatch.setattr(train_module, "_run_epoch", real_epoch)
     stage_train(tiny_config, progress=False)
     stage_infer(tiny_config, progress=False)
     other_scales = load_config(None, [*tiny_overrides(tiny_dataset, tiny_config.output_path),

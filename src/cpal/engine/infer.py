@@ -32,7 +32,7 @@ from cpal.engine.runtime import setup
 from cpal.engine.train import load_final_checkpoint
 from cpal.errors import ConfigError, DatasetError
 from cpal.io import MapRecord, save_maps, write_json_atomic
-from cpal.models.cam_net import CAMNet, build_network
+from cpal.models.cam_net import CAMNet, build_network, normalized_cam
 
 MAPS_META = "_maps.json"
 
@@ -130,7 +130,7 @@ def normalised_maps(
 ) -> dict[str, Tensor]:
     """Multi-scale maps of each kind (cam, pacam), each class max-normalised to [0, 1]."""
     sums = multiscale_maps(model, images, scales, flip, labels, kinds)
-    return {k: v / (v.flatten(2).amax(dim=2)[..., None, None] + 1e-5) for k, v in sums.items()}
+    return {kind: normalized_cam(value) for kind, value in sums.items()}
 
 
 def localisation_maps(

@@ -16,6 +16,10 @@ from cpal.config import Config, ModelConfig
 from cpal.models.resnet import ResNet
 from cpal.models.weights import LoadReport, load_backbone_weights
 from cpal.prototypes.module import CPALModule, CPALOutput
+from cpal.prototypes.pooling import normalized_cam
+
+__all__ = ["CAMNet", "CAMOutput", "build_cam_net", "build_network", "classification_loss",
+           "normalized_cam"]
 
 
 @dataclass
@@ -93,10 +97,3 @@ def build_network(
             config.bank, config.awareness, config.alignment,
         )
     return net, report
-
-
-def normalized_cam(cam: Tensor, eps: float = 1e-5) -> Tensor:
-    """relu(cam) divided by its per-map maximum: values in [0, 1]."""
-    cam = F.relu(cam)
-    peak = cam.flatten(2).amax(dim=2)[..., None, None]
-    return cam / (peak + eps)

@@ -12,11 +12,8 @@ Region = Literal["threshold", "sipe_seeds"]
 
 
 def normalized_cam(cam: Tensor, eps: float = 1e-5) -> Tensor:
-    """relu(cam) / (per-map max + eps): values in [0, 1].
-
-    The same formula as cpal.models.cam_net.normalized_cam, repeated here because the model
-    package imports this one (importing it back would be circular).
-    """
+    """relu(cam) / (per-map max + eps): values in [0, 1]. The one normalisation used by
+    training (the CAM branch of L_self) and inference (the written maps)."""
     cam = F.relu(cam)
     peak = cam.flatten(2).amax(dim=2)[..., None, None]
     return cam / (peak + eps)
