@@ -112,6 +112,9 @@ class AlignmentConfig:
 class LossConfig:
     self_weight: float = 1.0
     """lambda_self: weight of |CAM - PACAM| (step 9)."""
+    self_detach_cam: bool = False
+    """Stop L_self's gradient into the CAM (only the prototype branch learns from it).
+    false = SIPE's GSC (both branches), the method page's default."""
 
 
 @dataclass

@@ -102,3 +102,28 @@ def test_ablation_table_mean_and_std_by_hand():
     # mean 52, sample std sqrt(((50-52)^2 + (54-52)^2) / 1) = 2.83
     assert "| cpal | pacam | 52.0 ± 2.8 | 42.0 ± 2.8 |" in md
     assert "52.00,2.83,42.00,2.83" in table_csv
+
+
+def test_self_detach_cam_keeps_l_self_out_of_the_cam():
+    from cpal.engine.train import compute_loss
+    from cpal.models.cam_net import build_network, classification_loss
+
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    labels = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    grads = {}
+    for detach in (True, False):
+        cfg = load_config(None, ["method=sipe", "model.arch=resnet18", "model.width=0.125",
+                                 "model.frozen_bn=false", "prototype.dim=8",
+                                 f"loss.self_detach_cam={str(detach).lower()}"])
+        torch.manual_seed(1)
+        net, _ = build_network(cfg, 3)
+        loss, parts = compute_loss(net, images, labels, cfg)
+        assert parts["self"] > 0
+        loss.backward()
+        grads[detach] = net.classifier.weight.grad.clone()
+        net.zero_grad()
+        classification_loss(net(images).logits, labels).backward()
+        grads[f"cls{detach}"] = net.classifier.weight.grad.clone()
+    torch.testing.assert_close(grads[True], grads["clsTrue"])
+    assert not torch.allclose(grads[False], grads["clsFalse"])

@@ -34,6 +34,7 @@ from cpal.engine.runtime import setup
 from cpal.errors import CheckpointError, ConfigError
 from cpal.io import write_text_atomic
 from cpal.models.cam_net import CAMNet, build_network, classification_loss
+from cpal.prototypes.pacam import self_supervision_loss
 
 # Settings that change what is trained; a checkpoint made under other values cannot be resumed.
 _RUN_INDEPENDENT = {"num_workers", "resume", "log_every", "keep_checkpoints", "checkpoint_every"}
@@ -63,7 +64,11 @@ def compute_loss(
     out = model(images, labels if model.cpal is not None else None)
     parts = {"cls": classification_loss(out.logits, labels)}
     if out.cpal is not None:
-        parts["self"] = config.loss.self_weight * out.cpal.losses["self"]
+        self_loss = out.cpal.losses["self"]
+        if config.loss.self_detach_cam:
+            c = out.cpal
+            self_loss = self_supervision_loss(c.cam_norm.detach(), c.pacam, c.valid)
+        parts["self"] = config.loss.self_weight * self_loss
         if "fda" in out.cpal.losses:
             parts["fda"] = config.alignment.loss_weight * out.cpal.losses["fda"]
     total = torch.stack(list(parts.values())).sum()
