@@ -81,14 +81,13 @@ def ablate(
 
 
 def _row(cfg: Config, metrics: dict[str, Any]) -> dict[str, Any]:
-    split, tune = cfg.labels.split, cfg.labels.tune_split
+    split = cfg.labels.split
     maps = metrics["maps"][split]["oracle_best"]
     pseudo = metrics["pseudo_labels"]
     return {
         "map": metrics["maps"][split]["map"],
         "maps_oracle": maps["miou"],
         "maps_oracle_threshold": maps["threshold"],
-        "maps_tune_split": metrics["maps"].get(tune, {}).get("oracle_best", {}).get("miou"),
         "pseudo": pseudo["miou"],
         "pseudo_threshold": metrics["threshold"]["value"],
         "pseudo_protocol": pseudo["protocol"]["description"],

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cpal.errors import DatasetError
+
 IGNORE_INDEX = 255
 
 
@@ -48,6 +50,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Parse a JSON file; a corrupt one is a DatasetError naming it (a missing one raises
+    FileNotFoundError, which callers treat as they need)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise DatasetError(f"{path}: corrupt JSON ({exc})") from exc
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -8,7 +8,6 @@ metrics accumulate in `metrics.json`, each number with the protocol that produce
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
@@ -36,7 +35,7 @@ from cpal.evaluation.metrics import (
     labels_from_maps,
 )
 from cpal.evaluation.protocol import Protocol, results_table
-from cpal.io import IGNORE_INDEX, load_maps, save_label_png, write_json_atomic
+from cpal.io import IGNORE_INDEX, load_maps, read_json, save_label_png, write_json_atomic
 from cpal.viz.figures import OverlayRow, overlay_grid, per_class_iou_chart, sweep_curve
 
 STAGES = ("train", "infer", "evaluate", "labels", "figures")
@@ -48,12 +47,7 @@ _LABELS_META = "_labels.json"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise DatasetError(f"{path}: corrupt JSON ({exc})") from exc
+    return read_json(path) if path.exists() else {}
 
 
 def _update_json(path: Path, key: str, value: Any) -> dict[str, Any]:

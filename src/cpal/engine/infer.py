@@ -29,9 +29,9 @@ from cpal.data.voc import VOCLayout
 from cpal.engine.checkpoint import Checkpoint
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import setup
-from cpal.engine.train import load_final_checkpoint
+from cpal.engine.train import changed_keys, load_final_checkpoint
 from cpal.errors import ConfigError, DatasetError
-from cpal.io import MapRecord, save_maps, write_json_atomic
+from cpal.io import MapRecord, read_json, save_maps, write_json_atomic
 from cpal.models.cam_net import CAMNet, build_network, normalized_cam
 
 MAPS_META = "_maps.json"
@@ -48,7 +48,6 @@ def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[st
         json.dumps(ckpt.meta.get("fingerprint"), sort_keys=True).encode()
     ).hexdigest()[:16]
     return {
-        "maps": "cam",
         "checkpoint": checkpoint.name,
         "training_fingerprint": digest,
         "method": config.method,
@@ -62,11 +61,9 @@ def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[st
 def read_maps_identity(directory: Path) -> dict[str, Any]:
     path = directory / MAPS_META
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path)
     except FileNotFoundError as exc:
         raise DatasetError(f"{path}: not found; run `cpal infer` first") from exc
-    except ValueError as exc:
-        raise DatasetError(f"{path}: corrupt ({exc})") from exc
 
 
 def load_trained_model(ckpt: Checkpoint, config: Config, num_classes: int,
@@ -183,7 +180,7 @@ def _claim_folder(directory: Path, identity: dict[str, Any]) -> None:
     if meta.exists():
         existing = read_maps_identity(directory)
         if existing != identity:
-            changed = sorted(k for k in identity if existing.get(k) != identity[k])
+            changed = changed_keys(existing, identity)
             raise ConfigError(
                 f"{directory}: holds maps made with other settings ({', '.join(changed)}); "
                 "delete that folder or use another output_dir"

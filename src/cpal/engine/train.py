@@ -77,7 +77,7 @@ def compute_loss(
 
 def _check_fingerprint(path: Path, ckpt: Checkpoint, fingerprint: dict[str, Any]) -> None:
     if ckpt.meta.get("fingerprint") != fingerprint:
-        changed = _changed_keys(ckpt.meta.get("fingerprint", {}), fingerprint)
+        changed = changed_keys(ckpt.meta.get("fingerprint", {}), fingerprint)
         raise CheckpointError(
             f"{path}: made with other settings ({', '.join(changed) or 'unknown'}); "
             "use another output_dir to train with these"
@@ -266,12 +266,13 @@ def _truncate_log(path: Path, epochs_kept: int) -> None:
         write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two (nested) settings records."""
     keys = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += _changed_keys(a, b, f"{prefix}{key}.")
+            keys += changed_keys(a, b, f"{prefix}{key}.")
         elif a != b:
             keys.append(f"{prefix}{key}")
     return keys
