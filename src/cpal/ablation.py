@@ -21,9 +21,22 @@ from cpal.io import write_text_atomic
 from cpal.pipeline import run
 
 VARIANTS = ("cam", "sipe", "cpal-mean", "cpal-topk", "cpal")
-SWEEPS: dict[str, tuple[str, tuple[Any, ...]]] = {
-    "score": ("awareness.score", ("dot", "cosine", "l2")),
-    "k": ("awareness.top_k", (1, 3, 5, 10)),
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One `--sweep`: `method=cpal` with `key` set to each value, plus `fixed` overrides."""
+
+    key: str
+    values: tuple[Any, ...]
+    fixed: tuple[str, ...] = ()
+
+
+SWEEPS: dict[str, Sweep] = {
+    # With unit prototypes (the default) dot and cosine give identical runs and l2 ranks the
+    # same, so the score sweep uses raw prototypes, whose norms make the scores differ.
+    "score": Sweep("awareness.score", ("dot", "cosine", "l2"), ("prototype.normalize=false",)),
+    "k": Sweep("awareness.top_k", (1, 3, 5, 10)),
 }
 
 
@@ -37,10 +50,13 @@ class Arm:
 
 def arms(sweeps: Sequence[str] = ()) -> list[Arm]:
     rows = [Arm(v, (f"method={v}",)) for v in VARIANTS]
-    for sweep in sweeps:
-        key, values = SWEEPS[sweep]
-        rows += [Arm(f"cpal {key.split('.')[-1]}={v}", ("method=cpal", f"{key}={v}"))
-                 for v in values]
+    for name in sweeps:
+        sweep = SWEEPS[name]
+        fixed = " ".join(o.split(".")[-1] for o in sweep.fixed)
+        prefix = f"cpal {fixed} " if fixed else "cpal "
+        rows += [Arm(f"{prefix}{sweep.key.split('.')[-1]}={v}",
+                     ("method=cpal", *sweep.fixed, f"{sweep.key}={v}"))
+                 for v in sweep.values]
     return rows
 
 

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ablate)
     ablate.add_argument("--seeds", type=int, default=1, help="seeds per variant (default 1)")
     ablate.add_argument("--sweep", action="append", default=[], choices=["score", "k"],
-                        help="also sweep the positiveness score (dot/cosine/l2) or K")
+                        help="also sweep the positiveness score (dot/cosine/l2, on raw "
+                        "prototypes: prototype.normalize=false) or K")
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     gen = data_sub.add_parser("generate", help="generate the built-in dataset; print its root")

@@ -74,6 +74,12 @@ class PrototypeConfig:
     """Foreground region: normalised CAM > tau."""
     tau_bg: float = 0.5
     """Background region: 1 - max_c CAM > tau_bg."""
+    normalize: bool = True
+    """L2-normalise instance prototypes (and context centroids). false keeps the raw masked
+    mean of the unit embeddings, whose norm (<= 1) measures how consistent the region is,
+    in the bank and in k-means centroids (raw member means; assignment stays cosine), so
+    that `awareness.score: dot` differs from `cosine`. p* and PACAM are cosine-based either
+    way."""
 
 
 @dataclass

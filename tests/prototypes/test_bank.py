@@ -68,3 +68,15 @@ def test_state_dict_round_trip_with_context(tmp_path) -> None:
             torch.testing.assert_close(other.context(c)[1], bank.context(c)[1])
         assert torch.equal(other.ptr, bank.ptr) and torch.equal(other.count, bank.count)
     assert bank.context(0)[0].shape[0] == 4
+
+
+def test_raw_bank_means_and_centroids_keep_norms() -> None:
+    bank = SupportBank(2, size=4, dim=2, clusters=1, normalize=False)
+    bank.enqueue(torch.tensor([[0.6, 0.0], [0.0, 0.4], [0.2, 0.2]]), torch.tensor([1, 1, 1]))
+    mean = torch.tensor([0.8 / 3, 0.2])
+    torch.testing.assert_close(bank.mean_context(1), mean)
+    torch.testing.assert_close(bank.mean_context(0), torch.zeros(2))  # empty: no NaN
+    bank.recluster(1, 3)
+    ctx, counts = bank.context(1)
+    torch.testing.assert_close(ctx, mean[None])  # one cluster: the raw mean of all members
+    assert counts.tolist() == [3.0]

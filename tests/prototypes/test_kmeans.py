@@ -49,3 +49,23 @@ def test_batched_respects_masks() -> None:
     assert valid[0].all() and valid[1].tolist() == [True] * 4 + [False] * 2
     assert counts[0].sum() == 60 and counts[1].sum() == 4
     assert torch.all(cent[1, 4:] == 0)
+
+
+def test_raw_centroids_are_member_means() -> None:
+    # Two direction clusters with members of different norms (raw prototypes).
+    a = torch.tensor([[0.5, 0.0, 0.0], [0.9, 0.1, 0.0]])
+    b = torch.tensor([[0.0, 0.2, 0.0], [0.0, 0.6, 0.1], [0.0, 0.4, -0.1]])
+    x = torch.cat([a, b])[torch.tensor([2, 0, 3, 1, 4])]
+    cent, counts = spherical_kmeans(x, 2, 5, torch.Generator().manual_seed(0), normalize=False)
+    order = cent[:, 0].argsort(descending=True)  # cluster a first
+    torch.testing.assert_close(cent[order], torch.tensor([[0.7, 0.05, 0.0], [0.0, 0.4, 0.0]]))
+    assert counts[order].tolist() == [2.0, 3.0]
+    unit, _ = spherical_kmeans(x, 2, 5, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(unit.norm(dim=1), torch.ones(2))  # default: projected
+
+
+def test_raw_mode_drops_clusters_without_members() -> None:
+    x = torch.tensor([[0.3, 0.4]]).expand(3, 2).clone()  # duplicates: one real cluster
+    cent, counts = spherical_kmeans(x, 2, 3, normalize=False)
+    torch.testing.assert_close(cent, torch.tensor([[0.3, 0.4]]))
+    assert counts.tolist() == [3.0]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from cpal.config import AlignmentConfig, AwarenessConfig, BankConfig, PrototypeConfig
@@ -127,3 +128,85 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path) -> None:
             a, b = m(*batch(9)), fresh(*batch(9))
         torch.testing.assert_close(a.pacam, b.pacam)
         assert torch.equal(a.selected, b.selected)
+
+
+def _controlled(score: str, normalize: bool) -> CPALModule:
+    """One class, D=2, identity embedding (z = the unit features), raw bank entries as
+    context (clusters 0), top-1 selection: every number below is known by hand."""
+    m = CPALModule(
+        (2,), 1, "cpal-topk",
+        PrototypeConfig(dim=2, features="layer4", normalize=normalize),
+        BankConfig(size=4, clusters=0),
+        AwarenessConfig(score=score, top_k=1),  # type: ignore[arg-type]
+        AlignmentConfig(),
+    )
+    with torch.no_grad():
+        m.head.proj.weight.copy_(torch.eye(2)[:, :, None, None])
+    assert m.bank is not None
+    # Context a: the instance's own direction, inconsistent (norm 0.56); b: 0.89 cosine
+    # away but consistent (norm 0.95).
+    m.bank.enqueue(torch.tensor([[0.5, 0.25], [0.95, 0.0]]), torch.tensor([1, 1]))
+    m.refresh_context()
+    return m.eval()
+
+
+def _controlled_batch() -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    # Class region = pixels 0, 1 with embeddings (1, 0), (0.6, 0.8): raw p = (0.8, 0.4).
+    feats = torch.tensor([[[[1.0, 0.6, 0.0, 0.0]], [[0.0, 0.8, 1.0, 1.0]]]])  # (1, 2, 1, 4)
+    cam = torch.tensor([[[[1.0, 1.0, 0.0, 0.0]]]])
+    return [feats], cam, torch.ones(1, 1)
+
+
+def test_raw_prototypes_make_dot_and_cosine_rank_differently() -> None:
+    picks = {}
+    for score in ("dot", "cosine", "l2"):
+        with torch.no_grad():
+            out = _controlled(score, normalize=False)(*_controlled_batch())
+        torch.testing.assert_close(
+            out.prototypes[0, 1], torch.tensor([0.8, 0.4]), atol=1e-4, rtol=0
+        )
+        assert out.selected is not None
+        picks[score] = int(out.selected[0, 1, 0])
+        pacam = out.pacam
+        assert float(pacam.min()) >= 0 and float(pacam.max()) <= 1
+        torch.testing.assert_close(out.context_prototypes[0, 1].norm(), torch.tensor(1.0))
+    # dot: a 0.8*0.5 + 0.4*0.25 = 0.5 < b 0.76; cosine: a 1.0 > b 0.894;
+    # l2: |p - a| = 0.335 < |p - b| = 0.427.
+    assert picks == {"dot": 1, "cosine": 0, "l2": 0}
+    # With unit prototypes (and a unit bank) dot and cosine cannot disagree.
+    unit = {}
+    for score in ("dot", "cosine"):
+        m = _controlled(score, normalize=True)
+        assert m.bank is not None
+        m.bank.queue.copy_(F.normalize(m.bank.queue, dim=-1))
+        m.refresh_context()
+        with torch.no_grad():
+            out = m(*_controlled_batch())
+        assert out.selected is not None
+        unit[score] = int(out.selected[0, 1, 0])
+    assert unit["dot"] == unit["cosine"]
+
+
+def test_raw_prototypes_train_and_fill_the_bank_with_their_norms() -> None:
+    torch.manual_seed(0)
+    m = CPALModule(
+        CH, C, "cpal",
+        PrototypeConfig(dim=6, normalize=False),
+        BankConfig(size=8, clusters=3, recluster_every=2, kmeans_iters=3),
+        AwarenessConfig(top_k=2, temperature=0.5), AlignmentConfig(loss_weight=0.1),
+    ).train()
+    for s in range(4):
+        out = m(*batch(s))
+    assert m.bank is not None
+    rows = out.prototypes[out.valid].detach()
+    norms = m.bank.entries(1).norm(dim=1)
+    assert bool(torch.all(norms <= 1 + 1e-5)) and bool(torch.any(norms < 0.999))
+    torch.testing.assert_close(m.bank.entries(1)[-2:], rows[[1, 4]])  # images 0, 1
+    feats, cam, labels = batch(5, requires_grad=True)
+    out = m(feats, cam, labels)
+    assert out.selected is not None and bool(torch.any(out.selected >= 0))
+    (out.losses["self"] + out.losses["fda"]).backward()
+    assert cam.grad is not None and bool(torch.isfinite(cam.grad).all())
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    pacam = out.pacam.detach()
+    assert float(pacam.min()) >= 0 and float(pacam.max()) <= 1

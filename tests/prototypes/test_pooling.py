@@ -87,3 +87,19 @@ def test_sipe_seeds_hand_case() -> None:
     )
     assert w[0, 1].flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
     assert torch.all(w[0, 2] == 0)
+
+
+def test_raw_prototype_norm_measures_region_consistency() -> None:
+    # Unit embeddings on a 1x3 grid: (1,0), (0,1), (1,0). Class 1's CAM covers pixels 0, 1
+    # (two orthogonal embeddings), the background pixel 2 alone.
+    z = torch.tensor([[[1.0, 0.0, 1.0]], [[0.0, 1.0, 0.0]]])[None]  # (1, 2, 1, 3)
+    cam = cam_with_background(torch.tensor([[[[0.9, 0.8, 0.1]]]]), torch.tensor([[1.0]]))
+    kw = {"tau": 0.5, "tau_bg": 0.5, "region": "threshold"}
+    raw, valid = instance_prototypes(z, cam, torch.tensor([[1.0]]), normalize=False, **kw)
+    assert valid.tolist() == [[True, True]]
+    close = {"atol": 1e-4, "rtol": 0}
+    torch.testing.assert_close(raw[0, 1], torch.tensor([0.5, 0.5]), **close)
+    torch.testing.assert_close(raw[0, 1].norm(), torch.tensor(0.5**0.5), **close)  # 0.7071
+    torch.testing.assert_close(raw[0, 0], torch.tensor([1.0, 0.0]), **close)  # consistent: 1
+    unit, _ = instance_prototypes(z, cam, torch.tensor([[1.0]]), **kw)
+    torch.testing.assert_close(unit[0, 1], torch.tensor([0.5**0.5, 0.5**0.5]), **close)

@@ -17,8 +17,10 @@ def positiveness(p: Tensor, context: Tensor, score: Score) -> Tensor:
     p (..., D); context (k, D), or (..., k, D) broadcastable against p's leading dims
     (e.g. p (B, K, D) with a per-channel context (K, k, D)). Returns (..., k).
     dot = p.c (the paper's best), cosine = normalised dot, l2 = -||p - c||. Note: with unit
-    p and unit context (our bank) dot == cosine, and l2 = -sqrt(2 - 2 cos) ranks the same,
-    so the scores differ only in the softmax weights they produce.
+    p and unit context (the bank under `prototype.normalize: true`) dot == cosine, and
+    l2 = -sqrt(2 - 2 cos) ranks the same, so only l2's softmax weights differ. With raw
+    prototypes (normalize false) the norms, i.e. how consistent a region or cluster is,
+    enter dot and l2 and the three scores rank differently.
     """
     if score == "cosine":
         p = F.normalize(p, dim=-1, eps=1e-8)

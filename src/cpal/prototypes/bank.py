@@ -21,6 +21,8 @@ class SupportBank(nn.Module):
     ctx (K, kmax, D), ctx_count (K, kmax) (members = density), ctx_valid (K, kmax).
     kmax is `clusters` (or `size` when clusters == 0, raw entries); loading a checkpoint
     whose kmax differs resizes the context buffers to the checkpoint's.
+    normalize=False (`prototype.normalize`) holds raw prototypes: context means and
+    centroids are then raw member means, not projected onto the unit sphere.
     """
 
     queue: Tensor
@@ -30,11 +32,19 @@ class SupportBank(nn.Module):
     ctx_count: Tensor
     ctx_valid: Tensor
 
-    def __init__(self, num_channels: int, size: int, dim: int, clusters: int | None = None) -> None:
+    def __init__(
+        self,
+        num_channels: int,
+        size: int,
+        dim: int,
+        clusters: int | None = None,
+        normalize: bool = True,
+    ) -> None:
         super().__init__()
         if size < 1 or num_channels < 1 or dim < 1:
             raise ValueError("SupportBank needs num_channels, size and dim >= 1")
         self.num_channels, self.size, self.dim = num_channels, size, dim
+        self.normalize = normalize
         kmax = size if not clusters else min(clusters, size)
         self.register_buffer("queue", torch.zeros(num_channels, size, dim))
         self.register_buffer("ptr", torch.zeros(num_channels, dtype=torch.long))
@@ -112,13 +122,17 @@ class SupportBank(nn.Module):
         return torch.cat([self.queue[channel, p:], self.queue[channel, :p]])
 
     def mean_contexts(self) -> tuple[Tensor, Tensor]:
-        """(K, D) normalised queue means and (K,) counts (the cpal-mean context)."""
+        """(K, D) queue means (normalised unless normalize=False) and (K,) counts (the
+        cpal-mean context)."""
         n = self.counts()
         # Unused slots are zero (never written), so a plain sum is the sum of the entries.
-        return F.normalize(self.queue.sum(1), dim=1, eps=1e-12), n
+        total = self.queue.sum(1)
+        if not self.normalize:
+            return total / n.clamp_min(1)[:, None].to(total.dtype), n
+        return F.normalize(total, dim=1, eps=1e-12), n
 
     def mean_context(self, channel: int) -> Tensor:
-        """(D,) normalised mean of one channel's queue."""
+        """(D,) mean of one channel's queue (as mean_contexts)."""
         return self.mean_contexts()[0][channel]
 
     # -- context -------------------------------------------------------------------------
@@ -127,15 +141,18 @@ class SupportBank(nn.Module):
     def recluster(
         self, clusters: int, iters: int, generator: torch.Generator | None = None
     ) -> None:
-        """Recompute every channel's context: spherical k-means centroids (+ member counts),
-        or with clusters == 0 the raw entries themselves (count 1 each)."""
+        """Recompute every channel's context: spherical k-means centroids (+ member counts;
+        raw member means when normalize=False), or with clusters == 0 the entries
+        themselves (count 1 each)."""
         q, mask = self.ordered_queue()
         if clusters <= 0:
             kmax = self.size
             cent, cnt, valid = q, mask.to(q.dtype), mask
         else:
             kmax = min(clusters, self.size)
-            cent, cnt, valid = spherical_kmeans_batched(q, mask, kmax, iters, generator)
+            cent, cnt, valid = spherical_kmeans_batched(
+                q, mask, kmax, iters, generator, normalize=self.normalize
+            )
         if self.ctx.shape[1] != kmax:
             self.ctx = q.new_zeros(self.num_channels, kmax, self.dim)
             self.ctx_count = q.new_zeros(self.num_channels, kmax)
@@ -149,7 +166,8 @@ class SupportBank(nn.Module):
         self.ctx_valid[:, :k] = valid
 
     def context(self, channel: int) -> tuple[Tensor, Tensor]:
-        """(k, D) context prototypes (unit norm) and (k,) member counts (density)."""
+        """(k, D) context prototypes (unit norm unless normalize=False) and (k,) member
+        counts (density)."""
         v = self.ctx_valid[channel]
         return self.ctx[channel][v], self.ctx_count[channel][v]
 

@@ -35,6 +35,7 @@ def spherical_kmeans_batched(
     k: int,
     iters: int,
     generator: torch.Generator | None = None,
+    normalize: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """k-means on the unit sphere for G groups at once.
 
@@ -42,7 +43,16 @@ def spherical_kmeans_batched(
     (G, k, D), member counts (G, k) and a valid mask (G, k) (k' = min(k, n_g) per group).
     k-means++ initialisation on the cosine distance, cosine assignment, centroid =
     normalised member mean, empty clusters re-seeded at the worst-fitting points.
+
+    normalize=False (raw prototypes, `prototype.normalize`): rows may have any norm; the
+    clustering itself runs on their directions as above (clusters are attributes, not
+    magnitudes), and each returned centroid is the raw mean of its members' rows, so its
+    norm keeps the members' consistency. A cluster left without members then has no mean
+    and is returned invalid (zero centroid, count 0).
     """
+    raw = x
+    if not normalize:
+        x = F.normalize(x, dim=2, eps=1e-12)
     g, n, d = x.shape
     device, dtype = x.device, x.dtype
     k = max(1, min(k, n))
@@ -87,19 +97,29 @@ def spherical_kmeans_batched(
 
     sim = torch.bmm(cent, xt).masked_fill(~cvalid[:, :, None], neg)
     assign = sim.argmax(dim=1)
-    counts = (torch.zeros_like(sim).scatter_(1, assign[:, None], 1.0) * maskf[:, None]).sum(2)
+    onehot = torch.zeros_like(sim).scatter_(1, assign[:, None], 1.0) * maskf[:, None]
+    counts = onehot.sum(2)
+    if not normalize:
+        cvalid = cvalid & (counts > 0)
+        cent = torch.bmm(onehot, raw) / counts.clamp_min(1.0)[:, :, None]
     cent = cent * cvalid[:, :, None].to(dtype)
     return cent, counts * cvalid.to(dtype), cvalid
 
 
 def spherical_kmeans(
-    x: Tensor, k: int, iters: int, generator: torch.Generator | None = None
+    x: Tensor,
+    k: int,
+    iters: int,
+    generator: torch.Generator | None = None,
+    normalize: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """x (n, D) unit rows -> centroids (k', D) and member counts (k',), k' = min(k, n)."""
+    """x (n, D) rows -> centroids (k', D) and member counts (k',) of the valid clusters
+    (k' = min(k, n), fewer when normalize=False leaves a cluster empty)."""
     n = x.shape[0]
     if n == 0:
         return x.new_zeros(0, x.shape[1]), x.new_zeros(0)
     mask = torch.ones(1, n, dtype=torch.bool, device=x.device)
-    cent, counts, valid = spherical_kmeans_batched(x[None], mask, k, iters, generator)
-    kk = int(valid[0].sum())
-    return cent[0, :kk], counts[0, :kk]
+    cent, counts, valid = spherical_kmeans_batched(
+        x[None], mask, k, iters, generator, normalize=normalize
+    )
+    return cent[0][valid[0]], counts[0][valid[0]]

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpal.config import (
@@ -29,7 +28,7 @@ from cpal.prototypes.pacam import prototype_cam, self_supervision_loss, shifted_
 from cpal.prototypes.pooling import (
     cam_with_background,
     channel_valid,
-    masked_average,
+    region_prototypes,
     region_weights,
     sipe_seeds,
 )
@@ -42,7 +41,7 @@ class CPALOutput:
     pacam: Tensor  # (B, C+1, h, w) in [0, 1], bg channel 0, absent classes 0
     cam_norm: Tensor  # (B, C+1, h, w) normalised CAM with background channel
     losses: dict[str, Tensor]  # "self" (+ "fda"), unweighted
-    prototypes: Tensor  # (B, C+1, D) instance prototypes p
+    prototypes: Tensor  # (B, C+1, D) instance prototypes p (raw if not prototype.normalize)
     context_prototypes: Tensor  # (B, C+1, D) p* actually used
     valid: Tensor  # (B, C+1) bool
     selected: Tensor | None  # (B, C+1, k) context indices, -1 where none
@@ -82,6 +81,7 @@ class CPALModule(nn.Module):
                 bank.size,
                 prototype.dim,
                 clusters=bank.clusters if self.uses_selection else 1,
+                normalize=prototype.normalize,
             )
         # Counts training forwards: drives reclustering and is restored with the bank.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -111,8 +111,7 @@ class CPALModule(nn.Module):
             region=self.pcfg.region,
             seeds=seeds,
         )
-        p = F.normalize(masked_average(z, weights), dim=-1, eps=1e-5)
-        p = p * valid[..., None].to(p.dtype)
+        p = region_prototypes(z, weights, valid, self.pcfg.normalize)
 
         p_star, delta, selected = p, None, None
         if self.bank is not None:

@@ -46,6 +46,21 @@ def masked_average(z: Tensor, weights: Tensor, eps: float = 1e-5) -> Tensor:
     return num / (w.sum(dim=2, keepdim=True) + eps)
 
 
+def region_prototypes(
+    z: Tensor, weights: Tensor, valid: Tensor, normalize: bool = True
+) -> Tensor:
+    """(B, K, D) prototypes from pooling weights; invalid channels are zero vectors.
+
+    normalize=True: unit vectors (direction only). False: the raw masked mean of the unit
+    embeddings z, whose norm is <= 1 and falls as the region's embeddings disagree, so a
+    dot product with it carries how consistent the region is (`prototype.normalize`).
+    """
+    p = masked_average(z, weights)
+    if normalize:
+        p = F.normalize(p, dim=-1, eps=1e-5)
+    return p * valid[..., None].to(p.dtype)
+
+
 def region_weights(
     cam_norm: Tensor,
     labels: Tensor,
@@ -87,18 +102,19 @@ def instance_prototypes(
     tau_bg: float,
     region: Region,
     seeds: Tensor | None = None,
+    normalize: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Masked averages of z over each class region -> ((B, C+1, D) unit norm, (B, C+1) valid).
+    """Masked averages of z over each class region -> ((B, C+1, D), (B, C+1) valid).
 
-    Regions come from the detached CAM (a region is a selection, not a differentiable
-    quantity); gradients reach z. Invalid (absent-class) prototypes are zero vectors.
+    Unit norm unless normalize=False (see region_prototypes). Regions come from the detached
+    CAM (a region is a selection, not a differentiable quantity); gradients reach z.
+    Invalid (absent-class) prototypes are zero vectors.
     """
     weights = region_weights(
         cam_norm, labels, tau=tau, tau_bg=tau_bg, region=region, seeds=seeds
     )
     valid = channel_valid(labels)
-    protos = F.normalize(masked_average(z, weights), dim=-1, eps=1e-5)
-    return protos * valid[..., None].to(protos.dtype), valid
+    return region_prototypes(z, weights, valid, normalize), valid
 
 
 def sipe_seeds(
