@@ -36,7 +36,14 @@ from cpal.evaluation.metrics import (
 )
 from cpal.evaluation.protocol import Protocol, results_table
 from cpal.io import IGNORE_INDEX, load_maps, read_json, save_label_png, write_json_atomic
-from cpal.viz.figures import OverlayRow, overlay_grid, per_class_iou_chart, sweep_curve
+from cpal.models.cam_net import CAMNet
+from cpal.viz.figures import (
+    ContextPanel,
+    OverlayRow,
+    overlay_grid,
+    per_class_iou_chart,
+    sweep_curve,
+)
 
 STAGES = ("train", "infer", "evaluate", "labels", "figures")
 _LABELS_META = "_labels.json"
@@ -328,10 +335,13 @@ def _comparison_figure(
     config: Config, layout: VOCLayout, rows: list[OverlayRow], target: Path
 ) -> None:
     """Image | GT | CAM | PACAM | pseudo label, recomputed for the figure's few images from
-    the final checkpoint (the run stores only one kind of map)."""
+    the final checkpoint (the run stores only one kind of map); for methods that select
+    context (cpal-topk, cpal) also the training images behind the selected context."""
     device = resolve_device(config.device)
     _, ckpt = load_final_checkpoint(config)
     model = load_trained_model(ckpt, config, layout.num_foreground, device)
+    selects = model.cpal is not None and model.cpal.uses_selection
+    train_ids = layout.split_ids(config.data.train_split) if selects else []
     compared = []
     for row in rows:
         image = normalize(layout.load_image(row.image_id))[None].to(device)
@@ -344,9 +354,36 @@ def _comparison_figure(
             chosen = maps[kind][0, present]
             return (chosen.amax(dim=0) if len(present) else chosen.sum(dim=0)).cpu().numpy()
 
+        context = None
+        if selects and len(present):
+            context = _context_panel(model, layout, train_ids, image, labels, row, present)
         compared.append(dataclasses.replace(row, heat=heat("cam"),
-                                            more_heats={"PACAM": heat("pacam")}))
+                                            more_heats={"PACAM": heat("pacam")},
+                                            context=context))
     overlay_grid(compared, target, layout.class_names, heat_title="CAM")
+
+
+@torch.inference_mode()
+def _context_panel(
+    model: CAMNet, layout: VOCLayout, train_ids: Sequence[str], image: torch.Tensor,
+    labels: torch.Tensor, row: OverlayRow, present: torch.Tensor,
+) -> ContextPanel:
+    """For the image's main class (largest pseudo-label area among its present classes):
+    each selected context prototype's weight and the training image of its nearest bank
+    entry. One forward pass at scale 1 against the frozen bank, plus the few thumbnails."""
+    assert model.cpal is not None
+    areas = [int((row.pseudo == int(c) + 1).sum()) for c in present]
+    channel = int(present[int(np.argmax(areas))]) + 1
+    out = model(image, labels).cpal
+    assert out is not None
+    thumbnails: list[tuple[str, np.ndarray | None]] = []
+    for weight, source in model.cpal.context_sources(out, 0, channel):
+        if 0 <= source < len(train_ids):
+            image_id = train_ids[source]
+            thumbnails.append((f"w {weight:.2f}\n{image_id}", layout.load_image(image_id)))
+        else:  # entries enqueued without sample ids (or from another dataset)
+            thumbnails.append((f"w {weight:.2f}\nsource unknown", None))
+    return ContextPanel(label=layout.class_names[channel], thumbnails=thumbnails)
 
 
 def _fractions(percents: Iterable[float | None]) -> list[float | None]:

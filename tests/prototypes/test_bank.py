@@ -80,3 +80,42 @@ def test_raw_bank_means_and_centroids_keep_norms() -> None:
     ctx, counts = bank.context(1)
     torch.testing.assert_close(ctx, mean[None])  # one cluster: the raw mean of all members
     assert counts.tolist() == [3.0]
+
+
+def test_sources_follow_their_entries_through_the_fifo() -> None:
+    bank = SupportBank(2, size=3, dim=4)
+    x = _rows(5)
+    bank.enqueue(x[:2], torch.tensor([1, 0]), torch.tensor([10, 11]))
+    bank.enqueue(x[2:], torch.tensor([1, 1, 1]), torch.tensor([12, 13, 14]))  # wraps ch 1
+    assert bank.entries(1)[:, 0].tolist() == [2.0, 3.0, 4.0]
+    assert bank.entry_sources(1).tolist() == [12, 13, 14]
+    assert bank.entry_sources(0).tolist() == [11]
+    bank.enqueue(_rows(1, start=7), torch.tensor([1]))  # no ids given: unknown
+    assert bank.entries(1)[:, 0].tolist() == [3.0, 4.0, 7.0]
+    assert bank.entry_sources(1).tolist() == [13, 14, -1]
+
+
+def test_nearest_sources_hand_case() -> None:
+    bank = SupportBank(2, size=4, dim=2)
+    rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    bank.enqueue(rows, torch.tensor([1, 1, 1]), torch.tensor([5, 6, 7]))
+    targets = torch.tensor([[0.9, 0.1], [0.1, 0.9]])
+    # cos to (1,0), (0,1), (0.6,0.8): first 0.99, 0.11, 0.68; second 0.11, 0.99, 0.86
+    assert bank.nearest_sources(1, targets, 2).tolist() == [[5, 7], [6, 7]]
+    assert bank.nearest_sources(1, targets[:1], 5).tolist() == [[5, 7, 6, -1, -1]]
+    assert bank.nearest_sources(0, targets, 1).tolist() == [[-1], [-1]]  # empty channel
+
+
+def test_sources_round_trip_and_old_checkpoints_load_as_unknown(tmp_path) -> None:
+    bank = _filled_bank()
+    bank.enqueue(_rows(3, dim=8), torch.tensor([0, 2, 2]), torch.tensor([40, 41, 42]))
+    path = tmp_path / "bank.safetensors"
+    save_file(bank.state_dict(), str(path))
+    loaded = SupportBank(3, size=16, dim=8, clusters=4)
+    loaded.load_state_dict(load_file(str(path)))
+    assert torch.equal(loaded.sources, bank.sources)
+    assert loaded.entry_sources(2).tolist()[-2:] == [41, 42]
+    old = {k: v for k, v in bank.state_dict().items() if k != "sources"}
+    legacy = SupportBank(3, size=16, dim=8, clusters=4)
+    legacy.load_state_dict(old)  # strict: accepted, provenance unknown
+    assert torch.equal(legacy.queue, bank.queue) and bool(torch.all(legacy.sources == -1))

@@ -210,3 +210,31 @@ def test_raw_prototypes_train_and_fill_the_bank_with_their_norms() -> None:
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
     pacam = out.pacam.detach()
     assert float(pacam.min()) >= 0 and float(pacam.max()) <= 1
+
+
+def test_sample_ids_become_bank_provenance_and_name_the_selected_context() -> None:
+    m = make("cpal").train()
+    for s in range(3):
+        m(*batch(s), sample_ids=torch.tensor([10 * s, 10 * s + 1]))
+    assert m.bank is not None
+    # class 1 (channel 2) is present in both images of every batch; class 3 only in image 0
+    assert m.bank.entry_sources(1).tolist() == [0, 1, 10, 11, 20, 21]
+    assert m.bank.entry_sources(3).tolist() == [0, 10, 20]
+    m(*batch(3))  # no ids: unknown
+    assert m.bank.entry_sources(1).tolist()[-2:] == [-1, -1]
+    m.eval()
+    with torch.no_grad():
+        out = m(*batch(4))
+    assert out.selection_weights is not None and out.selected is not None
+    pairs = m.context_sources(out, 0, 1)
+    assert len(pairs) == int((out.selected[0, 1] >= 0).sum()) > 0
+    assert abs(sum(w for w, _ in pairs) - 1.0) < 1e-5
+    assert [w for w, _ in pairs] == sorted((w for w, _ in pairs), reverse=True)
+    held = set(m.bank.entry_sources(1).tolist())
+    assert all(src in held for _, src in pairs)
+    # nearest entry, by hand: the held entry of highest cosine to each selected centroid
+    table = m.bank.context_table()[0][1][out.selected[0, 1]]
+    cos = F.normalize(table, dim=1) @ F.normalize(m.bank.entries(1), dim=1).T
+    expected = m.bank.entry_sources(1)[cos.argmax(dim=1)].tolist()
+    assert [src for _, src in pairs] == expected
+    assert make("sipe").context_sources(make("sipe")(*batch(0)), 0, 1) == []

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpal.viz.figures import OverlayRow, overlay_grid, per_class_iou_chart, sweep_curve
+from cpal.viz.figures import (
+    ContextPanel,
+    OverlayRow,
+    overlay_grid,
+    per_class_iou_chart,
+    sweep_curve,
+)
 
 CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird"]
 
@@ -50,6 +56,28 @@ def test_overlay_grid_writes_png(tmp_path: Path) -> None:
     one_row = tmp_path / "one" / "overlay.png"
     overlay_grid([_row(rng, "2007_000032", True)], one_row, CLASS_NAMES)
     assert height > _assert_png(one_row, 600, 150)[1]  # rows add height
+
+
+def test_overlay_grid_context_column(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    plain = tmp_path / "plain" / "overlay.png"
+    overlay_grid([_row(rng, "a", True)], plain, CLASS_NAMES)
+    width, _ = _assert_png(plain, 600, 150)
+    row = _row(rng, "a", True)
+    row.context = ContextPanel("bird", [
+        ("w 0.61\n2007_000033", rng.integers(0, 256, (50, 80, 3), dtype=np.uint8)),
+        ("w 0.39\nsource unknown", None),
+        ("w 0.00\ntall", rng.integers(0, 256, (90, 20, 3), dtype=np.uint8)),
+    ])
+    other = _row(rng, "b", False)  # a row without context gets an empty panel
+    path = tmp_path / "ctx" / "overlay.png"
+    overlay_grid([row, other], path, CLASS_NAMES)
+    ctx_width, _ = _assert_png(path, 600, 300)
+    # one more 3-inch column at 100 dpi
+    assert ctx_width == width + 300
+    row.context.thumbnails.append(("bad", np.zeros((4, 4))))
+    with pytest.raises(ValueError, match="a: context thumbnail 'bad'"):
+        overlay_grid([row], tmp_path / "bad.png", CLASS_NAMES)
 
 
 def test_overlay_grid_rejects_mismatched_shapes(tmp_path: Path) -> None:

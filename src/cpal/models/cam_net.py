@@ -47,12 +47,15 @@ class CAMNet(nn.Module):
     def output_stride(self) -> int:
         return self.backbone.output_stride
 
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> CAMOutput:
+    def forward(
+        self, x: Tensor, labels: Tensor | None = None, sample_ids: Tensor | None = None
+    ) -> CAMOutput:
+        """sample_ids: dataset indices of the batch, the bank's provenance (CPAL training)."""
         features = self.backbone(x)
         cam = self.classifier(features[-1])
         out = CAMOutput(logits=cam.mean(dim=(2, 3)), cam=cam, features=features)
         if self.cpal is not None and labels is not None:
-            out.cpal = self.cpal(features, cam, labels)
+            out.cpal = self.cpal(features, cam, labels, sample_ids)
         return out
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -17,8 +17,10 @@ class SupportBank(nn.Module):
 
     Everything is a buffer, so the bank and its context clusters are saved in state_dict /
     checkpoints and inference uses exactly the context the model was trained against.
-    Buffers: queue (K, size, D), ptr (K,), count (K,) (total ever enqueued), and the context
-    ctx (K, kmax, D), ctx_count (K, kmax) (members = density), ctx_valid (K, kmax).
+    Buffers: queue (K, size, D), ptr (K,), count (K,) (total ever enqueued), sources
+    (K, size) (the dataset sample index each entry came from, -1 unknown: provenance for
+    figures), and the context ctx (K, kmax, D), ctx_count (K, kmax) (members = density),
+    ctx_valid (K, kmax).
     kmax is `clusters` (or `size` when clusters == 0, raw entries); loading a checkpoint
     whose kmax differs resizes the context buffers to the checkpoint's.
     normalize=False (`prototype.normalize`) holds raw prototypes: context means and
@@ -26,6 +28,7 @@ class SupportBank(nn.Module):
     """
 
     queue: Tensor
+    sources: Tensor
     ptr: Tensor
     count: Tensor
     ctx: Tensor
@@ -47,6 +50,7 @@ class SupportBank(nn.Module):
         self.normalize = normalize
         kmax = size if not clusters else min(clusters, size)
         self.register_buffer("queue", torch.zeros(num_channels, size, dim))
+        self.register_buffer("sources", torch.full((num_channels, size), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros(num_channels, dtype=torch.long))
         self.register_buffer("count", torch.zeros(num_channels, dtype=torch.long))
         self.register_buffer("ctx", torch.zeros(num_channels, kmax, dim))
@@ -56,8 +60,13 @@ class SupportBank(nn.Module):
     # -- queue ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def enqueue(self, prototypes: Tensor, channels: Tensor) -> None:
-        """Append rows (N, D) to their channels' queues in row order; the oldest are overwritten."""
+    def enqueue(
+        self, prototypes: Tensor, channels: Tensor, sources: Tensor | None = None
+    ) -> None:
+        """Append rows (N, D) to their channels' queues in row order; the oldest are overwritten.
+
+        sources (N,): the dataset sample index of each row (None: unknown, stored as -1).
+        """
         if prototypes.shape[0] == 0:
             return
         x = prototypes.detach().to(self.queue.dtype)
@@ -69,18 +78,25 @@ class SupportBank(nn.Module):
         keep = rank >= (added[ch] - self.size)
         slot = (self.ptr[ch] + rank) % self.size
         self.queue[ch[keep], slot[keep]] = x[keep]
+        if sources is None:
+            sources = torch.full_like(ch, -1)
+        self.sources[ch[keep], slot[keep]] = sources.to(ch.device).long()[keep]
         self.ptr.copy_((self.ptr + added) % self.size)
         self.count.add_(added)
 
     @torch.no_grad()
-    def enqueue_synced(self, prototypes: Tensor, channels: Tensor) -> None:
+    def enqueue_synced(
+        self, prototypes: Tensor, channels: Tensor, sources: Tensor | None = None
+    ) -> None:
         """Enqueue the rows of all ranks, in rank order, on every rank (banks stay identical)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            self.enqueue(prototypes, channels)
+            self.enqueue(prototypes, channels, sources)
             return
         world = dist.get_world_size()
         x = prototypes.detach().to(self.queue.dtype).contiguous()
         ch = channels.to(x.device).long()
+        # Always gathered (-1 when unknown) so every rank runs the same collectives.
+        src = torch.full_like(ch, -1) if sources is None else sources.to(x.device).long()
         n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
         sizes = [torch.zeros_like(n) for _ in range(world)]
         dist.all_gather(sizes, n)
@@ -91,35 +107,61 @@ class SupportBank(nn.Module):
         pad = top - x.shape[0]
         xp = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x
         cp = torch.cat([ch, ch.new_zeros(pad)]) if pad else ch
+        sp = torch.cat([src, src.new_full((pad,), -1)]) if pad else src
         xs = [torch.empty_like(xp) for _ in range(world)]
         cs = [torch.empty_like(cp) for _ in range(world)]
+        ss = [torch.empty_like(sp) for _ in range(world)]
         dist.all_gather(xs, xp)
         dist.all_gather(cs, cp)
+        dist.all_gather(ss, sp)
         self.enqueue(
             torch.cat([t[:c] for t, c in zip(xs, counts, strict=True)]),
             torch.cat([t[:c] for t, c in zip(cs, counts, strict=True)]),
+            torch.cat([t[:c] for t, c in zip(ss, counts, strict=True)]),
         )
 
     def counts(self) -> Tensor:
         """(K,) number of entries held per channel: min(enqueued, size)."""
         return self.count.clamp_max(self.size)
 
-    def ordered_queue(self) -> tuple[Tensor, Tensor]:
-        """All queues oldest first (K, size, D) and which slots hold entries (K, size)."""
+    def _order(self) -> Tensor:
+        """(K, size) slot of each queue position, oldest first."""
         ar = torch.arange(self.size, device=self.queue.device)
         full = self.count >= self.size
         start = torch.where(full, self.ptr, torch.zeros_like(self.ptr))
-        idx = (start[:, None] + ar[None, :]) % self.size
+        return (start[:, None] + ar[None, :]) % self.size
+
+    def ordered_queue(self) -> tuple[Tensor, Tensor]:
+        """All queues oldest first (K, size, D) and which slots hold entries (K, size)."""
+        idx = self._order()
         q = self.queue.gather(1, idx[:, :, None].expand(-1, -1, self.dim))
+        ar = torch.arange(self.size, device=self.queue.device)
         return q, ar[None, :] < self.counts()[:, None]
 
     def entries(self, channel: int) -> Tensor:
         """(n, D) entries of one channel, oldest first."""
         n = int(self.counts()[channel])
-        if n < self.size:
-            return self.queue[channel, :n].clone()
-        p = int(self.ptr[channel])
-        return torch.cat([self.queue[channel, p:], self.queue[channel, :p]])
+        return self.queue[channel, self._order()[channel, :n]]
+
+    def entry_sources(self, channel: int) -> Tensor:
+        """(n,) sample index of each entry of one channel (-1 unknown), aligned with entries()."""
+        n = int(self.counts()[channel])
+        return self.sources[channel, self._order()[channel, :n]]
+
+    @torch.no_grad()
+    def nearest_sources(self, channel: int, targets: Tensor, n: int = 1) -> Tensor:
+        """(m, n) sample indices of the n entries of `channel` nearest (cosine) to each target
+        row (m, D), nearest first; -1 where unknown or where the queue holds fewer than n."""
+        held = self.entries(channel)
+        out = torch.full((targets.shape[0], n), -1, dtype=torch.long, device=held.device)
+        if held.shape[0] == 0 or targets.shape[0] == 0:
+            return out
+        sim = F.normalize(targets.to(held.dtype), dim=1, eps=1e-12) @ F.normalize(
+            held, dim=1, eps=1e-12
+        ).T
+        idx = sim.topk(min(n, held.shape[0]), dim=1).indices
+        out[:, : idx.shape[1]] = self.entry_sources(channel)[idx]
+        return out
 
     def mean_contexts(self) -> tuple[Tensor, Tensor]:
         """(K, D) queue means (normalised unless normalize=False) and (K,) counts (the
@@ -178,6 +220,9 @@ class SupportBank(nn.Module):
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
+        # Checkpoints from before provenance was recorded load with every source unknown.
+        if prefix + "queue" in state_dict and prefix + "sources" not in state_dict:
+            state_dict[prefix + "sources"] = torch.full_like(self.sources, -1)
         # The checkpoint's context is authoritative: adopt its kmax before copying.
         ctx = state_dict.get(prefix + "ctx")
         if ctx is not None and ctx.shape != self.ctx.shape and ctx.dim() == 3:

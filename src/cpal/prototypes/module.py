@@ -45,6 +45,7 @@ class CPALOutput:
     context_prototypes: Tensor  # (B, C+1, D) p* actually used
     valid: Tensor  # (B, C+1) bool
     selected: Tensor | None  # (B, C+1, k) context indices, -1 where none
+    selection_weights: Tensor | None = None  # (B, C+1, k) w_j of `selected`, 0 where none
 
 
 class CPALModule(nn.Module):
@@ -88,7 +89,15 @@ class CPALModule(nn.Module):
 
     # ------------------------------------------------------------------------------------
 
-    def forward(self, features: Sequence[Tensor], cam: Tensor, labels: Tensor) -> CPALOutput:
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        cam: Tensor,
+        labels: Tensor,
+        sample_ids: Tensor | None = None,
+    ) -> CPALOutput:
+        """sample_ids (B,): dataset indices of the images, recorded as the provenance of
+        the prototypes they add to the bank (training only; None: unknown)."""
         features = list(features)
         labels = labels.to(cam.dtype)
         cam_norm = cam_with_background(cam, labels)
@@ -113,9 +122,9 @@ class CPALModule(nn.Module):
         )
         p = region_prototypes(z, weights, valid, self.pcfg.normalize)
 
-        p_star, delta, selected = p, None, None
+        p_star, delta, selected, sel_w = p, None, None, None
         if self.bank is not None:
-            p_star, ctx, active, selected = self._context(p, valid)
+            p_star, ctx, active, selected, sel_w = self._context(p, valid)
             if self.uses_alignment:
                 delta = alignment_shift(p, ctx) * active[..., None].to(p.dtype)
 
@@ -133,7 +142,7 @@ class CPALModule(nn.Module):
             losses["fda"] = compactness_loss(z, weights, p_star)
 
         if self.training and self.bank is not None:
-            self._update_bank(p.detach(), valid)
+            self._update_bank(p.detach(), valid, sample_ids)
 
         return CPALOutput(
             pacam=pacam,
@@ -143,14 +152,15 @@ class CPALModule(nn.Module):
             context_prototypes=p_star,
             valid=valid,
             selected=selected,
+            selection_weights=sel_w,
         )
 
     # ------------------------------------------------------------------------------------
 
     def _context(
         self, p: Tensor, valid: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """(p*, ctx, active (B, K), selected) against the bank's current context.
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(p*, ctx, active (B, K), selected, weights) against the bank's current context.
 
         A channel is active (p* != p) once its queue holds >= top_k entries and it has a
         context; before that the method is SIPE's image-specific prototype (warm-up).
@@ -167,7 +177,7 @@ class CPALModule(nn.Module):
                 p, ctx.unsqueeze(2), p.new_ones(b, k, 1), a.alpha
             )
             active = ready[None] & valid
-            return torch.where(active[..., None], p_mix, p), ctx, active, None
+            return torch.where(active[..., None], p_mix, p), ctx, active, None, None
 
         table, _, cvalid = self.bank.context_table()
         table = table.to(p.dtype)
@@ -187,15 +197,17 @@ class CPALModule(nn.Module):
         p_star = torch.where(active[..., None], p_mix, p)
         ctx = torch.where(active[..., None], ctx, p)
         selected = torch.where(sel_ok, idx, torch.full_like(idx, -1))
-        return p_star, ctx, active, selected
+        return p_star, ctx, active, selected, w
 
     @torch.no_grad()
-    def _update_bank(self, p: Tensor, valid: Tensor) -> None:
+    def _update_bank(self, p: Tensor, valid: Tensor, sample_ids: Tensor | None = None) -> None:
         """Enqueue this batch's present-class + background prototypes; recluster on schedule."""
         assert self.bank is not None
         b, k, _ = p.shape
         chans = torch.arange(k, device=p.device).expand(b, k)
-        self.bank.enqueue_synced(p[valid], chans[valid])
+        # Provenance: each row's image index (one per channel of that image).
+        src = None if sample_ids is None else sample_ids.to(p.device)[:, None].expand(b, k)
+        self.bank.enqueue_synced(p[valid], chans[valid], None if src is None else src[valid])
         self.step += 1
         if not self.uses_selection:
             return
@@ -209,6 +221,25 @@ class CPALModule(nn.Module):
             due = bool((ready & (clustered < self.acfg.top_k)).any())
         if due:
             self.refresh_context()
+
+    @torch.no_grad()
+    def context_sources(self, out: CPALOutput, image: int, channel: int) -> list[tuple[float, int]]:
+        """(w_j, sample index) per context prototype selected for (image, channel), best
+        first: the source of the bank entry nearest to that prototype (-1 unknown).
+
+        Empty without a selection (sipe, cpal-mean) or while the channel warms up. For
+        figures: reads the bank, never changes it.
+        """
+        if self.bank is None or out.selected is None or out.selection_weights is None:
+            return []
+        sel = out.selected[image, channel]
+        ok = sel >= 0
+        if not bool(ok.any()):
+            return []
+        targets = self.bank.context_table()[0][channel][sel[ok]]
+        sources = self.bank.nearest_sources(channel, targets, 1)[:, 0]
+        weights = out.selection_weights[image, channel][ok]
+        return [(float(w), int(i)) for w, i in zip(weights, sources, strict=True)]
 
     @torch.no_grad()
     def refresh_context(self) -> None:

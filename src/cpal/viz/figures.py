@@ -18,17 +18,33 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from PIL import Image
 
 from cpal.io import IGNORE_INDEX, atomic_path, voc_palette
 
-__all__ = ["OverlayRow", "overlay_grid", "per_class_iou_chart", "sweep_curve"]
+__all__ = ["ContextPanel", "OverlayRow", "overlay_grid", "per_class_iou_chart", "sweep_curve"]
 
 _DPI = 100
 _HEAT_ALPHA = 0.5
 _NO_GT_GREY = 200
+_THUMB = 64  # context thumbnail side (pixels of the mosaic)
+_THUMB_CAPTION = 24  # room under a thumbnail for its two-line caption
+_THUMB_GAP = 4
+
+
+@dataclass
+class ContextPanel:
+    """The training images behind the context prototypes selected for one class: which
+    attributes of the class the support bank offered this image."""
+
+    label: str  # drawn under the panel, e.g. the class name
+    thumbnails: list[tuple[str, np.ndarray | None]] = field(default_factory=list)
+    """(caption, (h, w, 3) image) per selected context prototype, best first; None when
+    the entry's source image is unknown."""
 
 
 @dataclass
@@ -42,6 +58,8 @@ class OverlayRow:
     pseudo: np.ndarray  # (H, W) uint8 class indices
     more_heats: dict[str, np.ndarray] = field(default_factory=dict)
     """Further heat maps drawn after `heat`, titled by their keys (e.g. {"PACAM": ...})."""
+    context: ContextPanel | None = None
+    """Drawn as a last column when any row of the grid has one."""
 
     def validate(self) -> None:
         """Raise ValueError naming the image and the array whose shape is wrong."""
@@ -56,6 +74,10 @@ class OverlayRow:
             shape = np.asarray(array).shape
             if shape != size:
                 raise ValueError(f"{self.image_id}: {name} shape {shape} != image size {size}")
+        for caption, thumb in self.context.thumbnails if self.context else ():
+            shape = None if thumb is None else np.asarray(thumb).shape
+            if shape is not None and (len(shape) != 3 or shape[2] != 3):
+                raise ValueError(f"{self.image_id}: context thumbnail {caption!r} shape {shape}")
 
 
 def _save(figure: Figure, path: Path) -> None:
@@ -91,14 +113,65 @@ def _class_name(class_names: Sequence[str], index: int) -> str:
     return class_names[index] if index < len(class_names) else f"class {index}"
 
 
+def _thumbnail(image: np.ndarray, side: int) -> np.ndarray:
+    """The image shrunk to fit side x side (aspect kept), centred on light grey."""
+    tile = np.full((side, side, 3), 235, dtype=np.uint8)
+    small = Image.fromarray(_as_uint8_image(image))
+    small.thumbnail((side, side), Image.Resampling.BILINEAR)
+    h, w = small.height, small.width
+    y, x = (side - h) // 2, (side - w) // 2
+    tile[y : y + h, x : x + w] = np.asarray(small.convert("RGB"))
+    return tile
+
+
+def _context_mosaic(
+    panel: ContextPanel,
+) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
+    """Thumbnails tiled in a near-square grid (white ground) and (x, y, text) captions."""
+    n = len(panel.thumbnails)
+    cols = max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    step_x, step_y = _THUMB + _THUMB_GAP, _THUMB + _THUMB_CAPTION + _THUMB_GAP
+    mosaic = np.full((rows * step_y + _THUMB_GAP, cols * step_x + _THUMB_GAP, 3), 255, np.uint8)
+    texts = []
+    for i, (caption, thumb) in enumerate(panel.thumbnails):
+        r, c = divmod(i, cols)
+        y, x = _THUMB_GAP + r * step_y, _THUMB_GAP + c * step_x
+        if thumb is None:
+            mosaic[y : y + _THUMB, x : x + _THUMB] = _NO_GT_GREY
+            texts.append((x + _THUMB / 2, y + _THUMB / 2, "?"))
+        else:
+            mosaic[y : y + _THUMB, x : x + _THUMB] = _thumbnail(thumb, _THUMB)
+        texts.append((x + _THUMB / 2, y + _THUMB + 2, caption))
+    return mosaic, texts
+
+
+def _draw_context(ax: Axes, panel: ContextPanel | None) -> None:
+    if panel is None or not panel.thumbnails:
+        ax.imshow(np.full((_THUMB, _THUMB, 3), 255, np.uint8))
+        note = "no context" if panel is None else "no selected context"
+        ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes, fontsize=8)
+    else:
+        mosaic, texts = _context_mosaic(panel)
+        ax.imshow(mosaic, interpolation="bilinear")
+        for x, y, text in texts:
+            centred = text == "?"
+            ax.text(x, y, text, ha="center", va="center" if centred else "top",
+                    fontsize=10 if centred else 6, linespacing=1.0)
+    if panel is not None:
+        ax.set_xlabel(f"class: {panel.label}", fontsize=9)
+
+
 def overlay_grid(
     rows: Sequence[OverlayRow], path: Path, class_names: Sequence[str],
     heat_title: str = "heat map",
 ) -> None:
-    """One row per image: image | GT | heat over image (jet) [| more heats] | pseudo label.
+    """One row per image: image | GT | heat over image (jet) [| more heats] | pseudo label
+    [| context].
 
     GT and pseudo labels use the VOC palette; a legend lists the classes that appear
-    (ignore included when present) so that colours can be read without a key.
+    (ignore included when present) so that colours can be read without a key. The context
+    column (when any row has a ContextPanel) tiles the thumbnails of the panel.
     """
     if not rows:
         raise ValueError("overlay_grid needs at least one row")
@@ -108,7 +181,10 @@ def overlay_grid(
     extra = list(rows[0].more_heats)
     if any(list(row.more_heats) != extra for row in rows):
         raise ValueError("overlay_grid: every row needs the same more_heats keys")
+    with_context = any(row.context is not None for row in rows)
     titles = ("image", "ground truth", heat_title, *extra, "pseudo label")
+    if with_context:
+        titles = (*titles, "context: nearest bank entries")
     columns = len(titles)
     # Panels 3 inches wide; each row as tall as its image's aspect ratio asks.
     row_heights = [3.0 * row.image.shape[0] / max(row.image.shape[1], 1) for row in rows]
@@ -123,7 +199,7 @@ def overlay_grid(
         image = _as_uint8_image(row.image)
         pseudo = np.asarray(row.pseudo)
         present.update(int(v) for v in np.unique(pseudo))
-        panels = [
+        panels: list[np.ndarray | int | None] = [
             image,
             _NO_GT_GREY if row.gt is None else _colorize(row.gt, palette),
             _blend_heat(image, row.heat),
@@ -132,10 +208,14 @@ def overlay_grid(
         ]
         if row.gt is not None:
             present.update(int(v) for v in np.unique(np.asarray(row.gt)))
+        if with_context:
+            panels.append(None)  # drawn from row.context
         for c, (ax, panel) in enumerate(zip(axes[r], panels, strict=True)):
             ax.set_xticks([])
             ax.set_yticks([])
-            if isinstance(panel, np.ndarray):
+            if panel is None:
+                _draw_context(ax, row.context)
+            elif isinstance(panel, np.ndarray):
                 ax.imshow(panel, interpolation="nearest")
             else:  # a grey panel of the image's size keeps the row's layout
                 ax.imshow(np.full_like(image, panel))
