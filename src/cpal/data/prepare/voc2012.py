@@ -13,6 +13,7 @@ user's SegmentationClass, lists and annotations are never modified.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -310,7 +311,7 @@ def prepare_voc(
             layout, aug_ids, sbd, sbd_ids, set(train) | set(val), workers=workers,
             progress=progress, warnings=warnings,
         )
-        write_once(root / LAYOUT_FILE, '{"mask_dir": "' + AUG_MASK_DIR + '"}\n')
+        write_once(root / LAYOUT_FILE, json.dumps({"mask_dir": AUG_MASK_DIR}) + "\n")
     if (root / LAYOUT_FILE).is_file():
         files.append(LAYOUT_FILE)
     layout = VOCLayout.open(root)
