@@ -16,7 +16,7 @@ from typing import Any
 
 from cpal import __version__
 from cpal.config import Config, load_config
-from cpal.errors import ConfigError, CpalError
+from cpal.errors import ConfigError, CpalError, DatasetError
 
 _STAGE_HELP = {
     "run": "train -> maps -> evaluation -> pseudo labels -> figures",
@@ -70,7 +70,49 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--masks", action="store_true",
                        help="require a GT mask for every image (default: check masks of the "
                             "splits that have them all)")
+    _add_prepare_parsers(data_sub)
     return parser
+
+
+def _add_prepare_parsers(data_sub: Any) -> None:
+    """`cpal data prepare voc|coco` and `cpal data verify`: they take a dataset root, not a
+    config (the defaults below keep `main`'s config handling uniform)."""
+    no_config = {"config": None, "overrides": []}
+    prepare = data_sub.add_parser(
+        "prepare", help="turn VOC 2012 (+SBD) or COCO 2014 into a root cpal reads",
+        description="Adds lists, labels, masks and cpal_manifest.json under --root; never "
+                    "modifies the files already there.")
+    datasets = prepare.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    voc = datasets.add_parser(
+        "voc", help="PASCAL VOC 2012, optionally with SBD (train_aug)",
+        description="Checks a VOC2012 folder and writes image_labels.json from Annotations; "
+                    "with --sbd also train_aug.txt (10,582 ids) and SegmentationClassAug/.")
+    voc.add_argument("--root", type=Path, required=True,
+                     help="the VOC2012 folder (JPEGImages, SegmentationClass, Annotations, "
+                          "ImageSets/Segmentation)")
+    voc.add_argument("--sbd", type=Path, metavar="DIR",
+                     help="SBD's benchmark_RELEASE/dataset folder (cls/*.mat, train.txt, val.txt)")
+    coco = datasets.add_parser(
+        "coco", help="COCO 2014: semantic masks from instances_{train,val}2014.json",
+        description="Writes a VOC-layout root inside the COCO2014 folder: classes.txt, "
+                    "JPEGImages/ (links), SegmentationClass/, lists, image_labels.json.")
+    coco.add_argument("--root", type=Path, required=True,
+                      help="the COCO2014 folder (train2014/, val2014/, annotations/)")
+    coco.add_argument("--link", choices=["symlink", "hardlink"], default="symlink",
+                      help="how JPEGImages/ refers to the images (default: relative symlinks)")
+    verify = data_sub.add_parser(
+        "verify", help="re-check a prepared root against its cpal_manifest.json",
+        description="Checks list and label checksums, counts, every listed image and mask, "
+                    "mask values and sizes; prints every problem, exits 2 if there is any.")
+    verify.add_argument("--root", type=Path, required=True, help="a prepared dataset root")
+    for parser in (voc, coco, verify):
+        parser.add_argument("--workers", type=int, default=None,
+                            help="processes for per-image work (default: CPUs, at most 8)")
+        parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        parser.set_defaults(**no_config)
+    for parser in (voc, coco):
+        parser.add_argument("--checksum-images", action="store_true",
+                            help="also record the SHA-256 of every image (slow: reads them all)")
 
 
 def _cmd_run(cfg: Config, args: argparse.Namespace) -> Any:
@@ -132,6 +174,8 @@ def _cmd_config(cfg: Config, args: argparse.Namespace) -> Any:
 def _cmd_data(cfg: Config, args: argparse.Namespace) -> Any:
     from cpal.data.source import dataset_root, open_dataset
 
+    if args.data_command in ("prepare", "verify"):
+        return _cmd_data_prepare(args)
     if args.data_command == "generate":
         print(dataset_root(cfg.data))
         return None
@@ -143,6 +187,43 @@ def _cmd_data(cfg: Config, args: argparse.Namespace) -> Any:
         checked = "images, labels" + (", masks" if masks else "")
         checked += " (decoded)" if args.decode else ""
         print(f"{split}: {count} images OK ({checked})")
+    return None
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> None:
+    from cpal.data.prepare.common import check_workers, default_workers
+    from cpal.data.prepare.manifest import MANIFEST_FILE, verify
+
+    workers = check_workers(default_workers() if args.workers is None else args.workers)
+    progress = not args.no_progress
+    root = args.root.expanduser().resolve()
+    if args.data_command == "verify":
+        problems, summary = verify(root, workers=workers, progress=progress)
+        for line in summary:
+            print(line)
+        for problem in problems:
+            print(f"problem: {problem}")
+        if problems:
+            raise DatasetError(f"{len(problems)} problem(s) found in {root}")
+        print(f"{root}: OK, matches {MANIFEST_FILE}")
+        return None
+    if args.dataset == "voc":
+        from cpal.data.prepare.voc2012 import prepare_voc
+
+        manifest = prepare_voc(root, sbd=args.sbd, workers=workers, progress=progress,
+                               checksum_images=args.checksum_images)
+    else:
+        from cpal.data.prepare.coco2014 import prepare_coco
+
+        manifest = prepare_coco(root, workers=workers, progress=progress, link=args.link,
+                                checksum_images=args.checksum_images)
+    for warning in manifest["warnings"]:
+        print(f"cpal: warning: {warning}", file=sys.stderr)
+    for split, entry in manifest["splits"].items():
+        standard = f" (standard {entry['standard']:,})" if entry["standard"] else ""
+        masks = f"masks in {manifest['mask_dir']}" if entry["masks"] else "no masks"
+        print(f"{split}: {entry['count']:,} ids{standard}, {masks}")
+    print(f"manifest: {root / MANIFEST_FILE}")
     return None
 
 

@@ -6,11 +6,15 @@
     ROOT/classes.txt                        optional; default VOC_CLASSES
     ROOT/image_labels.json                  optional {"<id>": ["cat", ...]}
     ROOT/Annotations/<id>.xml               used when image_labels.json is absent
+    ROOT/layout.json                        optional {"mask_dir": "SegmentationClassAug"}
 
 Every problem is a `DatasetError` whose one-line message names the file (and for
 labels the id and the offending name), so users fix their data instead of reading
 tracebacks. Training reads images and image-level labels only; `mask_path`,
-`load_mask` and `check(masks=True)` are the only places that touch SegmentationClass.
+`load_mask` and `check(masks=True)` are the only places that touch the mask folder
+(SegmentationClass, or the folder `layout.json` names: `cpal data prepare voc --sbd`
+writes VOC+SBD masks to SegmentationClassAug and records that choice there, so the
+user's SegmentationClass is never overwritten).
 """
 
 from __future__ import annotations
@@ -30,7 +34,14 @@ from cpal.data.images import load_rgb
 from cpal.errors import DatasetError
 from cpal.io import IGNORE_INDEX
 
-__all__ = ["IMAGE_EXTENSIONS", "VOC_CLASSES", "VOCLayout"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "VOC_CLASSES",
+    "VOCLayout",
+    "id_problem",
+    "read_id_list",
+    "read_xml_labels",
+]
 
 VOC_CLASSES: tuple[str, ...] = (
     "background",
@@ -65,9 +76,10 @@ SPLIT_DIR = Path("ImageSets") / "Segmentation"
 ANNOTATION_DIR = "Annotations"
 CLASSES_FILE = "classes.txt"
 LABELS_FILE = "image_labels.json"
+LAYOUT_FILE = "layout.json"
 
 
-def _id_problem(image_id: str) -> str | None:
+def id_problem(image_id: str) -> str | None:
     """Why `image_id` cannot be used as a file stem, or None if it can.
 
     Ids are joined onto folders, so anything that could escape or nest a folder
@@ -131,6 +143,87 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def _read_json_object(path: Path, shape: str) -> dict[str, Any]:
+    """A JSON file holding one object (duplicate keys refused); `shape` is for the error."""
+    try:
+        data = json.loads(_read_text(path), object_pairs_hook=_reject_duplicate_keys)
+    except json.JSONDecodeError as error:
+        raise DatasetError(
+            f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
+        ) from error
+    except ValueError as error:
+        raise DatasetError(f"{path} is not valid: {error}") from error
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path} must hold an object {shape}, found {type(data).__name__}")
+    return data
+
+
+def _read_layout_options(path: Path) -> dict[str, str]:
+    """Options of `layout.json`; only "mask_dir" (a folder name under the root) exists."""
+    data = _read_json_object(path, '{"mask_dir": "<folder>"}')
+    unknown = sorted(set(data) - {"mask_dir"})
+    if unknown:
+        raise DatasetError(f"{path}: unknown key '{unknown[0]}'; valid keys: mask_dir")
+    options: dict[str, str] = {}
+    if "mask_dir" in data:
+        folder = data["mask_dir"]
+        problem = id_problem(folder)
+        if problem is not None:
+            raise DatasetError(f"{path}: mask_dir {folder!r} {problem}")
+        options["mask_dir"] = folder
+    return options
+
+
+def read_id_list(path: Path) -> list[str]:
+    """Ids of a list file (one per line), in file order, validated.
+
+    Surrounding whitespace and trailing blank lines are ignored; blank lines in the
+    middle, path-like ids, ids with inner whitespace and duplicates are errors.
+    """
+    if not path.is_file():
+        raise DatasetError(f"id list not found: {path}")
+    lines = [line.strip() for line in _read_text(path).splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise DatasetError(f"split file {path} lists no image ids")
+    first_line: dict[str, int] = {}
+    for number, image_id in enumerate(lines, start=1):
+        if not image_id:
+            raise DatasetError(f"{path} line {number}: empty image id")
+        problem = id_problem(image_id)
+        if problem is not None:
+            raise DatasetError(f"{path} line {number}: image id {image_id!r} {problem}")
+        if image_id in first_line:
+            raise DatasetError(
+                f"{path} line {number}: duplicate image id '{image_id}' "
+                f"(first on line {first_line[image_id]})"
+            )
+        first_line[image_id] = number
+    return lines
+
+
+def read_xml_labels(path: Path) -> list[str]:
+    """Every <object><name> of a VOC annotation file, difficult objects included.
+
+    Like IRN and SIPE's label lists: an object marked difficult is still in the image.
+    Only an object's own <name> counts: <part><name> (head, hand...) are not classes.
+    """
+    try:
+        tree = ET.parse(path)
+    except ET.ParseError as error:
+        raise DatasetError(f"{path} is not valid XML: {error}") from error
+    except OSError as error:
+        raise DatasetError(f"cannot read {path}: {error.strerror or error}") from error
+    names = []
+    for number, obj in enumerate(tree.getroot().iter("object"), start=1):
+        name = obj.find("name")
+        if name is None or not (name.text or "").strip():
+            raise DatasetError(f"{path}: object {number} has no <name>")
+        names.append(name.text.strip())
+    return names
+
+
 @dataclass(frozen=True)
 class VOCLayout:
     """A dataset root in VOC layout and its class list; create it with `VOCLayout.open`.
@@ -142,6 +235,8 @@ class VOCLayout:
 
     root: Path
     class_names: tuple[str, ...]
+    mask_dir: str = MASK_DIR
+    """Folder (under root) holding the masks; `layout.json` can name another."""
     _cache: dict[str, Any] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
@@ -151,12 +246,16 @@ class VOCLayout:
         object.__setattr__(
             self, "class_names", _validate_class_names(self.class_names, "class names")
         )
+        problem = id_problem(self.mask_dir)
+        if problem is not None:
+            raise DatasetError(f"mask folder name {self.mask_dir!r} {problem}")
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def open(cls, root: Path | str) -> VOCLayout:
-        """Check that `root` exists and read `classes.txt` (VOC's 21 classes if absent)."""
+        """Check that `root` exists; read `classes.txt` (VOC's 21 classes if absent) and
+        `layout.json` (masks in SegmentationClass if absent)."""
         root = Path(root).expanduser()
         if not root.exists():
             raise DatasetError(f"dataset root not found: {root}")
@@ -168,7 +267,9 @@ class VOCLayout:
             names = _validate_class_names([line for line in lines if line], str(classes_file))
         else:
             names = VOC_CLASSES
-        return cls(root=root, class_names=names)
+        layout_file = root / LAYOUT_FILE
+        options = _read_layout_options(layout_file) if layout_file.is_file() else {}
+        return cls(root=root, class_names=names, **options)
 
     @property
     def num_classes(self) -> int:
@@ -184,17 +285,13 @@ class VOCLayout:
 
     def split_file(self, split: str) -> Path:
         """Path of the id list for `split` (not checked for existence)."""
-        problem = _id_problem(split)
+        problem = id_problem(split)
         if problem is not None:
             raise DatasetError(f"split name {split!r} {problem}")
         return self.root / SPLIT_DIR / f"{split}.txt"
 
     def split_ids(self, split: str) -> list[str]:
-        """Ids listed in the split file, in file order, validated; cached per split.
-
-        Surrounding whitespace and trailing blank lines are ignored; blank lines in the
-        middle, path-like ids, ids with inner whitespace and duplicates are errors.
-        """
+        """Ids listed in the split file (`read_id_list`), cached per split."""
         splits: dict[str, list[str]] = self._cache.setdefault("splits", {})
         if split not in splits:
             splits[split] = self._read_split(split)
@@ -207,28 +304,10 @@ class VOCLayout:
             available = sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
             hint = f"; available splits: {', '.join(available)}" if available else ""
             raise DatasetError(f"split file not found: {path}{hint}")
-        lines = [line.strip() for line in _read_text(path).splitlines()]
-        while lines and not lines[-1]:
-            lines.pop()
-        if not lines:
-            raise DatasetError(f"split file {path} lists no image ids")
-        first_line: dict[str, int] = {}
-        for number, image_id in enumerate(lines, start=1):
-            if not image_id:
-                raise DatasetError(f"{path} line {number}: empty image id")
-            problem = _id_problem(image_id)
-            if problem is not None:
-                raise DatasetError(f"{path} line {number}: image id {image_id!r} {problem}")
-            if image_id in first_line:
-                raise DatasetError(
-                    f"{path} line {number}: duplicate image id '{image_id}' "
-                    f"(first on line {first_line[image_id]})"
-                )
-            first_line[image_id] = number
-        return lines
+        return read_id_list(path)
 
     def _checked_id(self, image_id: str) -> str:
-        problem = _id_problem(image_id)
+        problem = id_problem(image_id)
         if problem is not None:
             raise DatasetError(f"image id {image_id!r} {problem}")
         return image_id
@@ -284,11 +363,11 @@ class VOCLayout:
 
     def mask_path(self, image_id: str) -> Path:
         """Where the mask of `image_id` should be (existence not checked). Evaluation only."""
-        return self.root / MASK_DIR / f"{self._checked_id(image_id)}.png"
+        return self.root / self.mask_dir / f"{self._checked_id(image_id)}.png"
 
     def count_masks(self, ids: Sequence[str]) -> int:
         """How many of `ids` have a mask file (one directory listing, no decoding)."""
-        folder = self.root / MASK_DIR
+        folder = self.root / self.mask_dir
         try:
             present = set(os.listdir(folder))
         except FileNotFoundError:
@@ -314,20 +393,7 @@ class VOCLayout:
             if not path.is_file():
                 self._cache["json"] = None
             else:
-                try:
-                    data = json.loads(_read_text(path), object_pairs_hook=_reject_duplicate_keys)
-                except json.JSONDecodeError as error:
-                    raise DatasetError(
-                        f"{path} is not valid JSON: {error.msg} "
-                        f"(line {error.lineno}, column {error.colno})"
-                    ) from error
-                except ValueError as error:
-                    raise DatasetError(f"{path} is not valid: {error}") from error
-                if not isinstance(data, dict):
-                    raise DatasetError(
-                        f'{path} must hold an object {{"<id>": ["class", ...]}}, '
-                        f"found {type(data).__name__}"
-                    )
+                data = _read_json_object(path, '{"<id>": ["class", ...]}')
                 for key, value in data.items():
                     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                         raise DatasetError(
@@ -338,7 +404,7 @@ class VOCLayout:
         return self._cache["json"]
 
     def _xml_labels(self, image_id: str) -> list[str]:
-        """Every <object><name> of Annotations/<id>.xml, difficult objects included."""
+        """Labels of Annotations/<id>.xml (`read_xml_labels`), parsed once per id."""
         parsed: dict[str, list[str]] = self._cache.setdefault("xml", {})
         if image_id in parsed:
             return parsed[image_id]
@@ -348,19 +414,7 @@ class VOCLayout:
                 f"no labels for image id '{image_id}': {path} not found "
                 f"(and there is no {self.labels_file})"
             )
-        try:
-            tree = ET.parse(path)
-        except ET.ParseError as error:
-            raise DatasetError(f"{path} is not valid XML: {error}") from error
-        except OSError as error:
-            raise DatasetError(f"cannot read {path}: {error.strerror or error}") from error
-        names = []
-        for number, obj in enumerate(tree.getroot().iter("object"), start=1):
-            # Only the object's own <name>: <part><name> (head, hand...) are not classes.
-            name = obj.find("name")
-            if name is None or not (name.text or "").strip():
-                raise DatasetError(f"{path}: object {number} has no <name>")
-            names.append(name.text.strip())
+        names = read_xml_labels(path)
         parsed[image_id] = names
         return names
 
@@ -437,7 +491,7 @@ class VOCLayout:
                 raise DatasetError(f"{error} (listed in {split_file})") from error
         self.image_labels(ids)
         if masks:
-            folder = self.root / MASK_DIR
+            folder = self.root / self.mask_dir
             if not folder.is_dir():
                 raise DatasetError(f"mask folder not found: {folder}")
             try:
