@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from cpal.errors import CheckpointError
@@ -104,9 +105,6 @@ def read_weight_file(path: str | Path) -> WeightFile:
     metadata: dict[str, Any] = {}
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-
             with safe_open(str(path), framework="pt") as handle:
                 metadata = dict(handle.metadata() or {})
             state: Any = load_file(str(path), device="cpu")
