@@ -34,7 +34,8 @@ def test_resnet50_keys_match_torchvision_layout():
 
 @pytest.mark.parametrize(
     ("arch", "os_", "channels"),
-    [("resnet18", 16, 512), ("resnet34", 8, 512), ("resnet50", 16, 2048), ("resnet101", 16, 2048)],
+    [("resnet18", 16, 512), ("resnet34", 8, 512), ("resnet50", 16, 2048), ("resnet101", 16, 2048),
+     ("resnet50", 32, 2048)],
 )
 def test_output_stride_and_channels(arch, os_, channels):
     width = 0.25

@@ -3,6 +3,8 @@
 Differences from torchvision, all constructor arguments: a width multiplier (CPU-sized
 runs), an output stride of 16 (layer4 stride 1, no dilation, as IRN/SIPE/AMN) or 8
 (layer3 stride 1 too, with layer3/4 dilated by 2), and frozen BatchNorm statistics.
+Output stride 32 is torchvision's own network (the ImageNet classifier's strides), used as
+the FLOP reference of benchmarks/paper_scale_estimate.py.
 """
 
 from __future__ import annotations
@@ -84,15 +86,15 @@ class ResNet(nn.Module):
         arch: ArchName = "resnet50",
         *,
         width: float = 1.0,
-        output_stride: Literal[8, 16] = 16,
+        output_stride: Literal[8, 16, 32] = 16,
         frozen_bn: bool = False,
         frozen_stages: int = 0,
     ) -> None:
         super().__init__()
         if arch not in _SPECS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(_SPECS)}")
-        if output_stride not in (8, 16):
-            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         block, depths = _SPECS[arch]
         self.arch = arch
         self.output_stride = output_stride
@@ -104,12 +106,13 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(stem)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        s3, d3 = (2, 1) if output_stride == 16 else (1, 2)
+        s3, d3 = (1, 2) if output_stride == 8 else (2, 1)
+        s4 = 2 if output_stride == 32 else 1
         self._cin = stem
         self.layer1 = self._make_layer(block, planes[0], depths[0], stride=1, dilation=1)
         self.layer2 = self._make_layer(block, planes[1], depths[1], stride=2, dilation=1)
         self.layer3 = self._make_layer(block, planes[2], depths[2], stride=s3, dilation=d3)
-        self.layer4 = self._make_layer(block, planes[3], depths[3], stride=1, dilation=d3)
+        self.layer4 = self._make_layer(block, planes[3], depths[3], stride=s4, dilation=d3)
         self.stage_channels: tuple[int, ...] = tuple(p * block.expansion for p in planes)
         self._init_weights()
         self._freeze_stages()

@@ -1,25 +1,76 @@
 """Loading local ImageNet weight files into our backbones, by key, safely.
 
-One place handles every layout difference (torchvision files, timm files, wrappers
-such as {"state_dict": ...} or a "module." prefix), so models never special-case files.
-Files are read with `torch.load(weights_only=True)` or safetensors: never unpickled.
+One place handles every layout difference (torchvision files of 2017 without BatchNorm
+step counters and newer ones with them, timm `pytorch_model.bin` / `model.safetensors`,
+wrappers such as {"state_dict": ...} or a "module." prefix), so models never special-case
+files. Files are read with `torch.load(weights_only=True)` or safetensors: never unpickled.
+
+Weakly supervised results are only meaningful from an ImageNet *classification* start:
+a file that has seen VOC/COCO pixel labels (DeepLab COCO inits and the like) inflates
+every number downstream. Such files are detected from their name, their keys and their
+metadata, and are never used silently (see `leak_reasons`).
 """
 
 from __future__ import annotations
 
 import pickle
+import re
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from cpal.errors import CheckpointError
 
 # Keys of ImageNet classifier heads: present in torchvision/timm files, never in a trunk.
 _IGNORED_PREFIXES = ("fc.",)
-_WRAPPER_KEYS = ("state_dict", "model", "model_state")
+# Training scripts wrap the state dict: {"state_dict": ...} (Lightning, mmcv), {"model": ...}
+# (DeiT, detectron), {"net": ...} (IRN/SIPE checkpoints).
+_WRAPPER_KEYS = ("state_dict", "model", "model_state", "net")
 _STRIPPED_PREFIXES = ("module.", "backbone.", "encoder.")
+# BatchNorm step counters: absent from files saved before PyTorch 0.4 (torchvision's v1
+# ImageNet files); frozen or not, nothing in a forward pass reads them.
+_OPTIONAL_SUFFIX = "num_batches_tracked"
+
+# Dense-prediction heads that an ImageNet classification ResNet never has: DeepLab's
+# ASPP ("aspp.", "layer5." in the Caffe-converted DeepLab-v2 files), torchvision's
+# segmentation models ("classifier.", "aux_classifier."), decoders.
+_DENSE_HEAD_PREFIXES = (
+    "classifier.", "aux_classifier.", "aspp.", "decoder.", "layer5.", "seg_head.",
+    "segmentation_head.", "auxlayer.", "head.aspp", "decode_head.", "auxiliary_head.",
+)
+# Name tokens that reveal segmentation training or the evaluation datasets: a token
+# *starting* with one of these ("voc2012", "segmentation", "cocostuff") or equal to one of
+# the exact ones. Tokens are the runs of letters of a lower-cased name.
+_LEAK_TOKEN_PREFIXES = ("coco", "voc", "pascal", "sbd", "deeplab", "seg")
+_LEAK_TOKENS_EXACT = ("ade", "cityscapes")
+# Names that say nothing about a file (hub caches, training scripts): for these the parent
+# folders are read instead, e.g. models--org--deeplab_r50/snapshots/<hash>/model.safetensors.
+_GENERIC_NAME_WORDS = frozenset((
+    "pytorch", "model", "models", "checkpoint", "checkpoints", "ckpt", "weights", "weight",
+    "best", "final", "last", "latest", "state", "dict", "iter", "epoch", "step", "bin", "pth",
+    "pt", "tar", "safetensors", "open", "clip",
+))
+_GENERIC_PARENT_LEVELS = 3
+_METADATA_SCAN_LIMIT = 2000  # string leaves inspected per file (metadata can be large)
+
+
+class PretrainedLeakWarning(UserWarning):
+    """A weight file has probably seen pixel labels of VOC/COCO (or another seg. dataset)."""
+
+
+@dataclass
+class WeightFile:
+    """What a weight file holds: its tensors (layout-normalised) and its other entries."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -29,89 +80,277 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    leaks: list[str] = field(default_factory=list)
+    """Why the file may have seen pixel labels (empty for a clean ImageNet file)."""
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{self.path.name}: loaded {self.loaded} tensors, ignored {len(self.ignored)} "
             f"(ImageNet head), missing {len(self.missing)}, unexpected {len(self.unexpected)}"
         )
+        if self.leaks:
+            text += f"; POSSIBLE PIXEL-LABEL LEAK: {'; '.join(self.leaks)}"
+        return text
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a tensor dict from .safetensors or a torch file, refusing pickled objects."""
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+def read_weight_file(path: str | Path) -> WeightFile:
+    """Read tensors (and metadata) from .safetensors or a torch file, refusing pickles."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weight file not found")
+    metadata: dict[str, Any] = {}
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+            state: Any = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "unsupported object"
-        raise CheckpointError(
-            f"{path}: refused, the file holds pickled objects, not plain tensors ({first})"
-        ) from exc
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read weights ({exc})") from exc
-    for key in _WRAPPER_KEYS:
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+        raise CheckpointError(f"{path}: refused, {_unpickling_reason(exc)}") from exc
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read weights ({detail})") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-    out: dict[str, torch.Tensor] = {}
+    for key in _WRAPPER_KEYS:
+        if isinstance(state.get(key), dict):
+            metadata.update({k: v for k, v in state.items() if k != key})
+            state = state[key]
+    tensors: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{path}: entry '{key}' is not a tensor")
+            raise CheckpointError(
+                f"{path}: entry {_clean(str(key))!r} is a {type(value).__name__}, not a tensor"
+            )
+        key = str(key)
         for prefix in _STRIPPED_PREFIXES:
             if key.startswith(prefix):
                 key = key[len(prefix):]
-        out[key] = value
-    return out
+        tensors[key] = value
+    return WeightFile(tensors, metadata)
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> LoadReport:
-    """Copy matching tensors into `model`; with `strict`, any mismatch is an error that
-    lists the missing and unexpected keys (so a wrong file never half-loads silently)."""
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file, keys normalised (wrappers and prefixes removed)."""
+    return read_weight_file(path).tensors
+
+
+def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
+    """torch's weights_only message is a page long; keep the one fact that matters."""
+    text = str(exc)
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if match:
+        return (
+            f"the file holds pickled Python objects ({match.group(1)}), not plain tensors; "
+            "cpal never unpickles"
+        )
+    match = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    detail = match.group(1).strip() if match else (text.splitlines() or ["unreadable"])[0]
+    return f"not a readable weight file ({detail}); cpal reads only plain tensors"
+
+
+# ---------------------------------------------------------------------------------------
+# Leak detection
+
+
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def _leak_words(text: str) -> list[str]:
+    """The leak words in `text`, in order ('deeplab', 'coco' for 'DeepLabV3_COCO')."""
+    found: list[str] = []
+    for token in _tokens(text):
+        word = next((w for w in _LEAK_TOKEN_PREFIXES if token.startswith(w)), None)
+        if word is None and token in _LEAK_TOKENS_EXACT:
+            word = token
+        if word is not None and word not in found:
+            found.append(word)
+    return found
+
+
+def _names_to_check(path: Path) -> list[str]:
+    """The file name; for generic names (model.safetensors, final.pth, ...) its folders too.
+
+    Folder names are not read for a specific file name, so that /data/voc/resnet50.pth is
+    not flagged for where it happens to be stored.
+    """
+    names = [path.name]
+    if all(token in _GENERIC_NAME_WORDS for token in _tokens(path.name)):
+        names += [p.name for p in path.resolve().parents[:_GENERIC_PARENT_LEVELS]]
+    return names
+
+
+def _string_leaves(value: Any, key: str, out: list[tuple[str, str]]) -> None:
+    if len(out) >= _METADATA_SCAN_LIMIT:
+        return
+    if isinstance(value, str):
+        out.append((key, value))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _string_leaves(v, f"{key}.{k}" if key else str(k), out)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _string_leaves(v, f"{key}[{i}]", out)
+
+
+def leak_reasons(path: str | Path, weights: WeightFile) -> list[str]:
+    """Why a file may have seen VOC/COCO (or other) pixel labels; empty when nothing says so.
+
+    Three independent signs: a name (of the file, or of its folders when the file name is
+    generic) with a token such as coco/voc/deeplab/seg...; a dense-prediction head among
+    the keys (classifier/aspp/decoder: an ImageNet ResNet has only `fc`); a metadata string
+    (a stored 'dataset', training arguments, safetensors metadata) naming such a dataset.
+    """
     path = Path(path)
-    state = read_state_dict(path)
+    reasons = []
+    for name in _names_to_check(path):
+        words = _leak_words(name)
+        if words:
+            listed = ", ".join(map(repr, words))
+            reasons.append(f"its name {_clean(name)!r} contains {listed}")
+            break
+    heads: dict[str, int] = {}
+    for key in weights.tensors:
+        for prefix in _DENSE_HEAD_PREFIXES:
+            if key.startswith(prefix):
+                heads[prefix] = heads.get(prefix, 0) + 1
+    if heads:
+        listed = ", ".join(f"{p}* ({n} tensors)" for p, n in heads.items())
+        reasons.append(
+            f"it holds a dense-prediction head ({listed}) that ImageNet classifiers lack"
+        )
+    leaves: list[tuple[str, str]] = []
+    _string_leaves(weights.metadata, "", leaves)
+    for key, value in leaves:
+        if _leak_words(value):
+            reasons.append(f"its metadata has {_clean(key)}={_clean(value)[:60]!r}")
+            break
+    return reasons
+
+
+def _announce_leak(path: Path, reasons: list[str], allow_leak: bool) -> None:
+    """Warn (Python warning + one printed line); an acknowledged leak still prints a note."""
+    what = f"{path}: possible pixel-label leak: {'; '.join(reasons)}"
+    if allow_leak:
+        print(f"cpal: note: {what} (allowed: results are not weakly supervised)",
+              file=sys.stderr, flush=True)
+        return
+    message = (
+        f"{what}. Weakly supervised results must start from ImageNet classification weights "
+        "(e.g. torchvision resnet50-19c8e357.pth); a file that saw VOC/COCO masks inflates "
+        "every number"
+    )
+    print(f"cpal: warning: {message}", file=sys.stderr, flush=True)
+    warnings.warn(message, PretrainedLeakWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def load_backbone_weights(
+    model: nn.Module, path: str | Path, *, strict: bool = True, allow_leak: bool = False
+) -> LoadReport:
+    """Copy matching tensors into `model`; with `strict`, any mismatch is an error that
+    lists the missing and unexpected keys (so a wrong file never half-loads silently).
+
+    A file that may have seen pixel labels is announced before anything else (a warning,
+    or with `allow_leak` a printed note only); see `leak_reasons`.
+    """
+    path = Path(path)
+    weights = read_weight_file(path)
+    report = LoadReport(path=path, leaks=leak_reasons(path, weights))
+    if report.leaks:
+        _announce_leak(path, report.leaks, allow_leak)
     own = model.state_dict()
-    report = LoadReport(path=path)
     usable: dict[str, torch.Tensor] = {}
-    shape_errors = []
-    for key, value in state.items():
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # key: (file, model)
+    for key, value in weights.tensors.items():
         if key.startswith(_IGNORED_PREFIXES):
             report.ignored.append(key)
         elif key not in own:
             report.unexpected.append(key)
         elif own[key].shape != value.shape:
-            shape_errors.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+            shapes[key] = (tuple(value.shape), tuple(own[key].shape))
         else:
             usable[key] = value
-    # Files from before PyTorch 0.4 have no BatchNorm step counters; nothing uses them.
     report.missing = [
-        k for k in own if k not in usable and not k.endswith("num_batches_tracked")
+        k for k in own
+        if k not in usable and k not in shapes and not k.endswith(_OPTIONAL_SUFFIX)
     ]
-    if shape_errors:
-        raise CheckpointError(
-            f"{path}: shape mismatch for {len(shape_errors)} tensors (file vs model), e.g. "
-            + "; ".join(shape_errors[:5])
-            + " - check model.arch and model.width"
-        )
+    arch = getattr(model, "arch", type(model).__name__)
     if strict and (report.missing or report.unexpected):
+        also = f"; {len(shapes)} more with other shapes" if shapes else ""
         raise CheckpointError(
-            f"{path}: keys do not match the model: missing {_preview(report.missing)}; "
-            f"unexpected {_preview(report.unexpected)}"
+            f"{path}: keys do not match the {arch} model: missing {_preview(report.missing)}; "
+            f"unexpected {_preview(report.unexpected)}{also}"
+            f"{_mismatch_hint(report.missing, report.unexpected, own)}"
+        )
+    if shapes:
+        listed = [f"{_clean(k)} file {f} vs model {m}" for k, (f, m) in list(shapes.items())[:3]]
+        more = f"; ... (+{len(shapes) - 3} more)" if len(shapes) > 3 else ""
+        raise CheckpointError(
+            f"{path}: shape mismatch for {len(shapes)} tensors: {'; '.join(listed)}{more}"
+            f" - check model.arch ({arch}) and model.width"
         )
     model.load_state_dict(usable, strict=False)
     report.loaded = len(usable)
     return report
 
 
-def _preview(keys: list[str], limit: int = 6) -> str:
+def _mismatch_hint(missing: list[str], unexpected: list[str], own: dict[str, Any]) -> str:
+    """The likely cause of a key mismatch, in words (deep stem, a prefix, another depth)."""
+    if any(k.startswith("conv1.0.") for k in unexpected):
+        return (
+            " - the file has a deep stem (conv1.0/conv1.1/...: timm's resnet*c/*d/*s "
+            "variants), which cpal's ResNet does not implement; use a plain torchvision or "
+            "timm resnet50/resnet101 file"
+        )
+    if any(k.startswith(_DENSE_HEAD_PREFIXES) for k in unexpected):
+        return (
+            " - the file holds a segmentation head: it is a segmentation model, not an "
+            "ImageNet classification file"
+        )
+    heads = sorted({k.split(".", 1)[0] for k in unexpected if "." in k})
+    for head in heads:
+        inner = [k[len(head) + 1:] for k in unexpected if k.startswith(head + ".")]
+        if inner and sum(k in own for k in inner) >= len(inner) // 2 + 1:
+            return f" - the file's keys carry a {head + '.'!r} prefix (not a plain ResNet file)"
+    layers = re.compile(r"layer\d+\.\d+\.")
+    if (missing or unexpected) and all(layers.match(k) for k in missing + unexpected):
+        return " - the file has another depth: check model.arch (resnet50 vs resnet101)"
+    return " - check model.arch and that the file is a plain torchvision/timm ResNet"
+
+
+def _clean(text: str) -> str:
+    """One printable line, whatever a file's keys contain."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _preview(keys: list[str], groups: int = 4, width: int = 220) -> str:
+    """'N (a.weight, b.{weight,bias}, ... +K more)': keys grouped by module, one short line."""
     if not keys:
         return "none"
-    shown = ", ".join(keys[:limit])
-    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+    grouped: dict[str, list[str]] = {}
+    for key in keys:
+        module, _, leaf = _clean(key).rpartition(".")
+        grouped.setdefault(module, []).append(leaf)
+    parts = []
+    shown = 0
+    for module, leaves in grouped.items():
+        if len(parts) == groups:
+            break
+        prefix = f"{module}." if module else ""
+        text = prefix + (leaves[0] if len(leaves) == 1 else "{" + ",".join(leaves) + "}")
+        if parts and sum(map(len, parts)) + len(text) > width:
+            break
+        parts.append(text if len(text) <= width else text[: width - 3] + "...")
+        shown += len(leaves)
+    more = f", ... +{len(keys) - shown} more" if shown < len(keys) else ""
+    return f"{len(keys)} ({', '.join(parts)}{more})"
