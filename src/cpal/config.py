@@ -39,6 +39,9 @@ class DataConfig:
     """A dataset in VOC layout; null selects the built-in synthetic dataset."""
     cache_dir: str | None = None
     """Where the built-in dataset is generated; null: $CPAL_CACHE or ~/.cache/cpal."""
+    require_root: bool = False
+    """Refuse a null `root` (paper configs): a null root selects the synthetic dataset,
+    which a run meant for VOC or COCO must never train on silently."""
     train_split: str = "train"
     num_workers: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -56,6 +59,9 @@ class ModelConfig:
     """0: train everything; 1: freeze the stem; 2: + layer1; 3: + layer2 (IRN/SIPE)."""
     pretrained: str | None = None
     """A local torchvision/timm ResNet checkpoint, loaded by key."""
+    pretrained_allow_leak: bool = False
+    """Acknowledge a `pretrained` file that looks trained on VOC/COCO pixel labels: the
+    warning becomes a printed note (results are then not weakly supervised)."""
 
 
 Method = Literal["cam", "sipe", "cpal-mean", "cpal-topk", "cpal"]
@@ -362,6 +368,8 @@ def _check_values(config: Config) -> None:
             raise ConfigError(f"'{key}': {message}")
 
     t, m, i, s = config.train, config.model, config.infer, config.data.synthetic
+    need(config.data.root is not None or not config.data.require_root, "data.root",
+         "required by this config (data.require_root=true): pass data.root=/path/to/dataset")
     need(m.width > 0, "model.width", "must be > 0")
     need(0 <= m.frozen_stages <= 3, "model.frozen_stages", "must be 0, 1, 2 or 3")
     need(t.epochs >= 1, "train.epochs", "must be >= 1")

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from cpal.config import Config, config_from_dict, load_config
+from cpal.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p.relative_to(REPO / "configs").as_posix()
@@ -33,8 +34,15 @@ def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def shipped(name: str) -> Config:
+    """A shipped config as a user runs it: paper configs need a dataset root."""
+    path = REPO / "configs" / name
+    needs_root = bool(yaml.safe_load(path.read_text())["data"].get("require_root"))
+    return load_config(path, ["data.root=/datasets/root"] if needs_root else [])
+
+
 def resolved(name: str) -> dict[str, Any]:
-    return flat(load_config(REPO / "configs" / name).to_dict())
+    return flat(shipped(name).to_dict())
 
 
 def differing(a: str, b: str) -> set[str]:
@@ -48,7 +56,7 @@ def test_paper_configs_exist():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_loads_and_round_trips(name):
-    cfg = load_config(REPO / "configs" / name)
+    cfg = shipped(name)
     assert isinstance(cfg, Config)
     assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
 
@@ -56,7 +64,7 @@ def test_every_config_loads_and_round_trips(name):
 @pytest.mark.parametrize("name", PAPER)
 def test_paper_recipe(name):
     dataset, method = name.split("/")[0], name.split("/")[1].split("_")[0]
-    cfg = load_config(REPO / "configs" / name)
+    cfg = shipped(name)
     m, t, i = cfg.model, cfg.train, cfg.infer
     assert cfg.method == method
     assert (m.arch, m.width, m.output_stride, m.frozen_bn, m.frozen_stages) == (
@@ -71,7 +79,8 @@ def test_paper_recipe(name):
     assert (cfg.labels.split, cfg.labels.threshold, cfg.labels.tune_split) == (
         "train", None, "val")
     # No placeholder paths: both are absent and the header shows the exact override.
-    assert cfg.data.root is None and cfg.model.pretrained is None
+    raw = yaml.safe_load((REPO / "configs" / name).read_text())
+    assert raw["data"]["root"] is None and cfg.model.pretrained is None and cfg.data.require_root
     text = (REPO / "configs" / name).read_text()
     assert f"cpal run configs/{name} data.root=/path/" in text
     assert "model.pretrained=/path/resnet50-19c8e357.pth" in text
@@ -117,3 +126,10 @@ def test_reference_numbers_are_the_same_in_every_header():
     for number in ("48.3", "66.5", "63.5", "64.8", "58.6", "68.8", "69.7", "34.4", "40.6",
                    "71.9", "74.5", "74.7", "46.8"):
         assert number in text
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_configs_refuse_a_missing_dataset_root(name):
+    # A null root would otherwise select the built-in synthetic dataset without a word.
+    with pytest.raises(ConfigError, match=r"'data.root': required"):
+        load_config(REPO / "configs" / name)

@@ -83,7 +83,9 @@ def build_cam_net(
     )
     report = None
     if pretrained and cfg.pretrained:
-        report = load_backbone_weights(backbone, cfg.pretrained)
+        report = load_backbone_weights(
+            backbone, cfg.pretrained, allow_leak=cfg.pretrained_allow_leak
+        )
     return CAMNet(backbone, num_classes), report
 
 
