@@ -83,8 +83,13 @@ class CPALModule(nn.Module):
                 prototype.dim,
                 clusters=bank.clusters if self.uses_selection else 1,
             )
-        # Counts training forwards: drives reclustering and is restored with the bank.
+        # Counts bank updates (training forwards, or flushes when deferred): drives
+        # reclustering and is restored with the bank.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # A loop that splits a batch into micro-batches or processes sets this: forward then
+        # only collects its prototypes and `flush_bank` enqueues them once per optimizer step.
+        self.defer_bank_updates = False
+        self._pending: list[tuple[Tensor, Tensor]] = []
 
     # ------------------------------------------------------------------------------------
 
@@ -134,7 +139,10 @@ class CPALModule(nn.Module):
             losses["fda"] = compactness_loss(z, weights, p_star)
 
         if self.training and self.bank is not None:
-            self._update_bank(p.detach(), valid)
+            if self.defer_bank_updates:
+                self._pending.append((p.detach(), valid))
+            else:
+                self._update_bank(p.detach(), valid)
 
         return CPALOutput(
             pacam=pacam,
@@ -189,6 +197,18 @@ class CPALModule(nn.Module):
         ctx = torch.where(active[..., None], ctx, p)
         selected = torch.where(sel_ok, idx, torch.full_like(idx, -1))
         return p_star, ctx, active, selected
+
+    @torch.no_grad()
+    def flush_bank(self) -> None:
+        """Enqueue the prototypes collected since the last flush as one update, in forward
+        order: the same bank as one forward over the concatenated images. In a data-parallel
+        run every rank calls it at the same step (the enqueue gathers all ranks' rows)."""
+        if not self._pending:
+            return
+        p = torch.cat([x for x, _ in self._pending])
+        valid = torch.cat([v for _, v in self._pending])
+        self._pending.clear()
+        self._update_bank(p, valid)
 
     @torch.no_grad()
     def _update_bank(self, p: Tensor, valid: Tensor) -> None:
