@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -136,11 +137,16 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """
     if not ranks().enabled:
         return model
-    return nn.parallel.DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,
+    ddp = nn.parallel.DistributedDataParallel
+    # torch >= 2.13 renames the switch (buffers still sync once at construction: harmless,
+    # every rank holds the same ones then).
+    no_forward_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+        else {"broadcast_buffers": False}
     )
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None,
+               **no_forward_sync)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
