@@ -333,3 +333,23 @@ def test_torchrun_processes_split_a_shard_between_them(trained, tiny_dataset, tm
     stages = json.loads((out / "stages.json").read_text())
     assert stages["infer"]["written"] == {"train": 12, "val": 4}
     assert stages["infer"]["missing"] == {"train": 12, "val": 4}
+
+
+def test_bf16_maps_record_their_precision(trained, tiny_dataset, tmp_path):
+    cfg = _copy_run(trained, tiny_dataset, tmp_path / "run", "infer.precision=bf16")
+    assert stage_infer(cfg, progress=False) == {"train": 24, "val": 8}
+    identity = json.loads((tmp_path / "run/maps/train" / MAPS_META).read_text())
+    assert identity["precision"] == "bf16" and identity["inference"].endswith(", bf16")
+    fp32 = json.loads((trained / "maps/train" / MAPS_META).read_text())
+    assert "precision" not in fp32  # fp32 folders keep the record they had before the key
+    for name in ("train", "val"):
+        ours, theirs = tmp_path / "run/maps" / name, trained / "maps" / name
+        for path in ours.glob("*.npz"):
+            # bf16 keeps 8 bits of mantissa: maps in [0, 1] agree to a few hundredths.
+            np.testing.assert_allclose(load_maps(path).maps, load_maps(theirs / path.name).maps,
+                                       atol=0.06)
+    # fp32 maps are not reused for bf16 ones: the folder's record differs.
+    shutil.copytree(trained / "maps", tmp_path / "mixed/maps")
+    mixed = _copy_run(trained, tiny_dataset, tmp_path / "mixed", "infer.precision=bf16")
+    with pytest.raises(ConfigError, match=r"other settings \(inference, precision\)"):
+        stage_infer(mixed, progress=False)

@@ -85,7 +85,10 @@ def init(device: torch.device) -> torch.device:
         device = torch.device("cuda", launched.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        except ValueError as exc:  # a variable torchrun sets is missing
+            raise ConfigError(f"cannot join the torchrun process group: {exc}") from exc
         atexit.register(_destroy)
     return device
 

@@ -203,7 +203,7 @@ class BatchPlan:
 
 
 @dataclass
-class Progress:
+class Position:
     """Where training stands; saved with every checkpoint so a run resumes mid-epoch."""
 
     epoch: int = 0  # epochs completed
@@ -213,7 +213,7 @@ class Progress:
     images: int = 0  # images of epoch `epoch` so far
 
     @classmethod
-    def of(cls, ckpt: Checkpoint) -> Progress:
+    def of(cls, ckpt: Checkpoint) -> Position:
         saved = ckpt.meta.get("position") or {}  # absent in end-of-epoch checkpoints of v0.1
         return cls(epoch=ckpt.epoch, step=ckpt.step, batch=int(saved.get("batch", 0)),
                    loss_sum=float(saved.get("loss_sum", 0.0)), images=int(saved.get("images", 0)))
@@ -235,7 +235,7 @@ class _Run:
     device: torch.device
     meta: dict[str, Any]
     total_steps: int
-    progress: bool
+    show_progress: bool
     log_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -278,7 +278,7 @@ def train(config: Config, *, progress: bool = True) -> Path:
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     fingerprint = training_fingerprint(config)
 
-    position = Progress()
+    position = Position()
     latest = latest_checkpoint(paths.checkpoints)
     if latest is not None:
         if not t.resume:
@@ -293,7 +293,7 @@ def train(config: Config, *, progress: bool = True) -> Path:
             optimizer.load_state_dict(ckpt.optimizer)
         if "grad_scaler" in ckpt.meta:
             scaler.load_state_dict(ckpt.meta["grad_scaler"])
-        position = Progress.of(ckpt)
+        position = Position.of(ckpt)
         if ranks.is_main:
             _truncate_log(paths.train_log, position.step)
             if position.epoch < t.epochs:
@@ -313,7 +313,7 @@ def train(config: Config, *, progress: bool = True) -> Path:
         config=config, paths=paths, net=net, model=distributed.wrap(net, device),
         optimizer=optimizer, scaler=scaler, dataset=dataset, plan=plan, ranks=ranks,
         device=device, meta={"fingerprint": fingerprint, "class_names": list(layout.class_names)},
-        total_steps=steps_per_epoch * t.epochs, progress=progress and ranks.is_main,
+        total_steps=steps_per_epoch * t.epochs, show_progress=progress and ranks.is_main,
     )
     every = t.checkpoint_every_steps
     for epoch in range(position.epoch, t.epochs):
@@ -329,7 +329,7 @@ def train(config: Config, *, progress: bool = True) -> Path:
     return latest
 
 
-def _run_epoch(run: _Run, epoch: int, position: Progress) -> Progress:
+def _run_epoch(run: _Run, epoch: int, position: Position) -> Position:
     """Train epoch `epoch` from `position` (its start, or a mid-epoch checkpoint); return
     the position at its end."""
     config, t = run.config, run.config.train
@@ -345,8 +345,9 @@ def _run_epoch(run: _Run, epoch: int, position: Progress) -> Progress:
         pin_memory=run.device.type == "cuda",
     )
     run.model.train()
-    bar = tqdm(total=len(batches), initial=position.batch, disable=not run.progress,
+    bar = tqdm(total=len(batches), initial=position.batch, disable=not run.show_progress,
                desc=f"train epoch {epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True)
+    every = t.checkpoint_every_steps
     seen, start = 0, time.perf_counter()
     micro: list[dict[str, Any]] = []
     for item in loader:
@@ -369,7 +370,6 @@ def _run_epoch(run: _Run, epoch: int, position: Progress) -> Progress:
                  **{f"loss_{k}": round(v, 6) for k, v in losses.items() if k != "loss"},
                  "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": round(rate, 2)}
             )
-        every = t.checkpoint_every_steps
         if every is not None and position.step % every == 0 and position.batch < len(batches):
             _save(run, position, stem=f"step_{position.step:08d}")
     bar.close()
@@ -380,13 +380,13 @@ def _run_epoch(run: _Run, epoch: int, position: Progress) -> Progress:
         "images_per_s": round(seen / elapsed, 2), "seconds": round(elapsed, 2),
     }
     run.log_rows.append(summary)
+    _flush_log(run)
     if run.ranks.is_main:
-        _flush_log(run)
         tqdm.write(
             f"epoch {epoch + 1}/{t.epochs}: loss {summary['mean_loss']:.4f}, "
             f"{summary['images_per_s']:.1f} images/s"
         )
-    return Progress(epoch=epoch + 1, step=position.step)
+    return Position(epoch=epoch + 1, step=position.step)
 
 
 def _optimizer_step(
@@ -427,13 +427,13 @@ def _optimizer_step(
     return {"loss": sum(terms), **dict(zip(sums, terms, strict=True))}
 
 
-def _save(run: _Run, position: Progress, stem: str | None = None) -> Path:
+def _save(run: _Run, position: Position, stem: str | None = None) -> Path:
     """Checkpoint `position` (rank 0 writes, everyone waits); return the marker's path."""
     t = run.config.train
     stem = stem or f"epoch_{position.epoch:03d}"
     path = run.paths.checkpoints / f"{stem}.json"
+    _flush_log(run)
     if run.ranks.is_main:
-        _flush_log(run)
         meta = {**run.meta, "position": asdict(position)}
         if run.scaler.is_enabled():
             meta["grad_scaler"] = run.scaler.state_dict()
@@ -447,11 +447,11 @@ def _save(run: _Run, position: Progress, stem: str | None = None) -> Path:
 
 
 def _flush_log(run: _Run) -> None:
-    if not run.log_rows:
-        return
-    run.paths.train_log.parent.mkdir(parents=True, exist_ok=True)
-    with run.paths.train_log.open("a", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in run.log_rows)
+    """Append the rows collected since the last flush (rank 0; the others drop theirs)."""
+    if run.log_rows and run.ranks.is_main:
+        run.paths.train_log.parent.mkdir(parents=True, exist_ok=True)
+        with run.paths.train_log.open("a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in run.log_rows)
     run.log_rows.clear()
 
 
