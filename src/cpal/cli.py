@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in _STAGE_HELP.items():
         stage = sub.add_parser(name, help=text, description=text)
         _add_config_args(stage)
+        if name == "infer":
+            stage.add_argument("--shard", metavar="I/N", default=None,
+                               help="write only shard I (0-based) of N of every split "
+                                    "(same as infer.shard=I/N)")
         if name == "evaluate":
             stage.add_argument("--labels", type=Path, metavar="DIR",
                                help="score the label PNGs in DIR instead of the run's maps")
@@ -249,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if rest:
         args.overrides = [*args.overrides, *rest]
+    if getattr(args, "shard", None) is not None:
+        args.overrides = [*args.overrides, f"infer.shard={args.shard}"]
     try:
         cfg = load_config(args.config, list(args.overrides))
         result = _COMMANDS[args.command](cfg, args)

@@ -129,10 +129,21 @@ class LossConfig:
     false = SIPE's GSC (both branches), the method page's default."""
 
 
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 5
     batch_size: int = 16
+    """The GLOBAL batch: images per optimizer step, summed over processes and micro-batches."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: each process runs batch_size / (processes *
+    grad_accum) images at a time and the gradients add up to the global batch's."""
+    precision: Precision = "fp32"
+    """Autocast dtype of forward passes: fp32 (off), bf16, or fp16 (with a gradient scaler)."""
+    channels_last: bool = False
+    """NHWC memory layout for the network and its inputs (faster convolutions on tensor cores)."""
     crop_size: int = 512
     resize_long: list[int] = field(default_factory=lambda: [320, 640])
     """Random resize: the long side is drawn uniformly from [min, max]."""
@@ -148,6 +159,9 @@ class TrainConfig:
     grad_clip: float | None = None
     checkpoint_every: int = 1
     """Epochs between checkpoints (the last epoch is always saved)."""
+    checkpoint_every_steps: int | None = None
+    """Also checkpoint every N optimizer steps inside an epoch (null: epoch ends only), so
+    a run killed mid-epoch loses at most N steps."""
     keep_checkpoints: int = 2
     resume: bool = True
     """Continue from the newest complete checkpoint in output_dir when one exists."""
@@ -164,6 +178,27 @@ class InferConfig:
     map: Literal["auto", "cam", "pacam", "fused"] = "auto"
     """Which localisation map to write: auto = pacam for prototype methods, cam for cam;
     fused = mean of the max-normalised CAM and PACAM."""
+    precision: Precision | None = None
+    """Autocast dtype for map generation; null uses train.precision."""
+    shard: str | None = None
+    """"I/N": write only shard I (0-based) of N of every split's images, for independent
+    processes such as a SLURM array (`cpal infer --shard I/N`); null: all images."""
+
+    @property
+    def shard_spec(self) -> tuple[int, int]:
+        """(index, count) of `shard`; (0, 1) when unsharded."""
+        if self.shard is None:
+            return 0, 1
+        index, sep, count = self.shard.partition("/")
+        try:
+            spec = int(index), int(count)
+        except ValueError:
+            spec = (-1, -1)
+        if not sep or not (0 <= spec[0] < spec[1]):
+            raise ConfigError(
+                f"'infer.shard': expected I/N with 0 <= I < N (e.g. 0/4), got {self.shard!r}"
+            )
+        return spec
 
 
 @dataclass
@@ -386,13 +421,19 @@ def _check_values(config: Config) -> None:
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(t.poly_power >= 0, "train.poly_power", "must be >= 0")
     need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
+    need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    need(t.batch_size % t.grad_accum == 0, "train.batch_size",
+         f"{t.batch_size} is not divisible by train.grad_accum ({t.grad_accum})")
     need(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+    need(t.checkpoint_every_steps is None or t.checkpoint_every_steps >= 1,
+         "train.checkpoint_every_steps", "must be >= 1 or null")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(t.log_every >= 1, "train.log_every", "must be >= 1")
     need(config.viz.num_images >= 1, "viz.num_images", "must be >= 1")
     need(config.threads is None or config.threads >= 1, "threads", "must be >= 1 or null")
     need(len(i.scales) >= 1 and all(x > 0 for x in i.scales), "infer.scales", "must be > 0")
     need(i.batch_size >= 1, "infer.batch_size", "must be >= 1")
+    need(i.shard_spec[1] >= 1, "infer.shard", "needs N >= 1")  # shard_spec checks the form
     need(config.method != "cam" or i.map in ("auto", "cam"), "infer.map",
          f"'{i.map}' needs a prototype method (method=cam has no PACAM)")
     pc, bc, ac = config.prototype, config.bank, config.awareness

@@ -23,7 +23,14 @@ from cpal.data.images import load_mask
 from cpal.data.source import open_dataset
 from cpal.data.transforms import normalize
 from cpal.data.voc import VOCLayout
-from cpal.engine.infer import infer, load_trained_model, normalised_maps, read_maps_identity
+from cpal.engine import distributed
+from cpal.engine.infer import (
+    infer,
+    load_trained_model,
+    missing_maps,
+    normalised_maps,
+    read_maps_identity,
+)
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import resolve_device
 from cpal.engine.train import load_final_checkpoint, train
@@ -97,7 +104,7 @@ def _map_paths(
     if missing:
         raise DatasetError(
             f"{missing[0]}: map missing ({len(missing)} of {len(pairs)} for split '{split}'); "
-            f"run `cpal infer` with infer.splits including '{split}'"
+            f"run `cpal infer` (every shard) with infer.splits including '{split}'"
         )
     return pairs, identity
 
@@ -110,15 +117,28 @@ def stage_train(config: Config, *, progress: bool = True) -> dict[str, Any]:
     start = time.perf_counter()
     checkpoint = train(config, progress=progress)
     details = {"checkpoint": checkpoint.name}
-    _record_stage(RunPaths(config.output_path), "train", time.perf_counter() - start, **details)
+    if distributed.ranks().is_main:
+        _record_stage(RunPaths(config.output_path), "train", time.perf_counter() - start,
+                      **details)
     return details
 
 
 def stage_infer(config: Config, *, progress: bool = True) -> dict[str, Any]:
+    """Maps of this process's shard; under torchrun returns (and rank 0 records) the totals
+    of all processes once every one has finished."""
     start = time.perf_counter()
     written = infer(config, progress=progress)
-    _record_stage(RunPaths(config.output_path), "infer", time.perf_counter() - start,
-                  written=written)
+    totals = distributed.all_reduce_sum(torch.tensor(list(written.values()), dtype=torch.long))
+    written = dict(zip(written, totals.tolist(), strict=True))
+    distributed.barrier()
+    if distributed.ranks().is_main:
+        details: dict[str, Any] = {"written": written}
+        if config.infer.shard is not None:
+            details["shard"] = config.infer.shard
+        layout = open_dataset(config.data)
+        details["missing"] = {s: len(missing_maps(config, layout, s)) for s in written}
+        _record_stage(RunPaths(config.output_path), "infer", time.perf_counter() - start,
+                      **details)
     return written
 
 
@@ -386,6 +406,10 @@ def _context_panel(
     return ContextPanel(label=layout.class_names[channel], thumbnails=thumbnails)
 
 
+def _quiet(_: str) -> None:
+    """The log of processes other than rank 0."""
+
+
 def _fractions(percents: Iterable[float | None]) -> list[float | None]:
     """metrics.json holds percent; the figure functions take fractions."""
     return [None if p is None else p / 100 for p in percents]
@@ -413,13 +437,26 @@ def summary_table(config: Config) -> str:
 
 def run(config: Config, *, progress: bool = True,
         log: Callable[[str], None] = tqdm.write) -> dict[str, Any]:
-    """train -> maps -> evaluation -> pseudo labels -> figures; returns metrics.json."""
+    """train -> maps -> evaluation -> pseudo labels -> figures; returns metrics.json.
+
+    Under torchrun every process trains and writes its share of the maps; rank 0 alone
+    then evaluates, exports labels and draws figures (the others return {})."""
+    if config.infer.shard is not None:
+        raise ConfigError(
+            "'infer.shard': `cpal run` evaluates every map; run `cpal infer --shard I/N` "
+            "for each shard, then `cpal evaluate`, `cpal labels` and `cpal figures`"
+        )
     paths = RunPaths(config.output_path)
+    main = distributed.ranks().is_main
+    if not main:
+        log = _quiet
     log(f"cpal run: output in {paths.root}")
     stage_train(config, progress=progress)
     log("stage train: done")
-    stage_infer(config, progress=progress)
+    stage_infer(config, progress=progress)  # returns once every process has written its maps
     log("stage infer: done")
+    if not main:
+        return {}
     stage_evaluate(config)
     log("stage evaluate: done")
     stage_labels(config, progress=progress)

@@ -1,8 +1,10 @@
 """Training checkpoints: tensors in safetensors, everything else in JSON.
 
-A checkpoint is `epoch_NNN.safetensors` plus `epoch_NNN.json`; the JSON is written last
-and records the tensor file's size, so it acts as the commit marker: a run killed during
-a write leaves no JSON (or a stale one that does not match), and resume ignores it.
+A checkpoint is `STEM.safetensors` plus `STEM.json`, STEM being `epoch_NNN` at the end of
+an epoch or `step_NNNNNNNN` inside one. The JSON is written last (each file through a
+temporary file and a rename) and records the tensor file's size, so it acts as the commit
+marker: a run killed during a write leaves no JSON (or a stale one that does not match),
+and resume ignores it. Checkpoints are ordered by optimizer step.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from cpal.errors import CheckpointError
 from cpal.io import atomic_path, write_json_atomic
 
 FORMAT_VERSION = 1
-_NAME = re.compile(r"^epoch_(\d{3,})\.json$")
+_NAME = re.compile(r"^(?:epoch_\d{3,}|step_\d{8,})\.json$")
 
 
 @dataclass
@@ -40,7 +42,9 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
     meta: dict[str, Any],
+    stem: str | None = None,
 ) -> Path:
+    """Write tensors, then the JSON marker; `stem` defaults to `epoch_NNN`."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     optim_meta = None
@@ -54,7 +58,9 @@ def save_checkpoint(
                 else:
                     optim_state.setdefault(str(pid), {})[name] = value
         optim_meta = {"param_groups": state["param_groups"], "state": optim_state}
-    stem = f"epoch_{epoch:03d}"
+    stem = stem or f"epoch_{epoch:03d}"
+    if not _NAME.match(f"{stem}.json"):
+        raise ValueError(f"checkpoint stem {stem!r} is not epoch_NNN or step_NNNNNNNN")
     tensor_path = directory / f"{stem}.safetensors"
     with atomic_path(tensor_path) as tmp:
         save_file(tensors, str(tmp))
@@ -78,10 +84,11 @@ def list_checkpoints(directory: Path) -> list[Path]:
         return []
     found = []
     for path in directory.iterdir():
-        match = _NAME.match(path.name)
-        if match and _is_complete(path):
-            found.append((int(match.group(1)), path))
-    return [p for _, p in sorted(found)]
+        if _NAME.match(path.name):
+            record = _complete_record(path)
+            if record is not None:
+                found.append((record["step"], record["epoch"], path.name, path))
+    return [p for *_, p in sorted(found)]
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
@@ -89,13 +96,19 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _is_complete(json_path: Path) -> bool:
+def _complete_record(json_path: Path) -> dict[str, Any] | None:
+    """The marker's record if its tensor file is there in full, else None."""
     try:
         record = json.loads(json_path.read_text(encoding="utf-8"))
         tensor_path = json_path.with_name(record["tensors"])
-        return tensor_path.stat().st_size == record["tensor_bytes"]
+        counters = (record["step"], record["epoch"])
+        if tensor_path.stat().st_size == record["tensor_bytes"] and all(
+            isinstance(x, int) for x in counters
+        ):
+            return record
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        pass
+    return None
 
 
 def load_checkpoint(json_path: Path) -> Checkpoint:
@@ -124,13 +137,22 @@ def load_checkpoint(json_path: Path) -> Checkpoint:
 
 
 def prune_checkpoints(directory: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (and any orphaned tensor files)."""
+    """Delete all but the newest `keep` (at least 1) complete checkpoints, tensor files
+    without a marker and temporary files of killed writes.
+
+    Call it only from the process that writes checkpoints, after its write finished: then
+    no temporary file belongs to a write in progress.
+    """
     complete = list_checkpoints(directory)
-    for json_path in complete[:-keep] if keep > 0 else complete:
-        tensor_path = json_path.with_name(json_path.stem + ".safetensors")
-        json_path.unlink(missing_ok=True)
-        tensor_path.unlink(missing_ok=True)
-    kept = {p.stem for p in complete[-keep:]} if keep > 0 else set()
-    for tensor_path in directory.glob("epoch_*.safetensors"):
+    keep = max(1, keep)  # never delete the newest complete checkpoint
+    for json_path in complete[:-keep]:
+        record = _complete_record(json_path)
+        json_path.unlink(missing_ok=True)  # the marker first: never a marker without tensors
+        if record is not None:
+            json_path.with_name(record["tensors"]).unlink(missing_ok=True)
+    kept = {p.stem for p in complete[-keep:]}
+    for tensor_path in directory.glob("*.safetensors"):
         if tensor_path.stem not in kept and not tensor_path.with_suffix(".json").exists():
             tensor_path.unlink(missing_ok=True)
+    for tmp in directory.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)

@@ -1,16 +1,24 @@
-"""Multi-scale + flip class activation maps, one `.npz` per image, resumable.
+"""Multi-scale + flip class activation maps, one `.npz` per image, sharded and resumable.
 
 Each forward pass takes a batch of same-size images together with their flips; maps of
 every scale are upsampled to the image grid, summed, and each class divided by its
 maximum (IRN's recipe). Images whose map file exists are skipped, and each file is
 written atomically, so an interrupted run resumes without truncated outputs.
+
+Sharding: shard I of N takes every N-th image of a split (`infer.shard` or
+`cpal infer --shard I/N`); under torchrun each process takes its own part of the shard.
+Every image is written by exactly one process, and shards claim the folder's identity
+record race-free, so independent processes (a SLURM array) can fill one folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,9 +34,10 @@ from cpal.config import Config
 from cpal.data.datasets import InferenceDataset, SameSizeBatchSampler
 from cpal.data.source import open_dataset
 from cpal.data.voc import VOCLayout
+from cpal.engine import distributed
 from cpal.engine.checkpoint import Checkpoint
 from cpal.engine.paths import RunPaths
-from cpal.engine.runtime import setup
+from cpal.engine.runtime import autocast, setup
 from cpal.engine.train import changed_keys, load_final_checkpoint
 from cpal.errors import ConfigError, DatasetError
 from cpal.io import MapRecord, read_json, save_maps, write_json_atomic
@@ -41,13 +50,19 @@ def describe_inference(scales: Sequence[float], flip: bool) -> str:
     return "scales " + ",".join(str(float(x)) for x in scales) + (" + flip" if flip else "")
 
 
+def inference_precision(config: Config) -> str:
+    """`infer.precision`, or the training precision when it is null."""
+    return config.infer.precision or config.train.precision
+
+
 def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[str, Any]:
     """What made a folder of maps: stored beside them, compared before any reuse, and
-    the source of the inference text in every protocol computed from them."""
+    the source of the inference text in every protocol computed from them. The same for
+    every shard and process of one configuration."""
     digest = hashlib.sha256(
         json.dumps(ckpt.meta.get("fingerprint"), sort_keys=True).encode()
     ).hexdigest()[:16]
-    return {
+    identity = {
         "checkpoint": checkpoint.name,
         "training_fingerprint": digest,
         "method": config.method,
@@ -56,6 +71,25 @@ def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[st
         "flip": config.infer.flip,
         "inference": describe_inference(config.infer.scales, config.infer.flip),
     }
+    precision = inference_precision(config)
+    if precision != "fp32":  # absent = fp32, as in folders made before the setting existed
+        identity["precision"] = precision
+        identity["inference"] += f", {precision}"
+    return identity
+
+
+def shard_of(config: Config) -> tuple[int, int]:
+    """(index, count) of this process's share of every split: `infer.shard` I/N, split
+    again across torchrun's processes (rank r of W takes shard I * W + r of N * W)."""
+    index, count = config.infer.shard_spec
+    ranks = distributed.ranks()
+    return index * ranks.world_size + ranks.rank, count * ranks.world_size
+
+
+def shard_ids(ids: Sequence[str], index: int, count: int) -> list[str]:
+    """Every `count`-th id from `index`: disjoint shards whose union is `ids`, fixed by the
+    split alone (not by which maps exist), so a resumed shard owns the same images."""
+    return list(ids[index::count])
 
 
 def read_maps_identity(directory: Path) -> dict[str, Any]:
@@ -71,7 +105,10 @@ def load_trained_model(ckpt: Checkpoint, config: Config, num_classes: int,
     # Weights (and the support bank) come from the checkpoint, not the ImageNet file.
     model, _ = build_network(config, num_classes, pretrained=False)
     model.load_state_dict(ckpt.model)
-    return model.to(device).eval()
+    model.to(device)
+    if config.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model.eval()
 
 
 @torch.inference_mode()
@@ -110,6 +147,8 @@ def multiscale_maps(
                 cam = (cam[:batch] + cam[batch:].flip(-1)) / 2
             per_scale["pacam"] = model.cpal(features, cam, labels).pacam[:, 1:]
         for kind, value in per_scale.items():
+            # Sums over scales in float32 whatever precision the network ran in.
+            value = value.float()
             value = F.interpolate(value, size=padded, mode="bilinear", align_corners=False)
             value = value[:, :, :height, :width]
             totals[kind] = value if kind not in totals else totals[kind] + value
@@ -143,13 +182,15 @@ def localisation_maps(
 
 def infer_split(
     config: Config, layout: VOCLayout, model: CAMNet, split: str, device: torch.device,
-    identity: dict[str, Any], *, progress: bool = True,
+    identity: dict[str, Any], *, shard: tuple[int, int] = (0, 1), progress: bool = True,
 ) -> int:
-    """Write maps for every image of `split` not yet done; return how many were written."""
+    """Write maps for every image of `split` in `shard` not yet done; return how many were
+    written."""
     out_dir = RunPaths(config.output_path).maps(split)
     out_dir.mkdir(parents=True, exist_ok=True)
     _claim_folder(out_dir, identity)
-    ids = layout.split_ids(split)
+    ids = shard_ids(layout.split_ids(split), *shard)
+    _remove_stale_temporaries(out_dir, set(ids))
     pending = [i for i in ids if not (out_dir / f"{i}.npz").exists()]
     if not pending:
         return 0
@@ -161,12 +202,16 @@ def infer_split(
     )
     bar = tqdm(total=len(pending), desc=f"maps {split}", disable=not progress, leave=False,
                dynamic_ncols=True)
+    precision = inference_precision(config)
     for batch in loader:
         labels = batch["label"].to(device)
-        maps = localisation_maps(
-            model, batch["image"].to(device), labels, config.infer.scales, config.infer.flip,
-            config.map_kind,
-        )
+        images = batch["image"].to(device)
+        if config.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            maps = localisation_maps(
+                model, images, labels, config.infer.scales, config.infer.flip, config.map_kind
+            )
         for one, label, image_id in zip(maps, batch["label"], batch["id"], strict=True):
             _write_record(out_dir / f"{image_id}.npz", one, label)
         bar.update(len(batch["id"]))
@@ -175,22 +220,54 @@ def infer_split(
 
 
 def _claim_folder(directory: Path, identity: dict[str, Any]) -> None:
-    """Record what makes this folder's maps, or refuse if it holds maps made otherwise."""
+    """Record what makes this folder's maps, or refuse if it holds maps made otherwise.
+
+    Race-free between shards: the record is created exclusively (a hard link of a complete
+    temporary file), so of several shards starting together one creates it and the others
+    compare against it. Maps are only written after the record exists, so maps without
+    one are foreign; the record is looked for again after the maps, in case another shard
+    claimed the folder in between.
+    """
     meta = directory / MAPS_META
-    if meta.exists():
-        existing = read_maps_identity(directory)
-        if existing != identity:
-            changed = changed_keys(existing, identity)
-            raise ConfigError(
-                f"{directory}: holds maps made with other settings ({', '.join(changed)}); "
-                "delete that folder or use another output_dir"
-            )
-        return
-    if any(directory.glob("*.npz")):
+    if any(directory.glob("*.npz")) and not meta.exists():
         raise ConfigError(
             f"{directory}: holds maps of unknown origin (no {MAPS_META}); delete the folder"
         )
-    write_json_atomic(meta, identity)
+    if not meta.exists():
+        _create_exclusive(meta, identity)
+    existing = read_maps_identity(directory)
+    if existing != identity:
+        changed = changed_keys(existing, identity)
+        raise ConfigError(
+            f"{directory}: holds maps made with other settings ({', '.join(changed)}); "
+            "delete that folder or use another output_dir"
+        )
+
+
+def _create_exclusive(path: Path, record: dict[str, Any]) -> None:
+    """Create the JSON file `path` complete and only if absent (the first writer wins)."""
+    candidate = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    write_json_atomic(candidate, record)
+    try:
+        os.link(candidate, path)
+    except FileExistsError:
+        pass  # another shard claimed it first; the caller compares
+    except OSError:
+        # A filesystem without hard links: a rename is atomic but not exclusive (shards of
+        # one configuration write identical records; the caller still compares).
+        os.replace(candidate, path)
+    finally:
+        candidate.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(directory: Path, owned: set[str]) -> None:
+    """Delete temporary files that killed writes of this shard's images left behind
+    (`.ID.npz.XXXX.tmp`); other shards' are theirs (they may be writing them now)."""
+    for tmp in directory.glob(".*.npz.*.tmp"):
+        image_id = tmp.name[1:].rpartition(".npz.")[0]
+        if image_id in owned:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 def _write_record(path: Path, maps: Tensor, label: Tensor) -> None:
@@ -205,16 +282,27 @@ def _write_record(path: Path, maps: Tensor, label: Tensor) -> None:
 
 
 def infer(config: Config, splits: Sequence[str] | None = None, *, progress: bool = True) -> dict:
-    """Generate maps for the configured splits; return {split: images written}."""
+    """Generate this process's shard of maps for the configured splits; return
+    {split: images written by this process}."""
     device = setup(config)
-    layout = open_dataset(config.data)
+    with distributed.main_first():  # rank 0 fills the dataset cache; the others reuse it
+        layout = open_dataset(config.data)
     splits = list(splits or config.infer.splits)
     for split in splits:
         layout.check(split)  # fail before any work, not halfway through
     checkpoint, ckpt = load_final_checkpoint(config)
     model = load_trained_model(ckpt, config, layout.num_foreground, device)
     identity = maps_identity(config, checkpoint, ckpt)
+    shard = shard_of(config)
+    progress = progress and distributed.ranks().is_main
     return {
-        split: infer_split(config, layout, model, split, device, identity, progress=progress)
+        split: infer_split(config, layout, model, split, device, identity, shard=shard,
+                           progress=progress)
         for split in splits
     }
+
+
+def missing_maps(config: Config, layout: VOCLayout, split: str) -> list[str]:
+    """Ids of `split` whose map file does not exist yet."""
+    directory = RunPaths(config.output_path).maps(split)
+    return [i for i in layout.split_ids(split) if not (directory / f"{i}.npz").exists()]

@@ -1,7 +1,8 @@
-"""Process-wide set-up shared by every stage: seeds, threads, determinism, device."""
+"""Process-wide set-up shared by every stage: seeds, threads, determinism, device, precision."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -9,7 +10,10 @@ import numpy as np
 import torch
 
 from cpal.config import Config
+from cpal.engine import distributed
 from cpal.errors import ConfigError
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def seed_everything(seed: int) -> None:
@@ -19,7 +23,8 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(config: Config) -> torch.device:
-    """Apply threads, seeds and deterministic mode; return the device to run on."""
+    """Apply threads, seeds and deterministic mode, join torchrun's process group when
+    launched by it; return the device to run on (cuda:LOCAL_RANK under torchrun)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
@@ -28,7 +33,7 @@ def setup(config: Config) -> torch.device:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    return resolve_device(config.device)
+    return distributed.init(resolve_device(config.device))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,3 +42,11 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"'device': {name} requested but CUDA is not available here")
     return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for forward passes: fp32 runs as is, bf16 and fp16 under autocast."""
+    dtype = AMP_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -1,8 +1,14 @@
-"""Train the CAM network: SGD with a poly schedule, checkpoints every epoch, exact resume.
+"""Train the CAM network: SGD with a poly schedule, checkpoints, exact resume, data parallel.
 
 Exact resume: the sample order of an epoch comes from a generator seeded by (seed, epoch)
-and each sample's augmentation from (seed, epoch, index), so a run resumed from the
-checkpoint of epoch k replays epochs k+1.. exactly as an uninterrupted run would.
+and each sample's augmentation from (seed, epoch, index), so a run resumed from a
+checkpoint (at an epoch's end, or inside an epoch: its consumed global batches are skipped)
+replays the rest exactly as an uninterrupted run would.
+
+Scale: `train.batch_size` is the global batch. Each global batch (the same images whatever
+the number of processes) is cut into contiguous slices, one per process and micro-batch,
+and each slice's loss terms are weighted by its share of the global batch, so the summed
+gradient is the global batch's gradient (see `LossShare`).
 """
 
 from __future__ import annotations
@@ -10,18 +16,21 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cpal.config import Config
 from cpal.data.datasets import ClassificationDataset
 from cpal.data.source import open_dataset
 from cpal.data.transforms import TrainTransform
+from cpal.engine import distributed
 from cpal.engine.checkpoint import (
     Checkpoint,
     latest_checkpoint,
@@ -29,20 +38,35 @@ from cpal.engine.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from cpal.engine.distributed import Ranks, unwrap
 from cpal.engine.paths import RunPaths
-from cpal.engine.runtime import setup
+from cpal.engine.runtime import autocast, setup
 from cpal.errors import CheckpointError, ConfigError
 from cpal.io import write_text_atomic
 from cpal.models.cam_net import CAMNet, build_network, classification_loss
 from cpal.prototypes.pacam import self_supervision_loss
 
-# Settings that change what is trained; a checkpoint made under other values cannot be resumed.
-_RUN_INDEPENDENT = {"num_workers", "resume", "log_every", "keep_checkpoints", "checkpoint_every"}
+# Settings that do not change the maths of training, left out of the fingerprint: a run
+# may resume under other values (e.g. on 2 GPUs instead of 1 with grad_accum halved).
+_RUN_INDEPENDENT = {
+    "num_workers", "resume", "log_every", "keep_checkpoints", "checkpoint_every",
+    "checkpoint_every_steps", "grad_accum", "channels_last", "require_root",
+    "pretrained_allow_leak",
+}
+# Settings added after checkpoints existed: left out at the value those runs used, so
+# their checkpoints keep their fingerprint.
+_IMPLICIT = {"precision": "fp32"}
 
 
 def training_fingerprint(config: Config) -> dict[str, Any]:
+    """The settings that shape training (precision included, process count not); a
+    checkpoint made under another fingerprint cannot be resumed or used for maps."""
+
     def strip(section: Any) -> dict[str, Any]:
-        return {k: v for k, v in asdict(section).items() if k not in _RUN_INDEPENDENT}
+        return {
+            k: v for k, v in asdict(section).items()
+            if k not in _RUN_INDEPENDENT and not (k in _IMPLICIT and _IMPLICIT[k] == v)
+        }
 
     return {
         "seed": config.seed,
@@ -57,22 +81,48 @@ def training_fingerprint(config: Config) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class LossShare:
+    """A micro-batch's share of its global batch, weighting each loss term so that the sum
+    over micro-batches and processes is the global batch's loss (and gradient).
+
+    L_cls is a mean over images; L_self a mean over background + present-class channels
+    (pixels alike), so its share is the micro-batch's fraction of those channels. L_fda
+    (off by default) is a mean over soft region weights known only after the forward; it
+    is weighted by the image share, i.e. a mean of micro-batch means.
+    """
+
+    images: float = 1.0
+    channels: float = 1.0
+
+
 def compute_loss(
-    model: CAMNet, images: torch.Tensor, labels: torch.Tensor, config: Config
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: Config,
+    share: LossShare = LossShare(), sample_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L = L_cls + lambda_self L_self + lambda_fda L_fda (the last two for prototype methods)."""
-    out = model(images, labels if model.cpal is not None else None)
-    parts = {"cls": classification_loss(out.logits, labels)}
+    """L = L_cls + lambda_self L_self + lambda_fda L_fda (the last two for prototype methods).
+
+    `model` is a CAMNet or a DistributedDataParallel around one; `sample_ids` (dataset
+    indices) let the support bank record which image each entry came from."""
+    with_cpal = unwrap(model).cpal is not None
+    out = model(images, labels if with_cpal else None, sample_ids if with_cpal else None)
+    parts = {"cls": classification_loss(out.logits.float(), labels) * share.images}
     if out.cpal is not None:
         self_loss = out.cpal.losses["self"]
         if config.loss.self_detach_cam:
             c = out.cpal
             self_loss = self_supervision_loss(c.cam_norm.detach(), c.pacam, c.valid)
-        parts["self"] = config.loss.self_weight * self_loss
+        parts["self"] = config.loss.self_weight * self_loss.float() * share.channels
         if "fda" in out.cpal.losses:
-            parts["fda"] = config.alignment.loss_weight * out.cpal.losses["fda"]
+            fda = out.cpal.losses["fda"].float()
+            parts["fda"] = config.alignment.loss_weight * fda * share.images
     total = torch.stack(list(parts.values())).sum()
     return total, parts
+
+
+def channel_count(labels: torch.Tensor) -> int:
+    """Background + present-class channels of a batch: what L_self averages over."""
+    return int(labels.shape[0] + (labels > 0.5).sum())
 
 
 def _check_fingerprint(path: Path, ckpt: Checkpoint, fingerprint: dict[str, Any]) -> None:
@@ -118,19 +168,100 @@ def build_optimizer(model: CAMNet, config: Config) -> torch.optim.SGD:
     )
 
 
+def epoch_order(num_images: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's permutation of the training images (RandomSampler's, seeded by epoch)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_images, generator=generator).tolist()
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a global batch is cut: a contiguous slice per process, then per micro-batch,
+    so the images of a global batch never depend on the number of processes (unlike
+    DistributedSampler's strided split) and bank entries keep the global batch's order."""
+
+    batch_size: int
+    world_size: int = 1
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        parts = self.world_size * self.grad_accum
+        if self.batch_size % parts:
+            raise ConfigError(
+                f"'train.batch_size': {self.batch_size} does not split into "
+                f"{self.world_size} processes x 'train.grad_accum' {self.grad_accum} equal "
+                f"micro-batches; use a multiple of {parts}"
+            )
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // (self.world_size * self.grad_accum)
+
+    def slices(self, batch: Sequence[int], rank: int) -> list[list[int]]:
+        """Rank `rank`'s micro-batches of one global batch, in order."""
+        size = self.micro_batch
+        first = rank * self.grad_accum * size
+        return [list(batch[first + i * size : first + (i + 1) * size])
+                for i in range(self.grad_accum)]
+
+
+@dataclass
+class Position:
+    """Where training stands; saved with every checkpoint so a run resumes mid-epoch."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # global batches done in epoch `epoch` (0 at an epoch boundary)
+    step: int = 0  # optimizer steps done in the run
+    loss_sum: float = 0.0  # sum of batch loss x batch images in epoch `epoch` so far
+    images: int = 0  # images of epoch `epoch` so far
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint) -> Position:
+        saved = ckpt.meta.get("position") or {}  # absent in end-of-epoch checkpoints of v0.1
+        return cls(epoch=ckpt.epoch, step=ckpt.step, batch=int(saved.get("batch", 0)),
+                   loss_sum=float(saved.get("loss_sum", 0.0)), images=int(saved.get("images", 0)))
+
+
+@dataclass
+class _Run:
+    """What the epoch loop needs, gathered once by `train`."""
+
+    config: Config
+    paths: RunPaths
+    net: CAMNet
+    model: nn.Module  # what forward is called on: `net`, or DistributedDataParallel(net)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    dataset: ClassificationDataset
+    plan: BatchPlan
+    ranks: Ranks
+    device: torch.device
+    meta: dict[str, Any]
+    total_steps: int
+    show_progress: bool
+    log_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
 def train(config: Config, *, progress: bool = True) -> Path:
-    """Train (or resume) and return the final checkpoint's JSON path."""
+    """Train (or resume) and return the final checkpoint's JSON path.
+
+    Under torchrun every process calls this; rank 0 alone writes checkpoints, logs and the
+    config, and the others wait for it at a barrier.
+    """
     paths = RunPaths(config.output_path)
     device = setup(config)
+    ranks = distributed.ranks()
     t = config.train
-    layout = open_dataset(config.data)
+    with distributed.main_first():  # rank 0 fills the dataset cache; the others reuse it
+        layout = open_dataset(config.data)
     layout.check(config.data.train_split)  # every image present: fail now, not mid-epoch
-    if config.model.frozen_bn and not config.model.pretrained:
+    if config.model.frozen_bn and not config.model.pretrained and ranks.is_main:
         warnings.warn(
             "model.frozen_bn=true without model.pretrained: BatchNorm keeps its initial "
             "statistics (an identity); set model.frozen_bn=false to train from scratch",
             stacklevel=2,
         )
+    plan = BatchPlan(t.batch_size, ranks.world_size, t.grad_accum)
     transform = TrainTransform(t.crop_size, (t.resize_long[0], t.resize_long[1]), t.hflip)
     dataset = ClassificationDataset(layout, config.data.train_split, transform, config.seed)
     steps_per_epoch = len(dataset) // t.batch_size
@@ -139,16 +270,18 @@ def train(config: Config, *, progress: bool = True) -> Path:
             f"'train.batch_size': {t.batch_size} exceeds the {len(dataset)} images of split "
             f"'{config.data.train_split}'"
         )
-    total_steps = steps_per_epoch * t.epochs
 
-    model, report = build_network(config, layout.num_foreground)
-    if report is not None:
+    net, report = build_network(config, layout.num_foreground)
+    if report is not None and ranks.is_main:
         tqdm.write(f"pretrained: {report.summary()}")
-    model.to(device)
-    optimizer = build_optimizer(model, config)
+    net.to(device)
+    if t.channels_last:
+        net.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(net, config)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     fingerprint = training_fingerprint(config)
 
-    start_epoch, step = 0, 0
+    position = Position()
     latest = latest_checkpoint(paths.checkpoints)
     if latest is not None:
         if not t.resume:
@@ -158,110 +291,180 @@ def train(config: Config, *, progress: bool = True) -> Path:
             )
         ckpt = load_checkpoint(latest)
         _check_fingerprint(latest, ckpt, fingerprint)
-        model.load_state_dict(ckpt.model)
+        net.load_state_dict(ckpt.model)
         if ckpt.optimizer is not None:
             optimizer.load_state_dict(ckpt.optimizer)
-        start_epoch, step = ckpt.epoch, ckpt.step
-        _truncate_log(paths.train_log, start_epoch)
-        if start_epoch < t.epochs:
-            tqdm.write(f"resuming from {latest.name} (epoch {start_epoch}/{t.epochs})")
-    write_text_atomic(paths.config, config.to_yaml())
-    if start_epoch >= t.epochs:
+        if "grad_scaler" in ckpt.meta:
+            scaler.load_state_dict(ckpt.meta["grad_scaler"])
+        position = Position.of(ckpt)
+        if ranks.is_main:
+            _truncate_log(paths.train_log, position.step)
+            if position.epoch < t.epochs:
+                tqdm.write(f"resuming from {latest.name} (epoch {position.epoch}/{t.epochs}, "
+                           f"step {position.step})")
+    if ranks.is_main:
+        write_text_atomic(paths.config, config.to_yaml())
+    if position.epoch >= t.epochs:
+        distributed.barrier()
         assert latest is not None
         return latest
 
-    for epoch in range(start_epoch, t.epochs):
-        step = _run_epoch(
-            model, optimizer, dataset, config, epoch=epoch, step=step, total_steps=total_steps,
-            device=device, paths=paths, progress=progress,
-        )
+    if net.cpal is not None:
+        # Prototypes of all micro-batches and processes enter the bank once per step.
+        net.cpal.defer_bank_updates = True
+    run = _Run(
+        config=config, paths=paths, net=net, model=distributed.wrap(net, device),
+        optimizer=optimizer, scaler=scaler, dataset=dataset, plan=plan, ranks=ranks,
+        device=device, meta={"fingerprint": fingerprint, "class_names": list(layout.class_names)},
+        total_steps=steps_per_epoch * t.epochs, show_progress=progress and ranks.is_main,
+    )
+    every = t.checkpoint_every_steps
+    for epoch in range(position.epoch, t.epochs):
+        position = _run_epoch(run, epoch, position)
         last = epoch + 1 == t.epochs
-        if last and model.cpal is not None:
+        if last and net.cpal is not None:
             # Inference uses the stored context: build it from the final bank.
-            model.cpal.refresh_context()
-        if last or (epoch + 1) % t.checkpoint_every == 0:
-            latest = save_checkpoint(
-                paths.checkpoints, epoch=epoch + 1, step=step, model=model, optimizer=optimizer,
-                meta={"fingerprint": fingerprint, "class_names": list(layout.class_names)},
-            )
-            prune_checkpoints(paths.checkpoints, t.keep_checkpoints)
+            net.cpal.refresh_context()
+        due_steps = every is not None and position.step % every == 0
+        if last or (epoch + 1) % t.checkpoint_every == 0 or due_steps:
+            latest = _save(run, position)
     assert latest is not None
     return latest
 
 
-def _run_epoch(
-    model: CAMNet,
-    optimizer: torch.optim.Optimizer,
-    dataset: ClassificationDataset,
-    config: Config,
-    *,
-    epoch: int,
-    step: int,
-    total_steps: int,
-    device: torch.device,
-    paths: RunPaths,
-    progress: bool,
-) -> int:
-    t = config.train
-    dataset.set_epoch(epoch)
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+def _run_epoch(run: _Run, epoch: int, position: Position) -> Position:
+    """Train epoch `epoch` from `position` (its start, or a mid-epoch checkpoint); return
+    the position at its end."""
+    config, t = run.config, run.config.train
+    run.dataset.set_epoch(epoch)
+    order = epoch_order(len(run.dataset), config.seed, epoch)
+    batches = [order[i * t.batch_size : (i + 1) * t.batch_size]
+               for i in range(len(order) // t.batch_size)]
+    # This process's micro-batches of the global batches not yet done, in order.
+    rank = run.ranks.rank
+    mine = [s for batch in batches[position.batch :] for s in run.plan.slices(batch, rank)]
     loader = DataLoader(
-        dataset,
-        batch_size=t.batch_size,
-        sampler=RandomSampler(dataset, generator=generator),
-        drop_last=True,
-        num_workers=config.data.num_workers,
-        pin_memory=device.type == "cuda",
+        run.dataset, batch_sampler=mine, num_workers=config.data.num_workers,
+        pin_memory=run.device.type == "cuda",
     )
-    model.train()
-    bar = tqdm(loader, desc=f"train epoch {epoch + 1}/{t.epochs}", disable=not progress,
-               leave=False, dynamic_ncols=True)
-    loss_sum, seen, start = 0.0, 0, time.perf_counter()
-    log_rows = []
-    for batch in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = poly_lr(group["base_lr"], step, total_steps, t.poly_power)
-        images = batch["image"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
-        loss, parts = compute_loss(model, images, labels, config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        step += 1
-        loss_sum += loss.item() * len(images)
-        seen += len(images)
-        if step % t.log_every == 0:
+    run.model.train()
+    bar = tqdm(total=len(batches), initial=position.batch, disable=not run.show_progress,
+               desc=f"train epoch {epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True)
+    every = t.checkpoint_every_steps
+    seen, start = 0, time.perf_counter()
+    micro: list[dict[str, Any]] = []
+    for item in loader:
+        micro.append(item)
+        if len(micro) < t.grad_accum:
+            continue
+        losses = _optimizer_step(run, micro, batches[position.batch], position.step)
+        micro = []
+        position.batch += 1
+        position.step += 1
+        position.loss_sum += losses["loss"] * t.batch_size
+        position.images += t.batch_size
+        seen += t.batch_size
+        bar.update()
+        if position.step % t.log_every == 0:
             rate = seen / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}")
-            log_rows.append(
-                {"epoch": epoch + 1, "step": step, "loss": round(loss.item(), 6),
-                 **{f"loss_{k}": round(v.item(), 6) for k, v in parts.items()},
-                 "lr": optimizer.param_groups[0]["lr"], "images_per_s": round(rate, 2)}
+            bar.set_postfix(loss=f"{losses['loss']:.4f}", img_s=f"{rate:.1f}")
+            run.log_rows.append(
+                {"epoch": epoch + 1, "step": position.step, "loss": round(losses["loss"], 6),
+                 **{f"loss_{k}": round(v, 6) for k, v in losses.items() if k != "loss"},
+                 "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": round(rate, 2)}
             )
+        if every is not None and position.step % every == 0 and position.batch < len(batches):
+            _save(run, position, stem=f"step_{position.step:08d}")
+    bar.close()
     elapsed = time.perf_counter() - start
     summary = {
-        "epoch": epoch + 1, "step": step, "mean_loss": round(loss_sum / max(seen, 1), 6),
+        "epoch": epoch + 1, "step": position.step,
+        "mean_loss": round(position.loss_sum / max(position.images, 1), 6),
         "images_per_s": round(seen / elapsed, 2), "seconds": round(elapsed, 2),
     }
-    log_rows.append(summary)
-    paths.train_log.parent.mkdir(parents=True, exist_ok=True)
-    with paths.train_log.open("a", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in log_rows)
-    tqdm.write(
-        f"epoch {epoch + 1}/{t.epochs}: loss {summary['mean_loss']:.4f}, "
-        f"{summary['images_per_s']:.1f} images/s"
-    )
-    return step
+    run.log_rows.append(summary)
+    _flush_log(run)
+    if run.ranks.is_main:
+        tqdm.write(
+            f"epoch {epoch + 1}/{t.epochs}: loss {summary['mean_loss']:.4f}, "
+            f"{summary['images_per_s']:.1f} images/s"
+        )
+    return Position(epoch=epoch + 1, step=position.step)
 
 
-def _truncate_log(path: Path, epochs_kept: int) -> None:
-    """Drop log rows of epochs after the checkpoint we resume from (they will be rerun)."""
+def _optimizer_step(
+    run: _Run, micro: list[dict[str, Any]], batch: Sequence[int], step: int
+) -> dict[str, float]:
+    """One SGD step on a global batch from this process's micro-batches of it; returns the
+    global batch's loss and its terms (the same numbers on every process)."""
+    t = run.config.train
+    for group in run.optimizer.param_groups:
+        group["lr"] = poly_lr(group["base_lr"], step, run.total_steps, t.poly_power)
+    run.optimizer.zero_grad(set_to_none=True)
+    channels = channel_count(run.dataset.labels[list(batch)])
+    sums: dict[str, torch.Tensor] = {}
+    for i, item in enumerate(micro):
+        share = LossShare(images=len(item["label"]) / t.batch_size,
+                          channels=channel_count(item["label"]) / channels)
+        images = item["image"].to(run.device, non_blocking=True)
+        if t.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = item["label"].to(run.device, non_blocking=True)
+        with distributed.no_sync(run.model, sync=i == len(micro) - 1):
+            with autocast(run.device, t.precision):
+                loss, parts = compute_loss(run.model, images, labels, run.config, share,
+                                           item.get("index"))
+            # DDP averages gradients over processes, while the shares already sum to one
+            # over all of them: scale back up by the process count.
+            run.scaler.scale(loss * run.ranks.world_size).backward()
+        for key, value in parts.items():
+            sums[key] = sums[key] + value.detach() if key in sums else value.detach()
+    if t.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.net.parameters(), t.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if run.net.cpal is not None:
+        run.net.cpal.flush_bank()
+    terms = torch.stack(list(sums.values())).float()
+    terms = distributed.all_reduce_sum(terms).tolist()
+    return {"loss": sum(terms), **dict(zip(sums, terms, strict=True))}
+
+
+def _save(run: _Run, position: Position, stem: str | None = None) -> Path:
+    """Checkpoint `position` (rank 0 writes, everyone waits); return the marker's path."""
+    t = run.config.train
+    stem = stem or f"epoch_{position.epoch:03d}"
+    path = run.paths.checkpoints / f"{stem}.json"
+    _flush_log(run)
+    if run.ranks.is_main:
+        meta = {**run.meta, "position": asdict(position)}
+        if run.scaler.is_enabled():
+            meta["grad_scaler"] = run.scaler.state_dict()
+        path = save_checkpoint(
+            run.paths.checkpoints, epoch=position.epoch, step=position.step, model=run.net,
+            optimizer=run.optimizer, meta=meta, stem=stem,
+        )
+        prune_checkpoints(run.paths.checkpoints, t.keep_checkpoints)
+    distributed.barrier()
+    return path
+
+
+def _flush_log(run: _Run) -> None:
+    """Append the rows collected since the last flush (rank 0; the others drop theirs)."""
+    if run.log_rows and run.ranks.is_main:
+        run.paths.train_log.parent.mkdir(parents=True, exist_ok=True)
+        with run.paths.train_log.open("a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in run.log_rows)
+    run.log_rows.clear()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows after the checkpoint we resume from (those steps will be rerun)."""
     if not path.exists():
         return
     rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("epoch", 0) <= epochs_kept]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
     if len(kept) != len(rows):
         write_text_atomic(path, "".join(line + "\n" for line in kept))
 

@@ -84,8 +84,13 @@ class CPALModule(nn.Module):
                 clusters=bank.clusters if self.uses_selection else 1,
                 normalize=prototype.normalize,
             )
-        # Counts training forwards: drives reclustering and is restored with the bank.
+        # Counts bank updates (training forwards, or flushes when deferred): drives
+        # reclustering and is restored with the bank.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # A loop that splits a batch into micro-batches or processes sets this: forward then
+        # only collects its prototypes and `flush_bank` enqueues them once per optimizer step.
+        self.defer_bank_updates = False
+        self._pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
 
     # ------------------------------------------------------------------------------------
 
@@ -142,7 +147,10 @@ class CPALModule(nn.Module):
             losses["fda"] = compactness_loss(z, weights, p_star)
 
         if self.training and self.bank is not None:
-            self._update_bank(p.detach(), valid, sample_ids)
+            if self.defer_bank_updates:
+                self._pending.append((p.detach(), valid, sample_ids))
+            else:
+                self._update_bank(p.detach(), valid, sample_ids)
 
         return CPALOutput(
             pacam=pacam,
@@ -198,6 +206,20 @@ class CPALModule(nn.Module):
         ctx = torch.where(active[..., None], ctx, p)
         selected = torch.where(sel_ok, idx, torch.full_like(idx, -1))
         return p_star, ctx, active, selected, w
+
+    @torch.no_grad()
+    def flush_bank(self) -> None:
+        """Enqueue the prototypes collected since the last flush as one update, in forward
+        order: the same bank as one forward over the concatenated images. In a data-parallel
+        run every rank calls it at the same step (the enqueue gathers all ranks' rows)."""
+        if not self._pending:
+            return
+        p = torch.cat([x for x, _, _ in self._pending])
+        valid = torch.cat([v for _, v, _ in self._pending])
+        ids = [s for _, _, s in self._pending]
+        sample_ids = None if any(s is None for s in ids) else torch.cat(ids)  # type: ignore[arg-type]
+        self._pending.clear()
+        self._update_bank(p, valid, sample_ids)
 
     @torch.no_grad()
     def _update_bank(self, p: Tensor, valid: Tensor, sample_ids: Tensor | None = None) -> None:

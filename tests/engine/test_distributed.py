@@ -1,0 +1,143 @@
+"""Two gloo processes launched the way torchrun launches them (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR/PORT in the environment) against one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from cpal.config import load_config
+from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
+from cpal.engine.paths import RunPaths
+from cpal.pipeline import stage_train
+from tests.conftest import tiny_overrides
+
+PROTO = ["prototype.dim=16", "bank.size=16", "bank.clusters=3",
+         "bank.recluster_every=2", "awareness.top_k=2"]
+# Frozen BatchNorm: the network's output per image does not depend on its batch, so the
+# split global batch can equal the whole one (unfrozen BN uses micro-batch statistics).
+# A small learning rate: another summation order rounds differently, and a rounding-sized
+# change can cross a ReLU kink (or a CAM threshold) and change a gradient by a finite
+# amount; at lr 1e-3 that stays far below the tolerance, while a wrong split, loss weight
+# or bank order would not.
+EXACT = ["model.frozen_bn=true", "train.epochs=2", "train.lr=0.001"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, commands: list[list[str]], out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import cpal.engine.infer as infer_module
+    from cpal.cli import main
+    from cpal.engine import distributed
+
+    real_write, written = infer_module._write_record, []
+
+    def recording_write(path, maps, label):
+        written.append(f"{path.parent.name}/{path.name}")
+        real_write(path, maps, label)
+
+    infer_module._write_record = recording_write
+    try:
+        for argv in commands:
+            code = main([*argv, "--no-progress"])
+            if code != 0:
+                raise SystemExit(f"rank {rank}: {argv[0]} exited {code}")
+        Path(out, f"written{rank}.json").write_text(json.dumps(written))
+    finally:
+        distributed._destroy()
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tiny_dataset, tmp_path_factory):
+    """One spawn of 2 processes for two runs. cam: 1 micro-batch of 4 per process; cpal:
+    grad_accum 2 (2 images per micro-batch), as the whole `cpal run` (sharded maps,
+    rank-0 evaluation)."""
+    root = tmp_path_factory.mktemp("ddp")
+    runs = {
+        "cam": [*tiny_overrides(tiny_dataset, root / "cam"), *EXACT],
+        "cpal": [*tiny_overrides(tiny_dataset, root / "cpal"), *EXACT, *PROTO,
+                 "method=cpal", "train.grad_accum=2"],
+    }
+    config = root / "empty.yaml"
+    config.write_text("{}\n")
+    commands = [["train", str(config), *runs["cam"]], ["run", str(config), *runs["cpal"]]]
+    mp.spawn(_worker, args=(2, _free_port(), commands, str(root)), nprocs=2, join=True)
+    return root, runs
+
+
+def _final(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(latest_checkpoint(RunPaths(output_dir).checkpoints)).model
+
+
+def _single(tiny_dataset, out: Path, overrides: list[str]) -> dict[str, torch.Tensor]:
+    """The same run in this (single) process, without accumulation."""
+    cfg = load_config(None, [*overrides, f"output_dir={out}", "train.grad_accum=1"])
+    stage_train(cfg, progress=False)
+    return _final(cfg.output_path)
+
+
+def _assert_same_training(ddp: dict, single: dict) -> None:
+    assert ddp.keys() == single.keys()
+    for key, value in single.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(ddp[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(ddp[key], value), key
+
+
+@pytest.mark.filterwarnings("ignore:model.frozen_bn")
+def test_two_processes_train_like_one_with_the_same_global_batch(ddp_runs, tiny_dataset,
+                                                                 tmp_path):
+    root, runs = ddp_runs
+    single = _single(tiny_dataset, tmp_path / "single", runs["cam"])
+    _assert_same_training(_final(root / "cam"), single)
+    # The run-level records are written once, by rank 0, with the global numbers.
+    ddp_log = [json.loads(x) for x in (root / "cam/train_log.jsonl").read_text().splitlines()]
+    one_log = [json.loads(x) for x in
+               RunPaths(tmp_path / "single").train_log.read_text().splitlines()]
+    assert [r["step"] for r in ddp_log] == [r["step"] for r in one_log] == [1, 2, 3, 3, 4, 5, 6, 6]
+    for a, b in zip(ddp_log, one_log, strict=True):
+        assert a.get("loss", a.get("mean_loss")) == pytest.approx(
+            b.get("loss", b.get("mean_loss")), rel=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:model.frozen_bn")
+def test_two_processes_with_accumulation_fill_the_bank_like_one(ddp_runs, tiny_dataset, tmp_path):
+    root, runs = ddp_runs
+    single = _single(tiny_dataset, tmp_path / "single", runs["cpal"])
+    ddp = _final(root / "cpal")
+    # Weights, every bank entry in order and the k-means context: the prototypes of both
+    # processes and both micro-batches entered the queues in the global batch's order,
+    # once per optimizer step.
+    _assert_same_training(ddp, single)
+    assert int(ddp["cpal.step"]) == 6
+    assert int(single["cpal.bank.count"].sum()) > 48
+
+
+def test_sharded_maps_are_written_once_and_evaluated_by_rank_zero(ddp_runs, tiny_dataset):
+    root, _ = ddp_runs
+    per_rank = [json.loads((root / f"written{r}.json").read_text()) for r in range(2)]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    ids = {s: (tiny_dataset / f"ImageSets/Segmentation/{s}.txt").read_text().split()
+           for s in ("train", "val")}
+    expected = {f"{s}/{i}.npz" for s in ids for i in ids[s]}
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(expected)
+    assert len(per_rank[0]) == len(per_rank[1]) == 16  # 24 + 8 images, every second one
+    stages = json.loads((root / "cpal/stages.json").read_text())
+    assert stages["infer"]["written"] == {"train": 24, "val": 8}
+    assert stages["infer"]["missing"] == {"train": 0, "val": 0}
+    metrics = json.loads((root / "cpal/metrics.json").read_text())
+    assert 0 <= metrics["pseudo_labels"]["miou"] <= 100

@@ -1,0 +1,201 @@
+"""Gradient accumulation, loss shares, mixed precision, channels-last and the fingerprint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cpal.config import AlignmentConfig, AwarenessConfig, BankConfig, PrototypeConfig, load_config
+from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
+from cpal.engine.paths import RunPaths
+from cpal.engine.train import (
+    BatchPlan,
+    LossShare,
+    channel_count,
+    compute_loss,
+    epoch_order,
+    training_fingerprint,
+)
+from cpal.errors import CheckpointError, ConfigError
+from cpal.models.cam_net import build_network
+from cpal.pipeline import stage_train
+from cpal.prototypes.module import CPALModule
+from tests.conftest import killed_in_second_epoch, tiny_overrides
+
+PROTO = ["method=cpal", "prototype.dim=16", "bank.size=16", "bank.clusters=3",
+         "bank.recluster_every=2", "awareness.top_k=2"]
+# See tests/engine/test_distributed.py: frozen BN and a small learning rate make a split
+# global batch comparable with the whole one.
+EXACT = ["model.frozen_bn=true", "train.lr=0.001"]
+
+pytestmark = pytest.mark.filterwarnings("ignore:model.frozen_bn")
+
+
+def _final(cfg) -> dict[str, torch.Tensor]:
+    return load_checkpoint(latest_checkpoint(RunPaths(cfg.output_path).checkpoints)).model
+
+
+def _log(cfg) -> list[dict]:
+    lines = RunPaths(cfg.output_path).train_log.read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_batch_plan_cuts_contiguous_slices_rank_then_micro_batch():
+    batch = [17, 3, 9, 0, 22, 5, 11, 8]
+    plan = BatchPlan(8, world_size=2, grad_accum=2)
+    assert plan.micro_batch == 2
+    assert plan.slices(batch, 0) == [[17, 3], [9, 0]]
+    assert plan.slices(batch, 1) == [[22, 5], [11, 8]]
+    # Whatever the split, the slices in rank-then-micro order are the global batch.
+    for world, accum in [(1, 1), (1, 4), (2, 1), (4, 2), (8, 1)]:
+        plan = BatchPlan(8, world, accum)
+        joined = [i for r in range(world) for s in plan.slices(batch, r) for i in s]
+        assert joined == batch
+
+
+def test_uneven_split_fails_naming_the_keys():
+    with pytest.raises(ConfigError, match=r"'train\.batch_size': 16 .* 3 processes x "
+                                          r"'train\.grad_accum' 2 .* multiple of 6"):
+        BatchPlan(16, world_size=3, grad_accum=2)
+    with pytest.raises(ConfigError, match=r"'train\.batch_size': 10 is not divisible by "
+                                          r"train\.grad_accum \(4\)"):
+        load_config(None, ["train.batch_size=10", "train.grad_accum=4"])
+
+
+def test_epoch_order_is_random_samplers():
+    from torch.utils.data import RandomSampler
+
+    generator = torch.Generator().manual_seed(7 * 100_003 + 3)
+    assert epoch_order(30, seed=7, epoch=3) == list(RandomSampler(range(30), generator=generator))
+
+
+def test_micro_batch_shares_give_the_global_loss_and_gradient():
+    """L_self averages over channels, so an image-count share would be wrong: a micro-batch
+    with more present classes weighs more. Frozen BN keeps outputs per image independent."""
+    cfg = load_config(None, ["model.arch=resnet18", "model.width=0.125", *PROTO])
+    torch.manual_seed(0)
+    net, _ = build_network(cfg, 4)
+    net.train()
+    images = torch.randn(6, 3, 48, 48)
+    labels = torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0],
+                           [1, 1, 1, 1], [0, 0, 1, 0], [0, 1, 0, 1]])
+    net.cpal.defer_bank_updates = True
+    for _ in range(2):  # fill the bank so the context path runs
+        compute_loss(net, torch.randn_like(images), labels, cfg)
+        net.cpal.flush_bank()
+
+    def gradients(slices):
+        net.zero_grad()
+        total = 0.0
+        for s in slices:
+            share = LossShare(len(s) / 6, channel_count(labels[s]) / channel_count(labels))
+            loss, _ = compute_loss(net, images[s], labels[s], cfg, share)
+            loss.backward()
+            total += loss.item()
+        net.cpal._pending.clear()
+        return total, {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    whole, g_whole = gradients([[0, 1, 2, 3, 4, 5]])
+    split, g_split = gradients([[0, 1, 2], [3, 4, 5]])
+    assert channel_count(labels[[0, 1, 2]]) == 3 + 5 and channel_count(labels) == 6 + 12
+    assert split == pytest.approx(whole, rel=1e-6)
+    for name, grad in g_whole.items():
+        torch.testing.assert_close(g_split[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_deferred_bank_matches_one_forward_over_the_whole_batch():
+    def module() -> CPALModule:
+        torch.manual_seed(0)
+        return CPALModule((8, 16), 3, "cpal", PrototypeConfig(dim=6),
+                          BankConfig(size=8, clusters=2, recluster_every=1, kmeans_iters=3),
+                          AwarenessConfig(top_k=2), AlignmentConfig())
+
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(4, 8, 8, 8, generator=g), torch.randn(4, 16, 4, 4, generator=g)]
+    cam = torch.randn(4, 3, 4, 4, generator=g)
+    labels = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]])
+    whole = module().train()
+    whole(feats, cam, labels)
+    split = module().train()
+    split.defer_bank_updates = True
+    split([f[:1] for f in feats], cam[:1], labels[:1])
+    split([f[1:] for f in feats], cam[1:], labels[1:])
+    assert int(split.bank.count.sum()) == 0 and int(split.step) == 0  # nothing until flushed
+    split.flush_bank()
+    split.flush_bank()  # nothing pending: no second update
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(split.state_dict()[key], value, msg=key)
+    assert int(split.step) == 1 and int(split.bank.count.sum()) == 4 + 7
+
+
+def test_grad_accum_two_equals_one(tiny_dataset, tmp_path):
+    runs = {}
+    for accum in (1, 2):
+        cfg = load_config(None, [*tiny_overrides(tiny_dataset, tmp_path / f"a{accum}"), *EXACT,
+                                 *PROTO, f"train.grad_accum={accum}"])
+        stage_train(cfg, progress=False)
+        runs[accum] = (_final(cfg), _log(cfg))
+    (one, log_one), (two, log_two) = runs[1], runs[2]
+    for key, value in one.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(two[key], value), key
+    # The logged L_cls is the global batch's at every step. (L_self is not compared per
+    # step: PACAM max-normalises relu(cos) by its peak + 1e-5, so a channel whose peak
+    # cosine is ~1e-6 turns rounding-sized differences into different maps.)
+    for a, b in zip(log_one, log_two, strict=True):
+        assert (a["step"], a["epoch"]) == (b["step"], b["epoch"])
+        if "loss_cls" in a:
+            assert b["loss_cls"] == pytest.approx(a["loss_cls"], rel=1e-5), a["step"]
+
+
+def test_bf16_on_cpu_trains_close_to_fp32(tiny_dataset, tmp_path):
+    logs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = load_config(None, [*tiny_overrides(tiny_dataset, tmp_path / precision),
+                                 "method=sipe", "prototype.dim=16", "train.epochs=1",
+                                 f"train.precision={precision}"])
+        stage_train(cfg, progress=False)
+        logs[precision] = [r for r in _log(cfg) if "loss" in r]
+        assert all(torch.isfinite(v).all() for v in _final(cfg).values() if v.is_floating_point())
+    fp32, bf16 = logs["fp32"], logs["bf16"]
+    assert [r["step"] for r in bf16] == [1, 2, 3]
+    # Same weights at step 1: only the forward's precision differs (bf16: 8-bit mantissa).
+    assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=2e-2)
+    for a, b in zip(fp32, bf16, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.1)
+        assert b["loss"] != a["loss"]  # autocast did run in bf16
+
+
+def test_channels_last_trains_like_contiguous(tiny_dataset, tmp_path):
+    finals = {}
+    for layout in ("false", "true"):
+        cfg = load_config(None, [*tiny_overrides(tiny_dataset, tmp_path / layout), *EXACT,
+                                 "train.epochs=1", f"train.channels_last={layout}"])
+        stage_train(cfg, progress=False)
+        finals[layout] = _final(cfg)
+    for key, value in finals["false"].items():
+        torch.testing.assert_close(finals["true"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_fingerprint_ignores_process_layout_but_not_precision(tiny_dataset, tmp_path):
+    base = tiny_overrides(tiny_dataset, tmp_path / "run")
+    plain = training_fingerprint(load_config(None, base))
+    same = load_config(None, [*base, "train.grad_accum=4", "train.channels_last=true",
+                              "train.checkpoint_every_steps=5"])
+    assert training_fingerprint(same) == plain
+    assert "precision" not in plain["train"]  # fp32: as checkpoints made before the key
+    bf16 = training_fingerprint(load_config(None, [*base, "train.precision=bf16"]))
+    assert bf16["train"]["precision"] == "bf16"
+
+    with killed_in_second_epoch(), pytest.raises(KeyboardInterrupt):
+        stage_train(load_config(None, base), progress=False)
+    # Resuming with another accumulation works (1 GPU -> 2 GPUs is the same maths) ...
+    stage_train(load_config(None, [*base, "train.grad_accum=2"]), progress=False)
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run/checkpoints")).epoch == 2
+    # ... another precision does not.
+    with pytest.raises(CheckpointError, match=r"other settings \(train\.precision\)"):
+        stage_train(load_config(None, [*base, "train.precision=bf16"]), progress=False)
