@@ -116,8 +116,9 @@ def make_voc(root: Path) -> Path:
     return root
 
 
-def write_sbd_mat(path: Path, segmentation: np.ndarray) -> None:
-    """cls/<id>.mat as SBD ships it: struct GTcls {Boundaries, Segmentation, CategoriesPresent}."""
+def write_sbd_mat(path: Path, segmentation: np.ndarray, dtype: type = np.uint8) -> None:
+    """cls/<id>.mat as SBD ships it: struct GTcls {Boundaries, Segmentation, CategoriesPresent}
+    (Segmentation is uint8 in the release; `dtype` makes other copies)."""
     from scipy.io import savemat
     from scipy.sparse import csc_matrix
 
@@ -127,7 +128,7 @@ def write_sbd_mat(path: Path, segmentation: np.ndarray) -> None:
     present = np.unique(segmentation[(segmentation > 0) & (segmentation < 255)])
     gtcls = {
         "Boundaries": boundaries,
-        "Segmentation": segmentation.astype(np.uint8),
+        "Segmentation": segmentation.astype(dtype),
         "CategoriesPresent": present.astype(np.uint8).reshape(-1, 1),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
