@@ -281,3 +281,47 @@ def test_hand_edited_manifest_is_one_line_error(coco: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert err == f"cpal: error: {coco.resolve() / MANIFEST_FILE}: 'mask_dir' is missing or " \
                   "not a str\n"
+
+
+def test_sigkill_while_rendering_then_rerun_gives_the_clean_result(tmp_path: Path) -> None:
+    """A real kill -9 mid-run: no half-written mask is trusted, the rerun completes the root
+    and it equals a root prepared in one go."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.data.prepare_fixtures import make_coco_many
+
+    killed = make_coco_many(tmp_path / "killed", 150)
+    clean = make_coco_many(tmp_path / "clean", 150)
+    command = [sys.executable, "-m", "cpal", "data", "prepare", "coco", "--root", str(killed),
+               "--workers", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    masks = killed / "SegmentationClass"
+
+    def pngs() -> int:  # finished masks; a killed write may also leave a .tmp file
+        names = os.listdir(masks) if masks.is_dir() else []
+        return sum(name.endswith(".png") for name in names)
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None and pngs() < 20:
+        time.sleep(0.005)
+    assert process.poll() is None, "prepare finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    rendered = pngs()
+    assert 20 <= rendered < 153
+    assert verify(killed)[0] == [f"{killed / MANIFEST_FILE}: preparation did not finish; "
+                                 "rerun `cpal data prepare`"]
+
+    manifest = prepare_coco(killed)
+    assert manifest["details"]["masks_rendered_now"] == 153 - rendered
+    assert verify(killed)[0] == []
+    assert not [name for name in os.listdir(masks) if name.endswith(".tmp")]
+    prepare_coco(clean)
+    for name in sorted(os.listdir(clean / "SegmentationClass")):
+        assert (masks / name).read_bytes() == (clean / "SegmentationClass" / name).read_bytes()
+    assert len(os.listdir(masks)) == 153
