@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -230,6 +231,21 @@ def test_not_a_voc_root_names_what_is_missing(tmp_path: Path) -> None:
         prepare_voc(tmp_path / "VOC2012")
     with pytest.raises(DatasetError, match=r"SBD folder not found"):
         prepare_voc(make_voc(tmp_path / "v"), sbd=tmp_path / "nothing")
+
+
+def test_outer_archive_folders_get_a_hint(tmp_path: Path) -> None:
+    """VOCdevkit for VOCdevkit/VOC2012 and benchmark_RELEASE for benchmark_RELEASE/dataset
+    are the usual slips: the error names the folder meant."""
+    voc = make_voc(tmp_path / "VOCdevkit" / "VOC2012")
+    meant = rf"\(did you mean {re.escape(str(voc))}\?\)$"
+    with pytest.raises(DatasetError, match=rf"not a VOC 2012 root: missing .*{meant}"):
+        prepare_voc(tmp_path / "VOCdevkit")
+    with pytest.raises(DatasetError, match=rf"not a VOC 2012 root: missing .*{meant}"):
+        prepare_voc(tmp_path)  # the folder that holds VOCdevkit/
+    sbd = make_sbd(tmp_path / "benchmark_RELEASE" / "dataset")
+    meant = rf"\(did you mean {re.escape(str(sbd))}\?\)$"
+    with pytest.raises(DatasetError, match=rf"not SBD's .*{meant}"):
+        prepare_voc(voc, sbd=tmp_path / "benchmark_RELEASE")
 
 
 def test_resume_skips_masks_already_written(voc: Path, sbd: Path) -> None:

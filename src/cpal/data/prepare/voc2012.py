@@ -74,7 +74,8 @@ def _require(root: Path) -> None:
         if not (root / SPLIT_DIR / f"{split}.txt").is_file()
     ]
     if missing:
-        raise DatasetError(f"{root} is not a VOC 2012 root: missing {', '.join(missing)}")
+        raise DatasetError(f"{root} is not a VOC 2012 root: missing {', '.join(missing)}"
+                           f"{_nested_hint(root, 'VOC2012', IMAGE_DIR)}")
 
 
 def _require_sbd(sbd: Path) -> None:
@@ -84,7 +85,17 @@ def _require_sbd(sbd: Path) -> None:
     if missing:
         raise DatasetError(
             f"{sbd} is not SBD's benchmark_RELEASE/dataset folder: missing {', '.join(missing)}"
+            f"{_nested_hint(sbd, 'dataset', 'cls')}"
         )
+
+
+def _nested_hint(folder: Path, child: str, marker: str) -> str:
+    """' (did you mean .../VOC2012?)' when the user gave the archive's outer folder
+    (VOCdevkit, benchmark_RELEASE) instead of the one inside it."""
+    for candidate in (folder / child, *folder.glob(f"*/{child}")):
+        if (candidate / marker).is_dir():
+            return f" (did you mean {candidate}?)"
+    return ""
 
 
 def load_sbd_mat(path: Path) -> np.ndarray:
