@@ -181,6 +181,15 @@ def test_sbd_mat_round_trip_and_bad_files(tmp_path: Path) -> None:
     (tmp_path / "c.mat").write_bytes(b"not a mat file")
     with pytest.raises(DatasetError, match=r"cannot read .*c.mat"):
         load_sbd_mat(tmp_path / "c.mat")
+    # Damaged compressed data (a bad download) fails inside zlib: still one line naming it.
+    raw = bytearray((tmp_path / "a.mat").read_bytes())
+    raw[200:240] = b"\xff" * 40
+    (tmp_path / "d.mat").write_bytes(bytes(raw))
+    with pytest.raises(DatasetError, match=r"cannot read .*d.mat: "):
+        load_sbd_mat(tmp_path / "d.mat")
+    (tmp_path / "e.mat").write_bytes(bytes(raw[:150]))  # truncated
+    with pytest.raises(DatasetError, match=r"cannot read .*e.mat: "):
+        load_sbd_mat(tmp_path / "e.mat")
 
 
 def test_sbd_mat_in_double_and_v73_files(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ user's SegmentationClass, lists and annotations are never modified.
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,8 @@ def load_sbd_mat(path: Path) -> np.ndarray:
             f"{path} is a MATLAB v7.3 (HDF5) file; SBD's cls files are MATLAB v5: use the "
             "files of benchmark_RELEASE as downloaded (or re-save them with save -v7)"
         ) from error
-    except (MatReadError, OSError, ValueError, TypeError) as error:
+    except (MatReadError, OSError, ValueError, TypeError, zlib.error) as error:
+        # zlib.error: a damaged compressed element (a corrupt or half-downloaded file)
         raise DatasetError(f"cannot read {path}: {error}") from error
     struct = data.get("GTcls")
     names = getattr(struct, "dtype", None) and struct.dtype.names
@@ -271,7 +273,7 @@ def _write_aug_masks(
     parallel_map(_convert_mask, tasks, workers=workers, desc="masks", progress=progress)
     # Masks already there (an earlier run, or a downloaded SegmentationClassAug) are kept
     # unread: `cpal data verify` checks them.
-    return {**sources, "written_now": len(tasks), "kept": len(ids) - len(missing) - len(tasks)}
+    return {**sources, "written_now": len(tasks), "kept": len(ids) - len(tasks)}
 
 
 def prepare_voc(
