@@ -116,8 +116,9 @@ def make_voc(root: Path) -> Path:
     return root
 
 
-def write_sbd_mat(path: Path, segmentation: np.ndarray) -> None:
-    """cls/<id>.mat as SBD ships it: struct GTcls {Boundaries, Segmentation, CategoriesPresent}."""
+def write_sbd_mat(path: Path, segmentation: np.ndarray, dtype: type = np.uint8) -> None:
+    """cls/<id>.mat as SBD ships it: struct GTcls {Boundaries, Segmentation, CategoriesPresent}
+    (Segmentation is uint8 in the release; `dtype` makes other copies)."""
     from scipy.io import savemat
     from scipy.sparse import csc_matrix
 
@@ -127,7 +128,7 @@ def write_sbd_mat(path: Path, segmentation: np.ndarray) -> None:
     present = np.unique(segmentation[(segmentation > 0) & (segmentation < 255)])
     gtcls = {
         "Boundaries": boundaries,
-        "Segmentation": segmentation.astype(np.uint8),
+        "Segmentation": segmentation.astype(dtype),
         "CategoriesPresent": present.astype(np.uint8).reshape(-1, 1),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,4 +253,25 @@ def make_coco(root: Path) -> Path:
     for split in ("train", "val"):
         path = root / "annotations" / f"instances_{split}2014.json"
         path.write_text(json.dumps(coco_instances(split)))
+    return root
+
+
+def make_coco_many(root: Path, count: int) -> Path:
+    """A COCO2014 folder with `count` small annotated train images (one val image): enough
+    masks for a run to be killed while it renders them."""
+    make_coco(root)
+    path = root / "annotations" / "instances_train2014.json"
+    data = json.loads(path.read_text())
+    for number in range(count):
+        image_id = 1000 + number
+        stem = f"COCO_train2014_{image_id:012d}"
+        _jpeg(root / "train2014" / f"{stem}.jpg", 24, 32, 300 + number)
+        data["images"].append({"file_name": f"{stem}.jpg", "height": 24, "width": 32,
+                               "id": image_id})
+        x = number % 20
+        data["annotations"].append(
+            {"id": 10_000 + number, "image_id": image_id, "category_id": 18, "iscrowd": 0,
+             "segmentation": [_rect(x, 2, x + 9, 20)], "area": 162.0, "bbox": [x, 2, 9, 18]}
+        )
+    path.write_text(json.dumps(data))
     return root

@@ -217,3 +217,111 @@ def test_cli_prepare_coco(coco: Path, capsys: pytest.CaptureFixture) -> None:
     assert "val_noann: 1 ids (standard 367), no masks" in out
     assert f"manifest: {coco.resolve() / MANIFEST_FILE}" in out
     assert main(["data", "verify", *args]) == 0
+
+
+def test_image_size_other_than_the_json_is_an_error(coco: Path) -> None:
+    path, data = _instances(coco, "val")
+    data["images"][0]["height"] = 8  # VAL_A is 7 x 7 on disk; its polygon fits either size
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=rf"{VAL_A}.jpg is 7x7 but instances_val2014.json "
+                                           r"gives it 7x8 \(width x height\)"):
+        prepare_coco(coco)
+    assert not (coco / "SegmentationClass" / f"{VAL_A}.png").exists()
+
+
+def test_render_tasks_carry_only_their_own_annotations(
+    coco: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers are sent one image's annotations per mask, never a whole instances file."""
+    from cpal.data.prepare import coco2014
+
+    sent: list[tuple] = []
+
+    def capture(fn, items, **kwargs):
+        sent.extend(items)
+        return [fn(item) for item in items]
+
+    monkeypatch.setattr(coco2014, "parallel_map", capture)
+    prepare_coco(coco, workers=2)
+    by_image = {Path(task[0]).stem: sorted(a[3] for a in task[4]) for task in sent}
+    assert by_image == {TRAIN_A: [101, 102, 103], TRAIN_B: [104, 105, 106], VAL_A: [201]}
+    assert [Path(task[1]).parent.name for task in sent] == ["train2014", "train2014", "val2014"]
+
+
+def test_crowd_only_image_is_annotated_and_counted(coco: Path) -> None:
+    # TRAIN_B keeps only its car crowd: it still has an annotation, so it is in train.txt
+    # (the 82,081 of the public lists count images with any annotation) with label car.
+    path, data = _instances(coco, "train")
+    data["annotations"] = [a for a in data["annotations"] if a["id"] not in (104, 106)]
+    path.write_text(json.dumps(data))
+    manifest = prepare_coco(coco)
+    assert _lines(coco / "ImageSets" / "Segmentation" / "train.txt") == [TRAIN_A, TRAIN_B]
+    assert json.loads((coco / "image_labels.json").read_text())[TRAIN_B] == ["car"]
+    assert manifest["details"]["images_with_only_crowd_annotations"] == 1
+    expected = np.zeros(COCO_SIZES[TRAIN_B], np.uint8)
+    expected[7, 0:2] = 255
+    np.testing.assert_array_equal(load_mask(coco / "SegmentationClass" / f"{TRAIN_B}.png", 5),
+                                  expected)
+
+
+def test_non_ascii_rle_counts_are_refused(coco: Path) -> None:
+    path, data = _instances(coco, "train")
+    data["annotations"][3]["segmentation"]["counts"] = "\u00e9" + "0" * 5
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"annotation 104: bad compressed RLE \(non-ASCII"):
+        prepare_coco(coco)
+
+
+def test_hand_edited_manifest_is_one_line_error(coco: Path, capsys) -> None:
+    prepare_coco(coco)
+    manifest = json.loads((coco / MANIFEST_FILE).read_text())
+    del manifest["mask_dir"]
+    (coco / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert main(["data", "verify", "--root", str(coco), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"cpal: error: {coco.resolve() / MANIFEST_FILE}: 'mask_dir' is missing or " \
+                  "not a str\n"
+
+
+def test_sigkill_while_rendering_then_rerun_gives_the_clean_result(tmp_path: Path) -> None:
+    """A real kill -9 mid-run: no half-written mask is trusted, the rerun completes the root
+    and it equals a root prepared in one go."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.data.prepare_fixtures import make_coco_many
+
+    killed = make_coco_many(tmp_path / "killed", 150)
+    clean = make_coco_many(tmp_path / "clean", 150)
+    command = [sys.executable, "-m", "cpal", "data", "prepare", "coco", "--root", str(killed),
+               "--workers", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    masks = killed / "SegmentationClass"
+
+    def pngs() -> int:  # finished masks; a killed write may also leave a .tmp file
+        names = os.listdir(masks) if masks.is_dir() else []
+        return sum(name.endswith(".png") for name in names)
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None and pngs() < 20:
+        time.sleep(0.005)
+    assert process.poll() is None, "prepare finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    rendered = pngs()
+    assert 20 <= rendered < 153
+    assert verify(killed)[0] == [f"{killed / MANIFEST_FILE}: preparation did not finish; "
+                                 "rerun `cpal data prepare`"]
+
+    manifest = prepare_coco(killed)
+    assert manifest["details"]["masks_rendered_now"] == 153 - rendered
+    assert verify(killed)[0] == []
+    assert not [name for name in os.listdir(masks) if name.endswith(".tmp")]
+    prepare_coco(clean)
+    for name in sorted(os.listdir(clean / "SegmentationClass")):
+        assert (masks / name).read_bytes() == (clean / "SegmentationClass" / name).read_bytes()
+    assert len(os.listdir(masks)) == 153

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def test_prepare_with_sbd_builds_train_aug_masks_labels_and_manifest(voc: Path, 
         "ImageSets/Segmentation/train_aug.txt", "image_labels.json", "layout.json",
     }
     assert manifest["details"]["mask_sources"] == {
-        "SegmentationClass": 5, "SBD cls": 3, "written_now": 8
+        "SegmentationClass": 5, "SBD cls": 3, "written_now": 8, "kept": 0
     }
     # Counts of a miniature copy are reported, not refused.
     warnings = "\n".join(manifest["warnings"])
@@ -180,6 +181,32 @@ def test_sbd_mat_round_trip_and_bad_files(tmp_path: Path) -> None:
     (tmp_path / "c.mat").write_bytes(b"not a mat file")
     with pytest.raises(DatasetError, match=r"cannot read .*c.mat"):
         load_sbd_mat(tmp_path / "c.mat")
+    # Damaged compressed data (a bad download) fails inside zlib: still one line naming it.
+    raw = bytearray((tmp_path / "a.mat").read_bytes())
+    raw[200:240] = b"\xff" * 40
+    (tmp_path / "d.mat").write_bytes(bytes(raw))
+    with pytest.raises(DatasetError, match=r"cannot read .*d.mat: "):
+        load_sbd_mat(tmp_path / "d.mat")
+    (tmp_path / "e.mat").write_bytes(bytes(raw[:150]))  # truncated
+    with pytest.raises(DatasetError, match=r"cannot read .*e.mat: "):
+        load_sbd_mat(tmp_path / "e.mat")
+
+
+def test_sbd_mat_in_double_and_v73_files(tmp_path: Path) -> None:
+    values = np.array([[0, 1, 2], [20, 15, 0]], np.uint8)
+    # A copy re-saved by MATLAB code that worked in double: whole numbers are accepted.
+    write_sbd_mat(tmp_path / "double.mat", values, dtype=np.float64)
+    read = load_sbd_mat(tmp_path / "double.mat")
+    assert np.issubdtype(read.dtype, np.integer)
+    np.testing.assert_array_equal(read, values)
+    write_sbd_mat(tmp_path / "half.mat", values + 0.5, dtype=np.float64)
+    with pytest.raises(DatasetError, match=r"half.mat: GTcls.Segmentation holds non-integer"):
+        load_sbd_mat(tmp_path / "half.mat")
+    # MATLAB v7.3 is HDF5: a 128-byte header with version 0x0200, which scipy does not read.
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(116)
+    (tmp_path / "v73.mat").write_bytes(header + bytes(8) + b"\x00\x02IM" + bytes(512))
+    with pytest.raises(DatasetError, match=r"v73.mat is a MATLAB v7.3 \(HDF5\) file"):
+        load_sbd_mat(tmp_path / "v73.mat")
 
 
 def test_sbd_value_out_of_range_names_the_mat(voc: Path, sbd: Path) -> None:
@@ -215,6 +242,21 @@ def test_not_a_voc_root_names_what_is_missing(tmp_path: Path) -> None:
         prepare_voc(make_voc(tmp_path / "v"), sbd=tmp_path / "nothing")
 
 
+def test_outer_archive_folders_get_a_hint(tmp_path: Path) -> None:
+    """VOCdevkit for VOCdevkit/VOC2012 and benchmark_RELEASE for benchmark_RELEASE/dataset
+    are the usual slips: the error names the folder meant."""
+    voc = make_voc(tmp_path / "VOCdevkit" / "VOC2012")
+    meant = rf"\(did you mean {re.escape(str(voc))}\?\)$"
+    with pytest.raises(DatasetError, match=rf"not a VOC 2012 root: missing .*{meant}"):
+        prepare_voc(tmp_path / "VOCdevkit")
+    with pytest.raises(DatasetError, match=rf"not a VOC 2012 root: missing .*{meant}"):
+        prepare_voc(tmp_path)  # the folder that holds VOCdevkit/
+    sbd = make_sbd(tmp_path / "benchmark_RELEASE" / "dataset")
+    meant = rf"\(did you mean {re.escape(str(sbd))}\?\)$"
+    with pytest.raises(DatasetError, match=rf"not SBD's .*{meant}"):
+        prepare_voc(voc, sbd=tmp_path / "benchmark_RELEASE")
+
+
 def test_resume_skips_masks_already_written(voc: Path, sbd: Path) -> None:
     prepare_voc(voc, sbd=sbd)
     aug = voc / AUG_MASK_DIR
@@ -225,6 +267,7 @@ def test_resume_skips_masks_already_written(voc: Path, sbd: Path) -> None:
     (aug / ".2009_000001.png.abc.tmp").write_bytes(b"left by a killed run")
     manifest = prepare_voc(voc, sbd=sbd)
     assert manifest["details"]["mask_sources"]["written_now"] == 1
+    assert manifest["details"]["mask_sources"]["kept"] == 7
     np.testing.assert_array_equal(load_mask(aug / "2009_000002.png", 21), sbd_mask("2009_000002"))
     np.testing.assert_array_equal(load_mask(aug / "2007_000032.png", 21), marker)
     assert not (aug / ".2009_000001.png.abc.tmp").exists()

@@ -106,6 +106,30 @@ def test_torchvision_v1_file_without_step_counters(tmp_path, arch):
     assert int(model.bn1.num_batches_tracked) == 0  # absent from the file: left as built
 
 
+def test_pre_0_4_tensor_pickles_load_with_weights_only(tmp_path, monkeypatch):
+    """resnet50-19c8e357.pth was written by PyTorch 0.2: tensors pickled through
+    torch._utils._rebuild_tensor (not _v2) with legacy typed storages. Emulated here."""
+
+    def reduce_like_pytorch_0_3(tensor, protocol):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TypedStorage is deprecated
+            storage = tensor.storage()
+        args = (storage, tensor.storage_offset(), tuple(tensor.size()), tensor.stride())
+        return torch._utils._rebuild_tensor, args
+
+    state = fake_torchvision("resnet50", counters=False, seed=3)
+    path = tmp_path / "resnet50-19c8e357.pth"
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "__reduce_ex__", reduce_like_pytorch_0_3)
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    assert b"_rebuild_tensor\n" in raw and b"_rebuild_tensor_v2" not in raw
+    model = ResNet("resnet50", width=WIDTH)
+    report = load_backbone_weights(model, path)
+    assert_loaded(model, state)
+    assert report.loaded == len(state) - 2 and report.leaks == []
+
+
 @pytest.mark.parametrize("arch", ["resnet50", "resnet101"])
 def test_torchvision_v2_file_with_step_counters(tmp_path, arch):
     state = fake_torchvision(arch, counters=True, seed=1)
@@ -296,7 +320,8 @@ def test_stored_dataset_metadata_is_a_leak(tmp_path, saver, expected):
 def test_folder_names_count_only_for_generic_file_names(tmp_path):
     weights = read_weight_file(_make(tmp_path / "voc_runs" / "resnet50-19c8e357.pth"))
     assert leak_reasons(tmp_path / "voc_runs" / "resnet50-19c8e357.pth", weights) == []
-    hub = tmp_path / "models--someone--deeplabv3_r50_coco" / "snapshots" / "0a1b" / "model.pth"
+    snapshot = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567"  # 40 hex digits, as hubs name them
+    hub = tmp_path / "models--someone--deeplabv3_r50_coco" / "snapshots" / snapshot / "model.pth"
     reasons = leak_reasons(_make(hub), weights)
     assert reasons == ["its name 'models--someone--deeplabv3_r50_coco' contains 'deeplab', 'coco'"]
     sipe = tmp_path / "exp_voc" / "ckpt" / "final.pth"
@@ -307,6 +332,55 @@ def _make(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     _save_clean_trunk(path)
     return path
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "data/voc/weights/resnet50-19c8e357.pth",  # stored in a dataset folder: not a sign
+        "resnet50-3ade0f12.pth",  # 'ade' spelt by a hash, not ADE20K
+        "models--timm--resnet50.a1_in1k/snapshots/9ade1f0c2b3d4e5f60718293a4b5c6d7e8f90123/"
+        "model.safetensors",  # a hub snapshot whose hash holds 'ade'
+        "voc_segmentation_project/pretrained/timm_resnet50/model.safetensors",  # a named folder
+        "segment_experiments/resnet101-63fe2227.pth",
+    ],
+)
+def test_clean_imagenet_files_do_not_warn_wherever_they_are(tmp_path, where):
+    path = tmp_path / where
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = fake_torchvision("resnet50", counters=True)
+    if path.suffix == ".safetensors":
+        save_file(dict(state), str(path), metadata={"format": "pt"})
+    else:
+        torch.save({"state_dict": state, "git_commit": "3ade4f9e0c1b"}, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert leak_reasons(path, read_weight_file(path)) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("deeplabv3_resnet50_coco-cd0a2569.pth", "'deeplab', 'coco'"),  # torchvision's
+        ("resnet101_ade20k_upernet.pth", "'ade'"),
+        ("r50_voc12aug_seg.pth", "'voc', 'seg'"),
+    ],
+)
+def test_segmentation_file_names_are_still_leaks(tmp_path, name, words):
+    path = _make(tmp_path / "weights" / name)
+    assert leak_reasons(path, read_weight_file(path)) == [f"its name '{name}' contains {words}"]
+
+
+def test_dense_head_behind_a_foreign_prefix_is_found(tmp_path):
+    # Caffe-converted DeepLab-v2 (MS_DeepLab_resnet_pretrained_COCO_init.pth) keys its
+    # ASPP classifier Scale.layer5.conv2d_list.*, renamed here so only the keys can tell.
+    state = {f"Scale.{k}": v for k, v in fake_torchvision("resnet50", counters=False).items()}
+    state["Scale.layer5.conv2d_list.0.weight"] = torch.zeros(21, 8, 3, 3)
+    path = tmp_path / "init.pth"
+    torch.save(state, path)
+    assert leak_reasons(path, read_weight_file(path)) == [
+        "it holds a dense-prediction head (layer5.* (1 tensors)) that ImageNet classifiers lack"
+    ]
 
 
 def test_allowed_leak_prints_a_note_without_warning(tmp_path, capsys):

@@ -47,16 +47,20 @@ _DENSE_HEAD_PREFIXES = (
 )
 # Name tokens that reveal segmentation training or the evaluation datasets: a token
 # *starting* with one of these ("voc2012", "segmentation", "cocostuff") or equal to one of
-# the exact ones. Tokens are the runs of letters of a lower-cased name.
+# the exact ones. Tokens are the runs of letters of a lower-cased name, after dropping
+# hex digests ("cd0a2569", a 40-digit hub snapshot or git commit): their letter runs are
+# noise, and "ade" is spelt with hex letters only.
 _LEAK_TOKEN_PREFIXES = ("coco", "voc", "pascal", "sbd", "deeplab", "seg")
 _LEAK_TOKENS_EXACT = ("ade", "cityscapes")
+_HEX_DIGEST = re.compile(r"(?=[0-9a-f]*[0-9])[0-9a-f]{6,}")
 # Names that say nothing about a file (hub caches, training scripts): for these the parent
 # folders are read instead, e.g. models--org--deeplab_r50/snapshots/<hash>/model.safetensors.
 _GENERIC_NAME_WORDS = frozenset((
     "pytorch", "model", "models", "checkpoint", "checkpoints", "ckpt", "weights", "weight",
     "best", "final", "last", "latest", "state", "dict", "iter", "epoch", "step", "bin", "pth",
-    "pt", "tar", "safetensors", "open", "clip",
+    "pt", "tar", "safetensors", "open", "clip", "snapshots", "blobs", "pretrained", "hub",
 ))
+# Parent folders read at most: a hub file sits 3 levels under the folder that names it.
 _GENERIC_PARENT_LEVELS = 3
 _METADATA_SCAN_LIMIT = 2000  # string leaves inspected per file (metadata can be large)
 
@@ -159,7 +163,11 @@ def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
 
 
 def _tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z]+", text.lower())
+    """Letter runs of `text`, lower-cased, hex digests left out ('resnet50-19c8e357.pth'
+    gives ['resnet', 'pth'])."""
+    words = re.split(r"[^a-z0-9]+", text.lower())
+    return [run for word in words if not _HEX_DIGEST.fullmatch(word)
+            for run in re.findall(r"[a-z]+", word)]
 
 
 def _leak_words(text: str) -> list[str]:
@@ -174,15 +182,25 @@ def _leak_words(text: str) -> list[str]:
     return found
 
 
-def _names_to_check(path: Path) -> list[str]:
-    """The file name; for generic names (model.safetensors, final.pth, ...) its folders too.
+def _is_generic(name: str) -> bool:
+    return all(token in _GENERIC_NAME_WORDS for token in _tokens(name))
 
-    Folder names are not read for a specific file name, so that /data/voc/resnet50.pth is
-    not flagged for where it happens to be stored.
+
+def _names_to_check(path: Path) -> list[str]:
+    """The file name; for a generic name (model.safetensors, final.pth, ...) also its
+    folders, walking up through generic ones (<hash>/, snapshots/, ckpt/) to the first
+    folder that names something, and no further.
+
+    Folders are not read for a specific file name, so that /data/voc/resnet50.pth is not
+    flagged for where it happens to be stored, nor folders above the one that names the
+    file (voc_project/pretrained/timm_resnet50/model.safetensors is a timm file).
     """
     names = [path.name]
-    if all(token in _GENERIC_NAME_WORDS for token in _tokens(path.name)):
-        names += [p.name for p in path.resolve().parents[:_GENERIC_PARENT_LEVELS]]
+    if _is_generic(path.name):
+        for parent in path.resolve().parents[:_GENERIC_PARENT_LEVELS]:
+            names.append(parent.name)
+            if not _is_generic(parent.name):
+                break
     return names
 
 
@@ -218,7 +236,8 @@ def leak_reasons(path: str | Path, weights: WeightFile) -> list[str]:
     heads: dict[str, int] = {}
     for key in weights.tensors:
         for prefix in _DENSE_HEAD_PREFIXES:
-            if key.startswith(prefix):
+            # Also behind a foreign prefix: 'Scale.layer5.' in Caffe-converted DeepLab-v2.
+            if key.startswith(prefix) or f".{prefix}" in key:
                 heads[prefix] = heads.get(prefix, 0) + 1
     if heads:
         listed = ", ".join(f"{p}* ({n} tensors)" for p, n in heads.items())

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cpal.data.images import image_size
 from cpal.data.prepare.common import (
     count_warning,
     examples,
@@ -144,7 +145,10 @@ def checked_segmentation(segmentation: Any, height: int, width: int, where: str)
             )
         counts = segmentation["counts"]
         if isinstance(counts, str):
-            counts = counts.encode("ascii", errors="replace")
+            try:
+                counts = counts.encode("ascii")
+            except UnicodeEncodeError as error:
+                raise DatasetError(f"{where}: bad compressed RLE (non-ASCII counts)") from error
         if isinstance(counts, list):
             runs = counts
         elif isinstance(counts, bytes):
@@ -200,8 +204,21 @@ def render_semantic_mask(
     return label
 
 
-def _render_mask(task: tuple[str, int, int, tuple[Annotation, ...], str]) -> None:
-    target, height, width, annotations, source = task
+# One mask to render: (target PNG, image file, height, width, annotations, JSON file name).
+# It carries only its own image's annotations: workers never see the whole JSON.
+RenderTask = tuple[str, str, int, int, tuple[Annotation, ...], str]
+
+
+def _render_mask(task: RenderTask) -> None:
+    """Render and write one mask, after checking that the image file has the size the JSON
+    gives (a mask drawn at the wrong size would fail every later step, far from here)."""
+    target, image, height, width, annotations, source = task
+    found = image_size(Path(image))
+    if found != (height, width):
+        raise DatasetError(
+            f"{image} is {found[1]}x{found[0]} but {source} gives it {width}x{height} "
+            "(width x height); its mask cannot be drawn"
+        )
     save_label_png(target, render_semantic_mask(height, width, annotations, source))
 
 
@@ -215,6 +232,8 @@ class _Image:
 
 
 def _load(path: Path) -> dict[str, Any]:
+    """One instances JSON, parsed from the open file (instances_train2014.json is hundreds
+    of MB: `cpal.io.read_json` would hold its whole text as well as the parsed objects)."""
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
@@ -222,6 +241,8 @@ def _load(path: Path) -> dict[str, Any]:
         raise DatasetError(
             f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
         ) from error
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path} is not UTF-8 text: {error.reason}") from error
     except OSError as error:
         raise DatasetError(f"cannot read {path}: {error.strerror or error}") from error
     if not isinstance(data, dict):
@@ -373,20 +394,23 @@ def prepare_coco(
     _mask_api()
     warnings: list[str] = []
     sources = {relative(root, path): sha256_file(path) for path in files.values()}
-    data = {split: _load(path) for split, path in files.items()}
-    categories = _categories(data["train"], files["train"])
-    if _categories(data["val"], files["val"]) != categories:
-        raise DatasetError(f"{files['train']} and {files['val']} list different categories")
-    if len(categories) != STANDARD_CATEGORIES:
-        warnings.append(f"{len(categories)} categories; COCO has {STANDARD_CATEGORIES}")
-    index = {cid: i for i, (cid, _) in enumerate(categories, start=1)}
-    layout = VOCLayout(root=root, class_names=(BACKGROUND, *(name for _, name in categories)))
+    categories: list[tuple[int, str]] = []
+    index: dict[int, int] = {}
     splits: dict[str, list[str]] = {}
     images: dict[str, _Image] = {}
     folder_of: dict[str, str] = {}
     dropped_parts = 0
     for split, path in files.items():
-        by_id, dropped = _images(data.pop(split), path, index)
+        # One JSON in memory at a time: only what masks and labels need outlives its loop.
+        data = _load(path)
+        found = _categories(data, path)
+        if not categories:
+            categories = found
+            index = {cid: i for i, (cid, _) in enumerate(categories, start=1)}
+        elif found != categories:
+            raise DatasetError(f"{files['train']} and {path} list different categories")
+        by_id, dropped = _images(data, path, index)
+        del data
         dropped_parts += dropped
         folder = FOLDERS[split]
         present = list_names(root / folder)
@@ -409,6 +433,9 @@ def prepare_coco(
         splits[split] = annotated
         if empty:
             splits[NOANN.format(split)] = empty
+    if len(categories) != STANDARD_CATEGORIES:
+        warnings.append(f"{len(categories)} categories; COCO has {STANDARD_CATEGORIES}")
+    layout = VOCLayout(root=root, class_names=(BACKGROUND, *(name for _, name in categories)))
     for split, ids in splits.items():
         if not ids and split in FOLDERS:
             raise DatasetError(f"{files[split]} has no annotated images")
@@ -418,16 +445,20 @@ def prepare_coco(
 
     names = layout.class_names
     labels: dict[str, list[str]] = {}
-    crowd_only = 0
+    crowd_only_label = crowd_only_image = 0
     for stem in sorted(images):
         image = images[stem]
         present_classes = sorted({a[0] for a in image.annotations})
         labels[stem] = [names[c] for c in present_classes]
-        crowd_only += bool(set(present_classes) - {a[0] for a in image.annotations if not a[1]})
+        uncrowded = {a[0] for a in image.annotations if not a[1]}
+        crowd_only_label += bool(set(present_classes) - uncrowded)
+        crowd_only_image += bool(image.annotations) and not uncrowded
 
+    outputs = [MASK_DIR + "/", CLASSES_FILE, LABELS_FILE,
+               *(relative(root, layout.split_file(split)) for split in splits), MANIFEST_FILE]
     begin_manifest(
         root, DATASET, sources,
-        redo_hint=f"delete {root / MASK_DIR} and {root / MANIFEST_FILE} to render again",
+        redo_hint=f"delete {', '.join(outputs)} under {root} to prepare again",
     )
     write_once(root / CLASSES_FILE, list_text(names))
     for split, ids in splits.items():
@@ -446,8 +477,9 @@ def prepare_coco(
         for stem in splits[split]:
             if f"{stem}.png" not in done:
                 image = images[stem]
-                tasks.append((str(mask_dir / f"{stem}.png"), image.height, image.width,
-                              tuple(image.annotations), source))
+                tasks.append((str(mask_dir / f"{stem}.png"),
+                              str(root / FOLDERS[split] / image.file_name), image.height,
+                              image.width, tuple(image.annotations), source))
     parallel_map(_render_mask, tasks, workers=workers, desc="masks", progress=progress)
 
     layout = VOCLayout.open(root)
@@ -469,7 +501,8 @@ def prepare_coco(
             "categories": {str(cid): index[cid] for cid, _ in categories},
             "overlap": OVERLAP_RULE,
             "labels": LABEL_RULE,
-            "images_with_crowd_only_label": crowd_only,
+            "images_with_crowd_only_label": crowd_only_label,
+            "images_with_only_crowd_annotations": crowd_only_image,
             "dropped_polygon_parts": dropped_parts,
             "image_links": link,
             "links_made_now": links,

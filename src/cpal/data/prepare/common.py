@@ -89,6 +89,22 @@ def examples(items: Sequence[str], limit: int = 5) -> str:
     return f"{shown} and {more} more" if more > 0 else shown
 
 
+def size_mismatch(
+    mask: object, mask_hw: tuple[int, ...], image: object, image_hw: tuple[int, ...]
+) -> str | None:
+    """The one-line complaint when a mask and its image differ in (height, width), else None.
+
+    Shared by preparation (before a mask is written) and verify (after), so both name the
+    two files the same way.
+    """
+    if tuple(mask_hw) == tuple(image_hw):
+        return None
+    return (
+        f"mask {mask} is {mask_hw[1]}x{mask_hw[0]} but its image {image} is "
+        f"{image_hw[1]}x{image_hw[0]} (width x height)"
+    )
+
+
 def count_warning(what: str, found: int, standard: int, dataset: str) -> str | None:
     """A warning line when a count differs from the standard release (custom copies exist)."""
     if found == standard:

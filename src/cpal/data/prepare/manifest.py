@@ -16,8 +16,14 @@ from typing import Any
 
 from cpal import __version__
 from cpal.data.images import image_size, load_mask
-from cpal.data.prepare.common import examples, list_names, parallel_map, sha256_file
-from cpal.data.voc import VOCLayout
+from cpal.data.prepare.common import (
+    examples,
+    list_names,
+    parallel_map,
+    sha256_file,
+    size_mismatch,
+)
+from cpal.data.voc import IMAGE_DIR, VOCLayout
 from cpal.errors import DatasetError
 from cpal.io import read_json, write_json_atomic, write_text_atomic
 
@@ -31,12 +37,28 @@ def relative(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
+# What verify reads from a complete manifest, and the JSON type each must have.
+_COMPLETE_KEYS: dict[str, type] = {
+    "files": dict, "splits": dict, "mask_dir": str, "num_classes": int, "disjoint": list,
+}
+
+
 def _read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest, its shape checked so that a hand-edited one is a one-line error."""
     path = root / MANIFEST_FILE
     data = read_json(path)
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise DatasetError(f"{path}: not a cpal manifest of format {MANIFEST_FORMAT} ({found})")
+    if data.get("complete"):
+        for key, kind in _COMPLETE_KEYS.items():
+            if not isinstance(data.get(key), kind):
+                raise DatasetError(f"{path}: '{key}' is missing or not a {kind.__name__}")
+        for split, entry in data["splits"].items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("count"), int) \
+                    or not isinstance(entry.get("masks"), bool):
+                raise DatasetError(f"{path}: splits.{split} needs an integer count and "
+                                   "a boolean masks")
     return data
 
 
@@ -129,12 +151,7 @@ def _check_mask(task: tuple[str, str | None, int]) -> str | None:
     try:
         mask = load_mask(Path(mask_path), num_classes)
         if image_path is not None:
-            height, width = image_size(Path(image_path))
-            if mask.shape != (height, width):
-                return (
-                    f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
-                    f"{image_path} is {width}x{height} (width x height)"
-                )
+            return size_mismatch(mask_path, mask.shape, image_path, image_size(Path(image_path)))
     except DatasetError as error:
         return str(error)
     return None
@@ -206,7 +223,7 @@ def verify(root: Path, *, workers: int = 1, progress: bool = False) -> tuple[lis
         problems.append(
             f"{root}: {layout.num_classes} classes, the manifest recorded {manifest['num_classes']}"
         )
-    image_folder = layout.root / "JPEGImages"
+    image_folder = layout.root / IMAGE_DIR
     images_ok = image_folder.is_dir()
     if not images_ok:
         problems.append(f"image folder not found: {image_folder}")

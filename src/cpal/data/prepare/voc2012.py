@@ -14,6 +14,7 @@ user's SegmentationClass, lists and annotations are never modified.
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from cpal.data.prepare.common import (
     list_text,
     parallel_map,
     remove_stale_temporaries,
+    size_mismatch,
     write_once,
 )
 from cpal.data.prepare.manifest import (
@@ -73,7 +75,8 @@ def _require(root: Path) -> None:
         if not (root / SPLIT_DIR / f"{split}.txt").is_file()
     ]
     if missing:
-        raise DatasetError(f"{root} is not a VOC 2012 root: missing {', '.join(missing)}")
+        raise DatasetError(f"{root} is not a VOC 2012 root: missing {', '.join(missing)}"
+                           f"{_nested_hint(root, 'VOC2012', IMAGE_DIR)}")
 
 
 def _require_sbd(sbd: Path) -> None:
@@ -83,11 +86,29 @@ def _require_sbd(sbd: Path) -> None:
     if missing:
         raise DatasetError(
             f"{sbd} is not SBD's benchmark_RELEASE/dataset folder: missing {', '.join(missing)}"
+            f"{_nested_hint(sbd, 'dataset', 'cls')}"
         )
 
 
+def _nested_hint(folder: Path, child: str, marker: str) -> str:
+    """' (did you mean .../VOC2012?)' when the user gave the archive's outer folder
+    (VOCdevkit, benchmark_RELEASE) instead of the one inside it."""
+    for candidate in (folder / child, *folder.glob(f"*/{child}")):
+        if (candidate / marker).is_dir():
+            return f" (did you mean {candidate}?)"
+    return ""
+
+
 def load_sbd_mat(path: Path) -> np.ndarray:
-    """Class indices of an SBD cls/<id>.mat (struct GTcls, field Segmentation) as uint8."""
+    """Class indices of an SBD cls/<id>.mat, (H, W), integer dtype (range checked by callers).
+
+    SBD ships MATLAB v5 files holding a 1x1 struct GTcls {Boundaries, Segmentation,
+    CategoriesPresent}; loadmat with struct_as_record=True and squeeze_me=False (asked for
+    explicitly: the code below depends on them) returns it as a (1, 1) record array whose
+    Segmentation cell holds the (H, W) uint8 array. Only Segmentation is used (Boundaries
+    serve SBD's own edge benchmark). A float array of whole numbers, as a copy re-saved by
+    MATLAB code that computed in double would hold, is accepted too.
+    """
     try:
         from scipy.io import loadmat
         from scipy.io.matlab import MatReadError
@@ -96,8 +117,14 @@ def load_sbd_mat(path: Path) -> np.ndarray:
             f"reading {path} needs scipy: pip install 'cpal[voc]' (or scipy)"
         ) from error
     try:
-        data = loadmat(path)
-    except (MatReadError, OSError, ValueError, TypeError) as error:
+        data = loadmat(path, struct_as_record=True, squeeze_me=False)
+    except NotImplementedError as error:  # scipy's answer to MATLAB v7.3 (HDF5) files
+        raise DatasetError(
+            f"{path} is a MATLAB v7.3 (HDF5) file; SBD's cls files are MATLAB v5: use the "
+            "files of benchmark_RELEASE as downloaded (or re-save them with save -v7)"
+        ) from error
+    except (MatReadError, OSError, ValueError, TypeError, zlib.error) as error:
+        # zlib.error: a damaged compressed element (a corrupt or half-downloaded file)
         raise DatasetError(f"cannot read {path}: {error}") from error
     struct = data.get("GTcls")
     names = getattr(struct, "dtype", None) and struct.dtype.names
@@ -107,6 +134,11 @@ def load_sbd_mat(path: Path) -> np.ndarray:
             f"{path}: expected a struct GTcls with field Segmentation, found {found}"
         )
     seg = np.asarray(struct["Segmentation"].flat[0])
+    if seg.ndim == 2 and np.issubdtype(seg.dtype, np.floating):
+        whole = np.isfinite(seg).all() and bool((seg == np.round(seg)).all())
+        if not whole:
+            raise DatasetError(f"{path}: GTcls.Segmentation holds non-integer values")
+        seg = seg.astype(np.int64)
     if seg.ndim != 2 or not np.issubdtype(seg.dtype, np.integer):
         raise DatasetError(f"{path}: GTcls.Segmentation is {seg.dtype} {seg.shape}, not a 2-D "
                            "integer array")
@@ -128,12 +160,9 @@ def _convert_mask(task: tuple[str, str, str, str]) -> None:
                 f"{source} has class value(s) {shown}; VOC has 0..{num_classes - 1} "
                 f"(and {IGNORE_INDEX} = ignore)"
             )
-    height, width = image_size(Path(image))
-    if values.shape != (height, width):
-        raise DatasetError(
-            f"mask {source} is {values.shape[1]}x{values.shape[0]} but its image {image} is "
-            f"{width}x{height} (width x height)"
-        )
+    problem = size_mismatch(source, values.shape, image, image_size(Path(image)))
+    if problem is not None:
+        raise DatasetError(problem)
     save_label_png(target, values.astype(np.uint8))
 
 
@@ -242,7 +271,9 @@ def _write_aug_masks(
             f"used ({examples(fallback)})"
         )
     parallel_map(_convert_mask, tasks, workers=workers, desc="masks", progress=progress)
-    return {**sources, "written_now": len(tasks)}
+    # Masks already there (an earlier run, or a downloaded SegmentationClassAug) are kept
+    # unread: `cpal data verify` checks them.
+    return {**sources, "written_now": len(tasks), "kept": len(ids) - len(tasks)}
 
 
 def prepare_voc(
