@@ -104,6 +104,8 @@ def _row(cfg: Config, metrics: dict[str, Any]) -> dict[str, Any]:
         "map": metrics["maps"][split]["map"],
         "maps_oracle": maps["miou"],
         "maps_oracle_threshold": maps["threshold"],
+        "maps_fg_precision": maps.get("foreground_precision"),
+        "maps_fg_recall": maps.get("foreground_recall"),
         "pseudo": pseudo["miou"],
         "pseudo_threshold": metrics["threshold"]["value"],
         "pseudo_protocol": pseudo["protocol"]["description"],
@@ -118,6 +120,13 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    """Mean of the runs' values; None when any run lacks it (metrics from older runs)."""
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)  # type: ignore[arg-type]
+
+
 def format_tables(
     results: dict[str, list[dict[str, Any]]], base: Config, seeds: int
 ) -> tuple[str, str]:
@@ -126,13 +135,14 @@ def format_tables(
     header = (
         f"| variant | map | maps mIoU, {split} (ORACLE threshold) | "
         f"pseudo labels mIoU, {split} (threshold tuned on {tune} GT, held-out) | "
-        f"thresholds (oracle / tuned) |"
+        f"maps object precision / recall | thresholds (oracle / tuned) |"
     )
-    lines = [header, "|---|---|---:|---:|---|"]
+    lines = [header, "|---|---|---:|---:|---:|---|"]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["variant", "map", "seeds", "maps_oracle_mean", "maps_oracle_std",
-                     "pseudo_mean", "pseudo_std", "pseudo_values", "maps_values"])
+                     "pseudo_mean", "pseudo_std", "pseudo_values", "maps_values",
+                     "maps_fg_precision_mean", "maps_fg_recall_mean"])
     for name, rows in results.items():
         maps = [r["maps_oracle"] for r in rows]
         pseudo = [r["pseudo"] for r in rows]
@@ -140,13 +150,18 @@ def format_tables(
         thresholds = ", ".join(
             f"{r['maps_oracle_threshold']:g}/{r['pseudo_threshold']:g}" for r in rows
         )
+        precision = _mean_or_none([r.get("maps_fg_precision") for r in rows])
+        recall = _mean_or_none([r.get("maps_fg_recall") for r in rows])
+        pr = "-" if precision is None or recall is None else f"{precision:.1f} / {recall:.1f}"
         lines.append(
             f"| {name} | {rows[0]['map']} | {mm:.1f} ± {ms:.1f} | {pm:.1f} ± {ps:.1f} | "
-            f"{thresholds} |"
+            f"{pr} | {thresholds} |"
         )
         writer.writerow([name, rows[0]["map"], len(rows), f"{mm:.2f}", f"{ms:.2f}",
                          f"{pm:.2f}", f"{ps:.2f}", " ".join(f"{v:.2f}" for v in pseudo),
-                         " ".join(f"{v:.2f}" for v in maps)])
+                         " ".join(f"{v:.2f}" for v in maps),
+                         "" if precision is None else f"{precision:.2f}",
+                         "" if recall is None else f"{recall:.2f}"])
     example = next(iter(results.values()))[0]["pseudo_protocol"]
     notes = [
         "",
@@ -155,6 +170,9 @@ def format_tables(
         "Same data for every run.",
         f"Maps column: the background threshold that is best on {split} GT itself "
         "(an oracle, as CAM quality is usually quoted).",
+        "Object precision / recall: the maps at that threshold with every object class merged "
+        "(precision: share of pixels predicted as an object that are an object in the GT; "
+        "recall: share of GT object pixels found), mean over seeds.",
         f"Pseudo-label column: threshold chosen on {tune} GT, then applied to {split}; "
         f"e.g. `{example}`.",
     ]

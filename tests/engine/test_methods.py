@@ -96,12 +96,17 @@ def test_ablation_table_mean_and_std_by_hand():
     cfg = load_config(None, [])
     row = {"map": "pacam", "maps_oracle_threshold": 0.3, "pseudo_threshold": 0.35,
            "pseudo_protocol": "p"}
-    results = {"cpal": [{**row, "maps_oracle": 50.0, "pseudo": 40.0},
-                        {**row, "maps_oracle": 54.0, "pseudo": 44.0}]}
+    results = {"cpal": [{**row, "maps_oracle": 50.0, "pseudo": 40.0,
+                         "maps_fg_precision": 60.0, "maps_fg_recall": 70.0},
+                        {**row, "maps_oracle": 54.0, "pseudo": 44.0,
+                         "maps_fg_precision": 64.0, "maps_fg_recall": 80.0}],
+               "old": [{**row, "maps_oracle": 50.0, "pseudo": 40.0}]}
     md, table_csv = format_tables(results, cfg, seeds=2)
     # mean 52, sample std sqrt(((50-52)^2 + (54-52)^2) / 1) = 2.83
-    assert "| cpal | pacam | 52.0 ± 2.8 | 42.0 ± 2.8 |" in md
-    assert "52.00,2.83,42.00,2.83" in table_csv
+    assert "| cpal | pacam | 52.0 ± 2.8 | 42.0 ± 2.8 | 62.0 / 75.0 |" in md
+    assert "52.00,2.83,42.00,2.83" in table_csv and ",62.00,75.00" in table_csv
+    # Runs whose metrics predate object precision / recall show a dash, not a number.
+    assert "| old | pacam | 50.0 ± 0.0 | 40.0 ± 0.0 | - |" in md
 
 
 def test_self_detach_cam_keeps_l_self_out_of_the_cam():

@@ -80,6 +80,10 @@ def test_scores_hand_computed() -> None:
     assert np.isnan([scores.iou[3], scores.precision[3], scores.recall[3]]).all()
     assert scores.miou == pytest.approx((50 / 65 + 0.5 + 0.0) / 3)
     assert scores.pixel_accuracy == pytest.approx(70 / 90)
+    # Objects merged: predicted object 10 + 20 + 5 = 35 px, GT object 5 + 20 + 5 = 30 px,
+    # both object 20 + 5 = 25 px (the GT-1-predicted-2 pixels count: object found).
+    assert scores.foreground_precision == pytest.approx(25 / 35)
+    assert scores.foreground_recall == pytest.approx(25 / 30)
 
 
 def test_scores_to_dict_percent_and_none() -> None:
@@ -90,6 +94,7 @@ def test_scores_to_dict_percent_and_none() -> None:
     # IoU: bg 3/4 = 75 %, cat 2/3 = 66.67 %, dog undefined
     assert data["miou"] == round(100 * (0.75 + 2 / 3) / 2, 2) == 70.83
     assert data["pixel_accuracy"] == round(100 * 5 / 6, 2)
+    assert (data["foreground_precision"], data["foreground_recall"]) == (66.67, 100.0)
     assert data["per_class"]["cat"] == {"iou": 66.67, "precision": 66.67, "recall": 100.0}
     assert data["per_class"]["dog"] == {"iou": None, "precision": None, "recall": None}
     with pytest.raises(ValueError, match="2 class names"):
@@ -100,6 +105,7 @@ def test_scores_empty_confusion_is_undefined() -> None:
     scores = SegmentationScores.from_confusion(np.zeros((3, 3), dtype=np.int64))
     assert math.isnan(scores.miou)
     assert math.isnan(scores.pixel_accuracy)
+    assert math.isnan(scores.foreground_precision) and math.isnan(scores.foreground_recall)
     assert scores.to_dict(["a", "b", "c"])["miou"] is None
 
 

@@ -118,6 +118,11 @@ class SegmentationScores:
     recall: np.ndarray
     miou: float
     pixel_accuracy: float
+    foreground_precision: float = math.nan
+    """Class 0 against all others merged: of the pixels predicted as some object, the share
+    that is an object in the GT (any class). With `foreground_recall` it tells a map that
+    spreads onto the background (low precision) from one that misses object extent."""
+    foreground_recall: float = math.nan
 
     @classmethod
     def from_confusion(cls, conf: np.ndarray) -> SegmentationScores:
@@ -139,6 +144,10 @@ class SegmentationScores:
         miou = float(iou[defined].mean()) if defined.any() else math.nan
         total = conf.sum()
         pixel_accuracy = float(diag.sum() / total) if total > 0 else math.nan
+        hits = conf[1:, 1:].sum()
+        fg_pred, fg_gt = conf[:, 1:].sum(), conf[1:, :].sum()
+        fg_precision = float(hits / fg_pred) if fg_pred > 0 else math.nan
+        fg_recall = float(hits / fg_gt) if fg_gt > 0 else math.nan
         for array in (iou, precision, recall):
             array.setflags(write=False)
         return cls(
@@ -147,6 +156,8 @@ class SegmentationScores:
             recall=recall,
             miou=miou,
             pixel_accuracy=pixel_accuracy,
+            foreground_precision=fg_precision,
+            foreground_recall=fg_recall,
         )
 
     @property
@@ -168,6 +179,8 @@ class SegmentationScores:
         return {
             "miou": _percent(self.miou),
             "pixel_accuracy": _percent(self.pixel_accuracy),
+            "foreground_precision": _percent(self.foreground_precision),
+            "foreground_recall": _percent(self.foreground_recall),
             "per_class": per_class,
         }
 
