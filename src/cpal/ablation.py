@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -48,8 +49,9 @@ class Arm:
     overrides: tuple[str, ...]
 
 
-def arms(sweeps: Sequence[str] = ()) -> list[Arm]:
-    rows = [Arm(v, (f"method={v}",)) for v in VARIANTS]
+def arms(sweeps: Sequence[str] = (), *, variants: bool = True) -> list[Arm]:
+    """The main ladder (unless `variants` is false), then each sweep's arms."""
+    rows = [Arm(v, (f"method={v}",)) for v in VARIANTS] if variants else []
     for name in sweeps:
         sweep = SWEEPS[name]
         fixed = " ".join(o.split(".")[-1] for o in sweep.fixed)
@@ -70,23 +72,32 @@ def ablate(
     *,
     seeds: int,
     sweeps: Sequence[str] = (),
+    variants: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Run every arm for `seeds` seeds; write ablation.md and ablation.csv; return the .md."""
+    """Run every arm for `seeds` seeds; write ablation.md and ablation.csv; return the .md.
+
+    An arm whose settings equal an earlier arm's (e.g. the K sweep's value that the config
+    already uses) reuses that run instead of training the same network twice."""
     base = load_config(config_path, list(overrides))
     root = Path(base.output_dir) / "ablation"
     results: dict[str, list[dict[str, Any]]] = {}
-    for arm in arms(sweeps):
+    done: dict[str, dict[str, Any]] = {}  # settings (output_dir aside) -> row
+    for arm in arms(sweeps, variants=variants):
         for i in range(seeds):
             seed = base.seed + i
             cfg = load_config(config_path, [
                 *overrides, *arm.overrides, f"seed={seed}",
                 f"output_dir={root / _folder(arm) / f'seed{seed}'}",
             ])
-            log(f"ablation: {arm.name}, seed {seed}")
-            metrics = run(cfg, progress=progress, log=lambda _: None)
-            results.setdefault(arm.name, []).append(_row(cfg, metrics))
+            settings = json.dumps({**cfg.to_dict(), "output_dir": None}, sort_keys=True)
+            if settings in done:
+                log(f"ablation: {arm.name}, seed {seed}: same settings as an earlier arm, reused")
+            else:
+                log(f"ablation: {arm.name}, seed {seed}")
+                done[settings] = _row(cfg, run(cfg, progress=progress, log=lambda _: None))
+            results.setdefault(arm.name, []).append(done[settings])
             # Rewritten after every run: a long ablation shows its progress, and a stopped
             # one keeps the table of what finished.
             md, table_csv = format_tables(results, base, seeds)

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(ablate)
     ablate.add_argument("--seeds", type=int, default=1, help="seeds per variant (default 1)")
+    ablate.add_argument("--sweeps-only", action="store_true",
+                        help="run only the --sweep arms, not the five variants")
     ablate.add_argument("--sweep", action="append", default=[], choices=["score", "k"],
                         help="also sweep the positiveness score (dot/cosine/l2, on raw "
                         "prototypes: prototype.normalize=false) or K")
@@ -166,7 +168,10 @@ def _cmd_ablate(cfg: Config, args: argparse.Namespace) -> Any:
 
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.sweeps_only and not args.sweep:
+        raise ConfigError("--sweeps-only needs at least one --sweep (score or k)")
     path = ablate(args.config, list(args.overrides), seeds=args.seeds, sweeps=args.sweep,
+                  variants=not args.sweeps_only,
                   progress=not args.no_progress)
     return {"table": str(path)}
 

@@ -19,3 +19,47 @@ def test_score_sweep_uses_raw_prototypes_and_main_arms_do_not():
             "cpal", False, value)
     k = arms(["k"])[len(VARIANTS):]
     assert k[0].overrides == ("method=cpal", "awareness.top_k=1")
+
+
+def _fake_metrics(cfg) -> dict:
+    best = {"miou": 50.0, "threshold": 0.5, "foreground_precision": 60.0,
+            "foreground_recall": 70.0}
+    return {"maps": {cfg.labels.split: {"map": cfg.map_kind, "oracle_best": best}},
+            "pseudo_labels": {"miou": 40.0, "protocol": {"description": "p"}},
+            "threshold": {"value": 0.5}}
+
+
+def test_an_arm_equal_to_an_earlier_one_is_not_trained_twice(tmp_path, monkeypatch):
+    import cpal.ablation as ablation
+
+    trained = []
+
+    def fake_run(cfg, **_):
+        trained.append(cfg.output_dir)
+        return _fake_metrics(cfg)
+
+    monkeypatch.setattr(ablation, "run", fake_run)
+    overrides = [f"output_dir={tmp_path}", "awareness.top_k=3"]
+    md = ablation.ablate(None, overrides, seeds=1, sweeps=["k"], log=lambda _: None)
+    # 5 variants + 4 values of K, of which K=3 is exactly the `cpal` arm: 8 trainings.
+    assert len(trained) == 8
+    assert not any("top_k_3" in path for path in trained)
+    assert "| cpal top_k=3 | pacam | 50.0 ± 0.0 |" in md.read_text()
+
+
+def test_sweeps_only_skips_the_five_variants(tmp_path, monkeypatch):
+    import cpal.ablation as ablation
+
+    names = [a.name for a in arms(["k"], variants=False)]
+    assert names == ["cpal top_k=1", "cpal top_k=3", "cpal top_k=5", "cpal top_k=10"]
+    monkeypatch.setattr(ablation, "run", lambda cfg, **_: _fake_metrics(cfg))
+    md = ablation.ablate(None, [f"output_dir={tmp_path}"], seeds=2, sweeps=["score"],
+                         variants=False, log=lambda _: None).read_text()
+    assert "| cam |" not in md and "| cpal normalize=false score=l2 |" in md
+
+
+def test_sweeps_only_without_a_sweep_is_a_one_line_error(capsys):
+    from cpal.cli import main
+
+    assert main(["ablate", "--sweeps-only"]) == 2
+    assert "--sweeps-only needs at least one --sweep" in capsys.readouterr().err
