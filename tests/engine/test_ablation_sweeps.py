@@ -58,8 +58,10 @@ def test_sweeps_only_skips_the_five_variants(tmp_path, monkeypatch):
     assert "| cam |" not in md and "| cpal normalize=false score=l2 |" in md
 
 
-def test_sweeps_only_without_a_sweep_is_a_one_line_error(capsys):
+def test_sweeps_only_without_a_sweep_is_a_one_line_error(tmp_path, capsys):
     from cpal.cli import main
 
-    assert main(["ablate", "--sweeps-only"]) == 2
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    assert main(["ablate", str(config), "--sweeps-only"]) == 2
     assert "--sweeps-only needs at least one --sweep" in capsys.readouterr().err
