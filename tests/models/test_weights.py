@@ -394,3 +394,28 @@ def test_allowed_leak_prints_a_note_without_warning(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"cpal: note: {path}: possible pixel-label leak") and "allowed" in err
     assert_loaded(model, state)
+
+
+def test_a_cpal_training_checkpoint_initialises_the_trunk_only(tmp_path):
+    # E.g. a classification run on other data as the init of an ablation (README): the
+    # CAM classifier and prototype head are dropped, and are not mistaken for a dense head.
+    from cpal.config import load_config
+    from cpal.engine.checkpoint import save_checkpoint
+    from cpal.models.cam_net import build_network
+
+    cfg = load_config(None, ["method=sipe", "model.arch=resnet18", f"model.width={WIDTH}",
+                             "prototype.dim=8"])
+    torch.manual_seed(0)
+    trained, _ = build_network(cfg, 4)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1, momentum=0.9)
+    trained(torch.randn(2, 3, 64, 64)).logits.sum().backward()
+    optimizer.step()  # momentum buffers: `optim.*` tensors in the file
+    json_path = save_checkpoint(tmp_path / "run" / "checkpoints", epoch=1, step=1,
+                                model=trained, optimizer=optimizer, meta={})
+    fresh = ResNet("resnet18", width=WIDTH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PretrainedLeakWarning)
+        report = load_backbone_weights(fresh, json_path.with_suffix(".safetensors"))
+    assert report.loaded == len(fresh.state_dict()) and not report.leaks
+    for key, value in fresh.state_dict().items():
+        torch.testing.assert_close(value, trained.backbone.state_dict()[key], rtol=0, atol=0)

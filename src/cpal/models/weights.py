@@ -34,6 +34,9 @@ _IGNORED_PREFIXES = ("fc.",)
 # (DeiT, detectron), {"net": ...} (IRN/SIPE checkpoints).
 _WRAPPER_KEYS = ("state_dict", "model", "model_state", "net")
 _STRIPPED_PREFIXES = ("module.", "backbone.", "encoder.")
+# cpal's own training checkpoints: "model.<module>..." and "optim.<param id>..." tensors.
+_CPAL_SECTIONS = ("model.", "optim.")
+_CPAL_TRUNK = "model.backbone."
 # BatchNorm step counters: absent from files saved before PyTorch 0.4 (torchvision's v1
 # ImageNet files); frozen or not, nothing in a forward pass reads them.
 _OPTIONAL_SUFFIX = "num_batches_tracked"
@@ -121,6 +124,7 @@ def read_weight_file(path: str | Path) -> WeightFile:
         raise CheckpointError(f"{path}: cannot read weights ({detail})") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    state = _cpal_trunk(state, metadata)
     for key in _WRAPPER_KEYS:
         if isinstance(state.get(key), dict):
             metadata.update({k: v for k, v in state.items() if k != key})
@@ -137,6 +141,20 @@ def read_weight_file(path: str | Path) -> WeightFile:
                 key = key[len(prefix):]
         tensors[key] = value
     return WeightFile(tensors, metadata)
+
+
+def _cpal_trunk(state: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
+    """A cpal training checkpoint (`model.*` and `optim.*` tensors, engine/checkpoint.py)
+    initialises only the trunk: its `model.backbone.*` tensors. Its CAM classifier and
+    prototype head were trained for another run (and would look like a dense head)."""
+    keys = [str(k) for k in state]
+    if not keys or not all(k.startswith(_CPAL_SECTIONS) for k in keys):
+        return state
+    trunk = {k[len(_CPAL_TRUNK):]: v for k, v in state.items() if str(k).startswith(_CPAL_TRUNK)}
+    if not trunk:
+        return state
+    metadata["format"] = "cpal training checkpoint (trunk only)"
+    return trunk
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
