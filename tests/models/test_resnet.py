@@ -6,28 +6,13 @@ from cpal.errors import CheckpointError
 from cpal.models.cam_net import CAMNet, build_cam_net, normalized_cam
 from cpal.models.resnet import ResNet
 from cpal.models.weights import load_backbone_weights, read_state_dict
-
-
-def _torchvision_resnet50_keys() -> set[str]:
-    """The key set of torchvision's resnet50 state dict, written out from its structure."""
-    keys = {"conv1.weight", "fc.weight", "fc.bias"}
-    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-    keys |= {f"bn1.{k}" for k in bn}
-    for layer, depth in zip(range(1, 5), (3, 4, 6, 3), strict=True):
-        for b in range(depth):
-            p = f"layer{layer}.{b}"
-            for i in (1, 2, 3):
-                keys.add(f"{p}.conv{i}.weight")
-                keys |= {f"{p}.bn{i}.{k}" for k in bn}
-            if b == 0:
-                keys.add(f"{p}.downsample.0.weight")
-                keys |= {f"{p}.downsample.1.{k}" for k in bn}
-    return keys
+from tests.models.test_weights import torchvision_keys
 
 
 def test_resnet50_keys_match_torchvision_layout():
     model = ResNet("resnet50")
-    assert set(model.state_dict()) == _torchvision_resnet50_keys() - {"fc.weight", "fc.bias"}
+    expected = torchvision_keys("resnet50", counters=True) - {"fc.weight", "fc.bias"}
+    assert set(model.state_dict()) == expected
     assert model.state_dict()["layer4.0.conv2.weight"].shape == (512, 512, 3, 3)
     assert model.num_features == 2048
 
