@@ -190,6 +190,10 @@ def test_fingerprint_ignores_process_layout_but_not_precision(tiny_dataset, tmp_
     assert "precision" not in plain["train"]  # fp32: as checkpoints made before the key
     bf16 = training_fingerprint(load_config(None, [*base, "train.precision=bf16"]))
     assert bf16["train"]["precision"] == "bf16"
+    # prototype.normalize came later too: its old behaviour (true) is left implicit.
+    assert "normalize" not in plain["prototype"]
+    raw = training_fingerprint(load_config(None, [*base, "prototype.normalize=false"]))
+    assert raw["prototype"]["normalize"] is False
 
     with killed_in_second_epoch(), pytest.raises(KeyboardInterrupt):
         stage_train(load_config(None, base), progress=False)

@@ -55,7 +55,7 @@ _RUN_INDEPENDENT = {
 }
 # Settings added after checkpoints existed: left out at the value those runs used, so
 # their checkpoints keep their fingerprint.
-_IMPLICIT = {"precision": "fp32"}
+_IMPLICIT: dict[str, Any] = {"precision": "fp32", "normalize": True}
 
 
 def training_fingerprint(config: Config) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def training_fingerprint(config: Config) -> dict[str, Any]:
         "model": strip(config.model),
         "train": strip(config.train),
         **{
-            name: asdict(getattr(config, name))
+            name: strip(getattr(config, name))
             for name in ("prototype", "bank", "awareness", "alignment", "loss")
         },
     }
