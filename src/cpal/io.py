@@ -108,15 +108,22 @@ class MapRecord:
     classes: indices (into the dataset's class list, 0 = background) of the channels in
       `maps`; for CAMs these are the image's present foreground classes.
     maps: float array (len(classes), H, W) at full image resolution, values in [0, 1].
+    background: the map's own background score (H, W) in [0, 1] when the method has one
+      (PACAM's background-prototype channel); None for CAMs, which are thresholded.
     """
 
     classes: np.ndarray
     maps: np.ndarray
+    background: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.maps.ndim != 3 or self.maps.shape[0] != len(self.classes):
             raise ValueError(
                 f"maps shape {self.maps.shape} does not match {len(self.classes)} classes"
+            )
+        if self.background is not None and self.background.shape != self.maps.shape[1:]:
+            raise ValueError(
+                f"background shape {self.background.shape} != maps shape {self.maps.shape[1:]}"
             )
 
 
@@ -127,9 +134,13 @@ def save_maps(path: str | os.PathLike[str], record: MapRecord) -> None:
                 handle,
             classes=np.asarray(record.classes, dtype=np.int64),
             maps=record.maps.astype(np.float16),
+            **({} if record.background is None
+               else {"background": record.background.astype(np.float16)}),
         )
 
 
 def load_maps(path: str | os.PathLike[str]) -> MapRecord:
     with np.load(path) as data:
-        return MapRecord(classes=data["classes"], maps=data["maps"].astype(np.float32))
+        background = data["background"].astype(np.float32) if "background" in data else None
+        return MapRecord(classes=data["classes"], maps=data["maps"].astype(np.float32),
+                         background=background)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from cpal.evaluation.metrics import (
     ThresholdSweep,
     confusion_matrix,
     labels_from_maps,
+    labels_with_own_background,
 )
 from cpal.evaluation.protocol import Protocol, results_table
 from cpal.io import IGNORE_INDEX, load_maps, read_json, save_label_png, write_json_atomic
@@ -142,18 +144,32 @@ def stage_infer(config: Config, *, progress: bool = True) -> dict[str, Any]:
     return written
 
 
-def sweep_split(
-    config: Config, layout: VOCLayout, split: str
-) -> tuple[ThresholdSweep, dict[str, Any]]:
-    """One pass over a split's maps, scoring every background threshold at once."""
+@dataclass
+class SplitScores:
+    """One pass over a split's maps: every background threshold at once and, for maps
+    with their own background channel (PACAM), the threshold-free argmax."""
+
+    sweep: ThresholdSweep
+    identity: dict[str, Any]
+    own_background: np.ndarray | None  # confusion matrix, None if the maps have no bg
+
+
+def sweep_split(config: Config, layout: VOCLayout, split: str) -> SplitScores:
     sweep = ThresholdSweep(config.eval.thresholds, layout.num_classes)
     pairs, identity = _map_paths(config, layout, split)
+    own: np.ndarray | None = np.zeros((layout.num_classes,) * 2, dtype=np.int64)
     for image_id, path in pairs:
         try:
-            sweep.update(load_maps(path), layout.load_mask(image_id))
+            record, gt = load_maps(path), layout.load_mask(image_id)
+            sweep.update(record, gt)
+            if record.background is None:
+                own = None
+            elif own is not None:
+                own += confusion_matrix(gt, labels_with_own_background(record),
+                                        layout.num_classes)
         except ValueError as exc:
             raise DatasetError(f"{path} vs {layout.mask_path(image_id)}: {exc}") from exc
-    return sweep, identity
+    return SplitScores(sweep, identity, own if pairs else None)
 
 
 def stage_evaluate(config: Config) -> dict[str, Any]:
@@ -167,7 +183,8 @@ def stage_evaluate(config: Config) -> dict[str, Any]:
         if not layout.has_masks(ids):
             results[split] = {"skipped": _no_masks_note(layout, ids)}
             continue
-        sweep, identity = sweep_split(config, layout, split)
+        scores = sweep_split(config, layout, split)
+        sweep, identity = scores.sweep, scores.identity
         best_threshold, best = sweep.best()
         protocol = Protocol(
             split=split, num_images=len(ids), source=_source("maps", identity),
@@ -188,6 +205,17 @@ def stage_evaluate(config: Config) -> dict[str, Any]:
                 "protocol": protocol.to_dict(),
             },
         }
+        if scores.own_background is not None:
+            own = Protocol(
+                split=split, num_images=len(ids), threshold=None, threshold_choice="none",
+                source=_source("maps", identity) + " argmax with its own background channel",
+                inference=identity["inference"],
+            )
+            results[split]["own_background"] = {
+                **SegmentationScores.from_confusion(scores.own_background).to_dict(
+                    layout.class_names),
+                "protocol": own.to_dict(),
+            }
     _update_json(paths.metrics, "maps", results)
     _record_stage(paths, "evaluate", time.perf_counter() - start)
     return results
@@ -204,7 +232,7 @@ def choose_threshold(config: Config, layout: VOCLayout) -> dict[str, Any]:
             f"'labels.tune_split': split '{lc.tune_split}' has no GT masks to tune on; "
             "set labels.threshold to a fixed value"
         )
-    value, _ = sweep_split(config, layout, lc.tune_split)[0].best()
+    value, _ = sweep_split(config, layout, lc.tune_split).sweep.best()
     choice = "oracle" if lc.tune_split == lc.split else "tuned"
     return {"value": value, "choice": choice, "tuned_on": lc.tune_split}
 

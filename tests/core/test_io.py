@@ -40,6 +40,16 @@ def test_maps_round_trip_float16(tmp_path):
     np.testing.assert_allclose(record.maps, maps, atol=1e-3)
     with pytest.raises(ValueError, match="does not match"):
         MapRecord(classes=np.array([1]), maps=maps)
+    assert record.background is None  # CAM maps: no background of their own
+
+
+def test_maps_background_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    maps, bg = rng.random((2, 5, 7)).astype(np.float32), rng.random((5, 7)).astype(np.float32)
+    save_maps(tmp_path / "m.npz", MapRecord(np.array([3, 9]), maps, background=bg))
+    np.testing.assert_allclose(load_maps(tmp_path / "m.npz").background, bg, atol=1e-3)
+    with pytest.raises(ValueError, match="background shape"):
+        MapRecord(np.array([3, 9]), maps, background=bg[:4])
 
 
 def test_atomic_files_get_default_permissions(tmp_path):

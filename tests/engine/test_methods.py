@@ -10,6 +10,7 @@ from cpal.config import load_config
 from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
 from cpal.engine.infer import load_trained_model
 from cpal.engine.paths import RunPaths
+from cpal.io import load_maps
 from cpal.pipeline import run, stage_infer, stage_train
 from tests.conftest import killed_in_second_epoch, tiny_overrides
 
@@ -28,6 +29,12 @@ def test_cpal_run_writes_pacam_maps_and_comparison_figure(tiny_dataset, tmp_path
     identity = json.loads((paths.maps("train") / "_maps.json").read_text())
     assert (identity["map"], identity["method"]) == ("pacam", "cpal")
     assert metrics["pseudo_labels"]["protocol"]["source"] == "labels:pacam (method cpal)"
+    # PACAM maps carry their background channel: scored by argmax, no threshold, no GT.
+    own = metrics["maps"]["train"]["own_background"]
+    assert own["protocol"]["threshold_choice"] == "none" and own["miou"] is not None
+    assert not own["protocol"]["gt_used_for_tuning"]
+    record = load_maps(next(paths.maps("train").glob("*.npz")))
+    assert record.background is not None and record.background.shape == record.maps.shape[1:]
     assert (paths.figures / "cam_vs_pacam_train.png").stat().st_size > 10_000
     ckpt = load_checkpoint(latest_checkpoint(paths.checkpoints))
     bank_keys = [k for k in ckpt.model if k.startswith("cpal.bank.")]
@@ -97,16 +104,18 @@ def test_ablation_table_mean_and_std_by_hand():
     row = {"map": "pacam", "maps_oracle_threshold": 0.3, "pseudo_threshold": 0.35,
            "pseudo_protocol": "p"}
     results = {"cpal": [{**row, "maps_oracle": 50.0, "pseudo": 40.0,
-                         "maps_fg_precision": 60.0, "maps_fg_recall": 70.0},
+                         "maps_fg_precision": 60.0, "maps_fg_recall": 70.0,
+                         "maps_own_background": 30.0},
                         {**row, "maps_oracle": 54.0, "pseudo": 44.0,
-                         "maps_fg_precision": 64.0, "maps_fg_recall": 80.0}],
+                         "maps_fg_precision": 64.0, "maps_fg_recall": 80.0,
+                         "maps_own_background": 34.0}],
                "old": [{**row, "maps_oracle": 50.0, "pseudo": 40.0}]}
     md, table_csv = format_tables(results, cfg, seeds=2)
     # mean 52, sample std sqrt(((50-52)^2 + (54-52)^2) / 1) = 2.83
-    assert "| cpal | pacam | 52.0 ± 2.8 | 42.0 ± 2.8 | 62.0 / 75.0 |" in md
+    assert "| cpal | pacam | 52.0 ± 2.8 | 42.0 ± 2.8 | 62.0 / 75.0 | 32.0 ± 2.8 |" in md
     assert "52.00,2.83,42.00,2.83" in table_csv and ",62.00,75.00" in table_csv
     # Runs whose metrics predate object precision / recall show a dash, not a number.
-    assert "| old | pacam | 50.0 ± 0.0 | 40.0 ± 0.0 | - |" in md
+    assert "| old | pacam | 50.0 ± 0.0 | 40.0 ± 0.0 | - | - |" in md
 
 
 def test_self_detach_cam_keeps_l_self_out_of_the_cam():

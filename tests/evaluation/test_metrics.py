@@ -12,6 +12,7 @@ from cpal.evaluation.metrics import (
     confusion_matrix,
     default_thresholds,
     labels_from_maps,
+    labels_with_own_background,
 )
 from cpal.io import MapRecord
 
@@ -258,3 +259,14 @@ def test_default_thresholds() -> None:
     assert values[0] == 0.05 and values[-1] == 0.95
     assert values[2] == 0.15  # not 0.15000000000000002
     assert [f"{v}" for v in values[:3]] == ["0.05", "0.1", "0.15"]
+
+
+def test_labels_with_own_background_by_hand() -> None:
+    # Pixel by pixel: bg 0.9 beats both classes; class 7 wins; class 2 wins; a tie between
+    # background and class 2 goes to background (as SIPE's argmax, background first).
+    maps = np.array([[[0.1, 0.2, 0.8, 0.5]], [[0.3, 0.9, 0.1, 0.4]]], dtype=np.float32)
+    bg = np.array([[0.9, 0.5, 0.4, 0.5]], dtype=np.float32)
+    record = MapRecord(classes=np.array([2, 7]), maps=maps, background=bg)
+    assert labels_with_own_background(record).tolist() == [[0, 7, 2, 0]]
+    with pytest.raises(ValueError, match="no background map"):
+        labels_with_own_background(MapRecord(classes=np.array([2, 7]), maps=maps))

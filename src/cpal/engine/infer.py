@@ -145,7 +145,8 @@ def multiscale_maps(
             if flip:
                 features = [(f[:batch] + f[batch:].flip(-1)) / 2 for f in features]
                 cam = (cam[:batch] + cam[batch:].flip(-1)) / 2
-            per_scale["pacam"] = model.cpal(features, cam, labels).pacam[:, 1:]
+            pacam = model.cpal(features, cam, labels).pacam
+            per_scale["pacam"], per_scale["pacam_background"] = pacam[:, 1:], pacam[:, :1]
         for kind, value in per_scale.items():
             # Sums over scales in float32 whatever precision the network ran in.
             value = value.float()
@@ -164,20 +165,23 @@ def normalised_maps(
     model: CAMNet, images: Tensor, labels: Tensor, scales: Sequence[float], flip: bool,
     kinds: Sequence[str],
 ) -> dict[str, Tensor]:
-    """Multi-scale maps of each kind (cam, pacam), each class max-normalised to [0, 1]."""
+    """Multi-scale maps of each kind (cam, pacam; pacam brings pacam_background), each
+    channel max-normalised to [0, 1]."""
     sums = multiscale_maps(model, images, scales, flip, labels, kinds)
     return {kind: normalized_cam(value) for kind, value in sums.items()}
 
 
 def localisation_maps(
     model: CAMNet, images: Tensor, labels: Tensor, scales: Sequence[float], flip: bool, kind: str
-) -> Tensor:
-    """The map of kind cam, pacam or fused (the mean of the two), values in [0, 1]."""
+) -> tuple[Tensor, Tensor | None]:
+    """The map of kind cam, pacam or fused (the mean of the two), values in [0, 1], and
+    its own background channel (B, 1, H, W) where it has one (pacam: the background
+    prototype's map, summed over scales and max-normalised as SIPE's IS-CAM)."""
     needed = ("cam", "pacam") if kind == "fused" else (kind,)
     normed = normalised_maps(model, images, labels, scales, flip, needed)
     if kind == "fused":
-        return (normed["cam"] + normed["pacam"]) / 2
-    return normed[kind]
+        return (normed["cam"] + normed["pacam"]) / 2, None
+    return normed[kind], normed.get(f"{kind}_background")
 
 
 def infer_split(
@@ -209,11 +213,12 @@ def infer_split(
         if config.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            maps = localisation_maps(
+            maps, background = localisation_maps(
                 model, images, labels, config.infer.scales, config.infer.flip, config.map_kind
             )
-        for one, label, image_id in zip(maps, batch["label"], batch["id"], strict=True):
-            _write_record(out_dir / f"{image_id}.npz", one, label)
+        for i, (label, image_id) in enumerate(zip(batch["label"], batch["id"], strict=True)):
+            _write_record(out_dir / f"{image_id}.npz", maps[i], label,
+                          None if background is None else background[i, 0])
         bar.update(len(batch["id"]))
     bar.close()
     return len(pending)
@@ -270,14 +275,15 @@ def _remove_stale_temporaries(directory: Path, owned: set[str]) -> None:
                 tmp.unlink()
 
 
-def _write_record(path: Path, maps: Tensor, label: Tensor) -> None:
-    """Keep the present classes' (already normalised) maps."""
+def _write_record(path: Path, maps: Tensor, label: Tensor, background: Tensor | None) -> None:
+    """Keep the present classes' (already normalised) maps, and the background map if any."""
     present = torch.nonzero(label > 0.5).flatten()
     maps = maps[present.to(maps.device)]
     save_maps(
         path,
         MapRecord(classes=(present + 1).cpu().numpy().astype(np.int64),
-                  maps=maps.float().cpu().numpy()),
+                  maps=maps.float().cpu().numpy(),
+                  background=None if background is None else background.float().cpu().numpy()),
     )
 
 

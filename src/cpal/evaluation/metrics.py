@@ -250,6 +250,17 @@ def labels_from_maps(record: MapRecord, threshold: float) -> np.ndarray:
 _BROADCAST_MAX_CELLS = 1 << 25
 
 
+def labels_with_own_background(record: MapRecord) -> np.ndarray:
+    """(H, W) uint8 labels: argmax over the record's own background and its class maps (ties
+    go to background). SIPE scores its IS-CAM this way: no threshold, so no GT tuning."""
+    if record.background is None:
+        raise ValueError("the record has no background map (CAM maps need a threshold)")
+    classes = _check_classes(record.classes, IGNORE_INDEX)
+    stacked = np.concatenate([record.background[None], record.maps.astype(record.background.dtype)])
+    _, channel = _strongest_channel(stacked)
+    return np.concatenate([[0], classes])[channel].astype(np.uint8)
+
+
 def default_thresholds() -> np.ndarray:
     """0.05, 0.10, ..., 0.95 (19 values), rounded so that 0.15 prints as 0.15."""
     return np.round(np.arange(1, 20) * 0.05, 2)
