@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from cpal.errors import ConfigError
+
+_T = TypeVar("_T")
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -93,8 +98,35 @@ def init(device: torch.device) -> torch.device:
     return device
 
 
+# Set when an exception left a stage that runs collectives (see `collective`).
+_failed = False
+
+
+def collective(fn: _Fn) -> _Fn:
+    """Mark a stage whose processes run collectives together (train, infer): an exception
+    leaving it makes this process skip the process-group teardown at exit.
+
+    Tearing down is itself a collective step for NCCL: a process that failed while the
+    others wait in an all-reduce would hang in it, never exit, and torchrun (which stops
+    the other processes once one exits non-zero) would never notice. Exiting without it
+    lets torchrun end the job with this process's error.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        global _failed
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            _failed = True
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """At exit: leave the process group cleanly, unless a collective stage failed."""
+    if dist.is_available() and dist.is_initialized() and not _failed:
         dist.destroy_process_group()
 
 
@@ -118,6 +150,17 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.copy_(on_gpu)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def main_value(value: _T) -> _T:
+    """Rank 0's `value` on every rank (`value` itself in a single process): decisions taken
+    from the file system (which checkpoint to resume, which maps are missing) are taken
+    once, so processes whose views differ (a network file system's caches) still agree."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @contextlib.contextmanager
