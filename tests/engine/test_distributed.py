@@ -173,17 +173,58 @@ def test_sharded_maps_are_written_once_and_evaluated_by_rank_zero(ddp_runs, tiny
     assert 0 <= metrics["pseudo_labels"]["miou"] <= 100
 
 
-def test_a_failed_collective_stage_skips_the_process_group_teardown(monkeypatch):
-    """Tearing an NCCL group down waits for the other processes: after a failure, exiting
-    without it lets torchrun see the exit and stop the job instead of hanging."""
+def _train_worker(rank: int, world: int, port: int, argvs: list[list[str]], out: str) -> None:
+    """Process `rank` runs `cpal train` with its own arguments; records its exit status."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from cpal.cli import main
+    from cpal.engine import distributed
+
+    try:
+        Path(out, f"code{rank}").write_text(str(main(argvs[rank])))
+    finally:
+        distributed._destroy()
+
+
+def test_processes_with_different_datasets_all_stop(tiny_dataset, tmp_path, capfd):
+    """Node-local copies of a dataset that differ (here one id fewer) would cut different
+    batches: every process stops with the one-line error instead of waiting forever."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dataset, other)
+    split = other / "ImageSets/Segmentation/train.txt"
+    split.write_text("\n".join(split.read_text().split()[:-1]) + "\n")
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    argvs = [["train", str(config), *tiny_overrides(root, tmp_path / "run"), "--no-progress"]
+             for root in (tiny_dataset, other)]
+    mp.spawn(_train_worker, args=(2, _free_port(), argvs, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"code{r}").read_text() for r in range(2)] == ["2", "2"]
+    err = capfd.readouterr().err
+    assert err.count("split 'train' (its ids or labels) differs between the torchrun "
+                     "processes") == 2
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+def test_a_failed_collective_stage_aborts_an_nccl_group_at_exit(backend, monkeypatch):
+    """NCCL's orderly teardown waits for the other processes: after a failure the group is
+    aborted instead, so the process exits and torchrun stops the job. gloo's teardown is
+    local and stays."""
+    import torch.distributed.distributed_c10d as c10d
+
     from cpal.engine import distributed
     from cpal.errors import DatasetError
 
-    destroyed = []
+    calls = []
     monkeypatch.setattr(distributed, "_failed", False)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: backend)
     monkeypatch.setattr(torch.distributed, "destroy_process_group",
-                        lambda: destroyed.append(True))
+                        lambda: calls.append("destroy"))
+    monkeypatch.setattr(c10d, "_abort_process_group", lambda: calls.append("abort"))
 
     @distributed.collective
     def stage(fail: bool) -> int:
@@ -193,11 +234,11 @@ def test_a_failed_collective_stage_skips_the_process_group_teardown(monkeypatch)
 
     assert stage(False) == 7
     distributed._destroy()
-    assert destroyed == [True]  # a clean exit leaves the group
+    assert calls == ["destroy"]  # a clean exit leaves the group in order
     with pytest.raises(DatasetError):
         stage(True)
     distributed._destroy()
-    assert destroyed == [True]  # not after the failure
+    assert calls == ["destroy", "abort" if backend == "nccl" else "destroy"]
 
 
 def test_resuming_needs_the_checkpoint_rank_zero_chose(tmp_path):

@@ -103,13 +103,14 @@ _failed = False
 
 
 def collective(fn: _Fn) -> _Fn:
-    """Mark a stage whose processes run collectives together (train, infer): an exception
-    leaving it makes this process skip the process-group teardown at exit.
+    """Mark a stage whose processes run collectives together (train, infer): after an
+    exception leaving it, the exit aborts an NCCL process group instead of tearing it down.
 
-    Tearing down is itself a collective step for NCCL: a process that failed while the
-    others wait in an all-reduce would hang in it, never exit, and torchrun (which stops
-    the other processes once one exits non-zero) would never notice. Exiting without it
-    lets torchrun end the job with this process's error.
+    NCCL's orderly teardown waits for the other processes, which may be blocked in a
+    collective this process will never join: the failed process would not exit, and
+    torchrun (which stops the others once one exits non-zero) would only end the job when
+    NCCL's watchdog times out, reporting that timeout rather than the error. Aborting lets
+    the process exit at once with its own error.
     """
 
     @functools.wraps(fn)
@@ -125,9 +126,16 @@ def collective(fn: _Fn) -> _Fn:
 
 
 def _destroy() -> None:
-    """At exit: leave the process group cleanly, unless a collective stage failed."""
-    if dist.is_available() and dist.is_initialized() and not _failed:
-        dist.destroy_process_group()
+    """At exit: leave the process group (see `collective` for a failed NCCL one). gloo's
+    teardown is local (it closes the connections, so the others fail at once too)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if _failed and dist.get_backend() == "nccl":
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if abort is not None:
+            abort()
+        return  # without it (older torch), the group's destructor aborts it at exit
+    dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -161,6 +169,16 @@ def main_value(value: _T) -> _T:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def same_everywhere(value: object) -> bool:
+    """Whether every rank holds an equal `value` (True in a single process); every rank
+    gets the same answer, so all can stop together rather than wait for each other."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return True
+    values: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return all(v == values[0] for v in values)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ gradient is the global batch's gradient (see `LossShare`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import warnings
@@ -41,7 +42,7 @@ from cpal.engine.checkpoint import (
 from cpal.engine.distributed import Ranks, unwrap
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import autocast, check_precision, setup
-from cpal.errors import CheckpointError, ConfigError
+from cpal.errors import CheckpointError, ConfigError, DatasetError
 from cpal.io import write_text_atomic
 from cpal.models.cam_net import CAMNet, build_network, classification_loss
 from cpal.prototypes.pacam import self_supervision_loss
@@ -280,6 +281,12 @@ def train(config: Config, *, progress: bool = True) -> Path:
     plan = BatchPlan(t.batch_size, ranks.world_size, t.grad_accum)
     transform = TrainTransform(t.crop_size, (t.resize_long[0], t.resize_long[1]), t.hflip)
     dataset = ClassificationDataset(layout, config.data.train_split, transform, config.seed)
+    if not distributed.same_everywhere(_dataset_digest(dataset)):
+        # Node-local copies that differ would cut different batches (or counts of them).
+        raise DatasetError(
+            f"{layout.root}: split '{config.data.train_split}' (its ids or labels) differs "
+            "between the torchrun processes; every node needs the same dataset"
+        )
     steps_per_epoch = len(dataset) // t.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -348,6 +355,13 @@ def train(config: Config, *, progress: bool = True) -> Path:
             latest = _save(run, position)
     assert latest is not None
     return latest
+
+
+def _dataset_digest(dataset: ClassificationDataset) -> str:
+    """SHA-256 of the training ids and labels, in order: what the batches are cut from."""
+    digest = hashlib.sha256("\n".join(dataset.ids).encode())
+    digest.update(dataset.labels.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _run_epoch(run: _Run, epoch: int, position: Position) -> Position:
