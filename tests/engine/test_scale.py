@@ -10,6 +10,7 @@ import torch
 from cpal.config import AlignmentConfig, AwarenessConfig, BankConfig, PrototypeConfig, load_config
 from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
 from cpal.engine.paths import RunPaths
+from cpal.engine.runtime import check_precision
 from cpal.engine.train import (
     BatchPlan,
     LossShare,
@@ -20,7 +21,7 @@ from cpal.engine.train import (
 )
 from cpal.errors import CheckpointError, ConfigError
 from cpal.models.cam_net import build_network
-from cpal.pipeline import stage_train
+from cpal.pipeline import stage_infer, stage_train
 from cpal.prototypes.module import CPALModule
 from tests.conftest import killed_in_second_epoch, tiny_overrides
 
@@ -252,3 +253,12 @@ def test_fp16_on_cpu_is_refused_for_prototype_methods(tiny_dataset, tmp_path):
     with pytest.raises(ConfigError, match=r"'train\.precision': fp16 on CPU .* use bf16"):
         stage_train(cfg, progress=False)
     assert not (tmp_path / "run/checkpoints").exists()
+    # Maps too (checked before any checkpoint is read); null follows train.precision, and
+    # the key to change is infer.precision.
+    for precision in ("fp16", "null"):
+        cfg = load_config(None, [*tiny_overrides(tiny_dataset, tmp_path / "run"), *PROTO,
+                                 "train.precision=fp16", f"infer.precision={precision}"])
+        with pytest.raises(ConfigError, match=r"'infer\.precision': fp16 on CPU"):
+            stage_infer(cfg, progress=False)
+    # The CAM method has no prototype branch: fp16 runs on CPU (its scaler is tested so).
+    check_precision(load_config(None, []), torch.device("cpu"), "train.precision", "fp16")

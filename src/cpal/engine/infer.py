@@ -299,8 +299,8 @@ def infer(config: Config, splits: Sequence[str] | None = None, *, progress: bool
     """Generate this process's part of the maps of `infer.shard` for the configured splits;
     return {split: images written by this process}."""
     device = setup(config)
-    key = "infer.precision" if config.infer.precision else "train.precision"
-    check_precision(config, device, key, inference_precision(config))
+    # Named even when null (following train.precision): it is the key to change.
+    check_precision(config, device, "infer.precision", inference_precision(config))
     with distributed.main_first():  # rank 0 fills the dataset cache; the others reuse it
         layout = open_dataset(config.data)
     splits = list(splits or config.infer.splits)
