@@ -281,12 +281,7 @@ def train(config: Config, *, progress: bool = True) -> Path:
     plan = BatchPlan(t.batch_size, ranks.world_size, t.grad_accum)
     transform = TrainTransform(t.crop_size, (t.resize_long[0], t.resize_long[1]), t.hflip)
     dataset = ClassificationDataset(layout, config.data.train_split, transform, config.seed)
-    if not distributed.same_everywhere(_dataset_digest(dataset)):
-        # Node-local copies that differ would cut different batches (or counts of them).
-        raise DatasetError(
-            f"{layout.root}: split '{config.data.train_split}' (its ids or labels) differs "
-            "between the torchrun processes; every node needs the same dataset"
-        )
+    _check_same_dataset(dataset, layout.root, config.data.train_split)
     steps_per_epoch = len(dataset) // t.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -314,14 +309,7 @@ def train(config: Config, *, progress: bool = True) -> Path:
                 f"{paths.checkpoints}: holds checkpoints of an earlier run; set "
                 "train.resume=true to continue it or choose another output_dir"
             )
-        ckpt = load_shared_checkpoint(latest)
-        _check_fingerprint(latest, ckpt, fingerprint)
-        net.load_state_dict(ckpt.model)
-        if ckpt.optimizer is not None:
-            optimizer.load_state_dict(ckpt.optimizer)
-        if "grad_scaler" in ckpt.meta:
-            scaler.load_state_dict(ckpt.meta["grad_scaler"])
-        position = Position.of(ckpt)
+        position = _restore(latest, fingerprint, net, optimizer, scaler)
         if ranks.is_main:
             _truncate_log(paths.train_log, position.step)
             if position.epoch < t.epochs:
@@ -357,11 +345,33 @@ def train(config: Config, *, progress: bool = True) -> Path:
     return latest
 
 
-def _dataset_digest(dataset: ClassificationDataset) -> str:
-    """SHA-256 of the training ids and labels, in order: what the batches are cut from."""
+def _check_same_dataset(dataset: ClassificationDataset, root: Path, split: str) -> None:
+    """Every process must cut its batches from the same ids and labels: node-local copies
+    of a dataset that differ would make them run different steps and wait for each other
+    forever. Compared by SHA-256; a mismatch stops every process."""
     digest = hashlib.sha256("\n".join(dataset.ids).encode())
     digest.update(dataset.labels.numpy().tobytes())
-    return digest.hexdigest()
+    if not distributed.same_everywhere(digest.hexdigest()):
+        raise DatasetError(
+            f"{root}: split '{split}' (its ids or labels) differs between the torchrun "
+            "processes; every node needs the same dataset"
+        )
+
+
+def _restore(
+    path: Path, fingerprint: dict[str, Any], net: CAMNet, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> Position:
+    """Load checkpoint `path` (made with these settings) into the network, optimizer and
+    gradient scaler; return where training stood."""
+    ckpt = load_shared_checkpoint(path)
+    _check_fingerprint(path, ckpt, fingerprint)
+    net.load_state_dict(ckpt.model)
+    if ckpt.optimizer is not None:
+        optimizer.load_state_dict(ckpt.optimizer)
+    if "grad_scaler" in ckpt.meta:
+        scaler.load_state_dict(ckpt.meta["grad_scaler"])
+    return Position.of(ckpt)
 
 
 def _run_epoch(run: _Run, epoch: int, position: Position) -> Position:
