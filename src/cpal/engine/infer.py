@@ -88,7 +88,8 @@ def shard_ids(ids: Sequence[str], index: int, count: int) -> list[str]:
 
 
 def deal(items: Sequence[str], rank: int, world_size: int) -> list[str]:
-    """Process `rank`'s cards when `items` are dealt round-robin to `world_size` processes."""
+    """The items process `rank` takes when they are dealt round-robin to `world_size`
+    processes: every item once, and the shares differ by one at most."""
     return list(items[rank::world_size])
 
 
