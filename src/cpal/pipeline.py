@@ -126,8 +126,9 @@ def stage_train(config: Config, *, progress: bool = True) -> dict[str, Any]:
 
 
 def stage_infer(config: Config, *, progress: bool = True) -> dict[str, Any]:
-    """Maps of this process's shard; under torchrun returns (and rank 0 records) the totals
-    of all processes once every one has finished."""
+    """Maps of `infer.shard` (all images when null), this process's part of them under
+    torchrun; returns (and rank 0 records) the totals of all processes once every one has
+    finished."""
     start = time.perf_counter()
     written = infer(config, progress=progress)
     totals = distributed.all_reduce_sum(torch.tensor(list(written.values()), dtype=torch.long))

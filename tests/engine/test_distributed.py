@@ -43,15 +43,16 @@ def _worker(rank: int, world: int, port: int, commands: list[list[str]], out: st
     from cpal.cli import main
     from cpal.engine import distributed
 
-    real_write, written = infer_module._write_record, []
+    real_write, written = infer_module._write_record, []  # per command: maps it wrote
 
     def recording_write(path, maps, label):
-        written.append(f"{path.parent.name}/{path.name}")
+        written[-1].append(f"{path.parent.name}/{path.name}")
         real_write(path, maps, label)
 
     infer_module._write_record = recording_write
     try:
         for argv in commands:
+            written.append([])
             code = main([*argv, "--no-progress"])
             if code != 0:
                 raise SystemExit(f"rank {rank}: {argv[0]} exited {code}")
@@ -62,9 +63,9 @@ def _worker(rank: int, world: int, port: int, commands: list[list[str]], out: st
 
 @pytest.fixture(scope="module")
 def ddp_runs(tiny_dataset, tmp_path_factory):
-    """One spawn of 2 processes for two runs. cam: 1 micro-batch of 4 per process; cpal:
-    grad_accum 2 (2 images per micro-batch), as the whole `cpal run` (sharded maps,
-    rank-0 evaluation)."""
+    """One spawn of 2 processes for two runs. cam: 1 micro-batch of 4 per process, then its
+    maps as shard 0/2 and then whole; cpal: grad_accum 2 (2 images per micro-batch), as the
+    whole `cpal run` (sharded maps, rank-0 evaluation)."""
     root = tmp_path_factory.mktemp("ddp")
     runs = {
         "cam": [*tiny_overrides(tiny_dataset, root / "cam"), *EXACT],
@@ -73,7 +74,10 @@ def ddp_runs(tiny_dataset, tmp_path_factory):
     }
     config = root / "empty.yaml"
     config.write_text("{}\n")
-    commands = [["train", str(config), *runs["cam"]], ["run", str(config), *runs["cpal"]]]
+    commands = [["train", str(config), *runs["cam"]],
+                ["infer", str(config), *runs["cam"], "--shard", "0/2"],
+                ["infer", str(config), *runs["cam"]],
+                ["run", str(config), *runs["cpal"]]]
     mp.spawn(_worker, args=(2, _free_port(), commands, str(root)), nprocs=2, join=True)
     return root, runs
 
@@ -127,12 +131,38 @@ def test_two_processes_with_accumulation_fill_the_bank_like_one(ddp_runs, tiny_d
     assert int(single["cpal.bank.count"].sum()) > 48
 
 
+def _written(root: Path, command: int) -> list[list[str]]:
+    """The maps each of the 2 processes wrote in command `command` of the spawn."""
+    return [json.loads((root / f"written{r}.json").read_text())[command] for r in range(2)]
+
+
+def _split_ids(tiny_dataset: Path) -> dict[str, list[str]]:
+    return {s: (tiny_dataset / f"ImageSets/Segmentation/{s}.txt").read_text().split()
+            for s in ("train", "val")}
+
+
+def test_a_shard_is_the_same_images_whatever_the_process_count(ddp_runs, tiny_dataset):
+    """`torchrun --nproc_per_node=2 cpal infer --shard 0/2` writes shard 0 of 2 (every
+    second image from the first), as one process would; the rest of the split, inferred
+    next, is dealt evenly although it is all in what was rank 1's half."""
+    root, _ = ddp_runs
+    ids = _split_ids(tiny_dataset)
+    shard, rest = _written(root, 1), _written(root, 2)
+    for part, start in ((shard, 0), (rest, 1)):
+        assert not set(part[0]) & set(part[1])
+        assert sorted(part[0] + part[1]) == sorted(
+            f"{s}/{i}.npz" for s in ids for i in ids[s][start::2])
+        assert len(part[0]) == len(part[1]) == 8  # (12 + 4) / 2: balanced
+    stages = json.loads((root / "cam/stages.json").read_text())
+    assert stages["infer"]["written"] == {"train": 12, "val": 4}
+    assert stages["infer"]["missing"] == {"train": 0, "val": 0}
+
+
 def test_sharded_maps_are_written_once_and_evaluated_by_rank_zero(ddp_runs, tiny_dataset):
     root, _ = ddp_runs
-    per_rank = [json.loads((root / f"written{r}.json").read_text()) for r in range(2)]
+    per_rank = _written(root, 3)
     assert not set(per_rank[0]) & set(per_rank[1])
-    ids = {s: (tiny_dataset / f"ImageSets/Segmentation/{s}.txt").read_text().split()
-           for s in ("train", "val")}
+    ids = _split_ids(tiny_dataset)
     expected = {f"{s}/{i}.npz" for s in ids for i in ids[s]}
     assert sorted(per_rank[0] + per_rank[1]) == sorted(expected)
     assert len(per_rank[0]) == len(per_rank[1]) == 16  # 24 + 8 images, every second one
@@ -141,3 +171,83 @@ def test_sharded_maps_are_written_once_and_evaluated_by_rank_zero(ddp_runs, tiny
     assert stages["infer"]["missing"] == {"train": 0, "val": 0}
     metrics = json.loads((root / "cpal/metrics.json").read_text())
     assert 0 <= metrics["pseudo_labels"]["miou"] <= 100
+
+
+def _train_worker(rank: int, world: int, port: int, argvs: list[list[str]], out: str) -> None:
+    """Process `rank` runs `cpal train` with its own arguments; records its exit status."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from cpal.cli import main
+    from cpal.engine import distributed
+
+    try:
+        Path(out, f"code{rank}").write_text(str(main(argvs[rank])))
+    finally:
+        distributed._destroy()
+
+
+def test_processes_with_different_datasets_all_stop(tiny_dataset, tmp_path, capfd):
+    """Node-local copies of a dataset that differ (here one id fewer) would cut different
+    batches: every process stops with the one-line error instead of waiting forever."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dataset, other)
+    split = other / "ImageSets/Segmentation/train.txt"
+    split.write_text("\n".join(split.read_text().split()[:-1]) + "\n")
+    config = tmp_path / "empty.yaml"
+    config.write_text("{}\n")
+    argvs = [["train", str(config), *tiny_overrides(root, tmp_path / "run"), "--no-progress"]
+             for root in (tiny_dataset, other)]
+    mp.spawn(_train_worker, args=(2, _free_port(), argvs, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"code{r}").read_text() for r in range(2)] == ["2", "2"]
+    err = capfd.readouterr().err
+    assert err.count("split 'train' (its ids or labels) differs between the torchrun "
+                     "processes") == 2
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+def test_a_failed_collective_stage_aborts_an_nccl_group_at_exit(backend, monkeypatch):
+    """NCCL's orderly teardown waits for the other processes: after a failure the group is
+    aborted instead, so the process exits and torchrun stops the job. gloo's teardown is
+    local and stays."""
+    import torch.distributed.distributed_c10d as c10d
+
+    from cpal.engine import distributed
+    from cpal.errors import DatasetError
+
+    calls = []
+    monkeypatch.setattr(distributed, "_failed", False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: backend)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group",
+                        lambda: calls.append("destroy"))
+    monkeypatch.setattr(c10d, "_abort_process_group", lambda: calls.append("abort"))
+
+    @distributed.collective
+    def stage(fail: bool) -> int:
+        if fail:
+            raise DatasetError("broken image")
+        return 7
+
+    assert stage(False) == 7
+    distributed._destroy()
+    assert calls == ["destroy"]  # a clean exit leaves the group in order
+    with pytest.raises(DatasetError):
+        stage(True)
+    distributed._destroy()
+    assert calls == ["destroy", "abort" if backend == "nccl" else "destroy"]
+
+
+def test_resuming_needs_the_checkpoint_rank_zero_chose(tmp_path):
+    from cpal.engine import distributed
+    from cpal.engine.train import load_shared_checkpoint
+    from cpal.errors import CheckpointError
+
+    assert distributed.main_value(["a", 1]) == ["a", 1]  # one process: its own value
+    missing = tmp_path / "checkpoints/step_00000200.json"
+    with pytest.raises(CheckpointError, match=r"step_00000200\.json: not visible to process "
+                                              r"0; output_dir must be on a file system"):
+        load_shared_checkpoint(missing)

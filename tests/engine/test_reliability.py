@@ -26,6 +26,7 @@ from cpal.engine.checkpoint import (
 )
 from cpal.engine.infer import MAPS_META, _claim_folder, _create_exclusive
 from cpal.engine.paths import RunPaths
+from cpal.engine.train import epoch_order
 from cpal.errors import ConfigError, DatasetError
 from cpal.io import load_maps
 from cpal.pipeline import run, stage_evaluate, stage_infer, stage_train
@@ -311,7 +312,8 @@ def test_maps_folder_identity_is_claimed_once(tmp_path):
 
 def test_torchrun_processes_split_a_shard_between_them(trained, tiny_dataset, tmp_path):
     """The real launcher: `torchrun --nproc_per_node=2 -m cpal infer --shard 1/2` writes
-    shard 1 of 2 of every split, half of it per process (shards 2/4 and 3/4)."""
+    shard 1 of 2 of every split (the images `cpal infer --shard 1/2` would), half of it
+    per process."""
     out = tmp_path / "run"
     _copy_run(trained, tiny_dataset, out)
     config_file = tmp_path / "c.yaml"
@@ -329,10 +331,35 @@ def test_torchrun_processes_split_a_shard_between_them(trained, tiny_dataset, tm
     for split in ("train", "val"):
         ids = (tiny_dataset / f"ImageSets/Segmentation/{split}.txt").read_text().split()
         written = {p.name for p in (out / "maps" / split).glob("*.npz")}
-        assert written == {f"{i}.npz" for i in ids[2::4] + ids[3::4]}, split
+        assert written == {f"{i}.npz" for i in ids[1::2]}, split
     stages = json.loads((out / "stages.json").read_text())
     assert stages["infer"]["written"] == {"train": 12, "val": 4}
     assert stages["infer"]["missing"] == {"train": 12, "val": 4}
+
+
+def test_one_failing_torchrun_process_ends_the_job(tiny_dataset, tmp_path):
+    """A corrupt image in process 1's first micro-batch: process 1 stops with the one-line
+    error while process 0 waits for it in the gradient all-reduce; torchrun then stops
+    process 0 and the job fails (no hang, no checkpoint)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    ids = (data / "ImageSets/Segmentation/train.txt").read_text().split()
+    first = epoch_order(len(ids), seed=0, epoch=0)[:8]  # the first global batch
+    broken = next((data / "JPEGImages").glob(f"{ids[first[5]]}.*"))  # process 1: 4..7
+    broken.write_bytes(b"not an image")
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("{}\n")
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}",
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "cpal", "train", str(config_file), *tiny_overrides(data, tmp_path / "run"),
+         "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode != 0
+    assert f"cpal: error: cannot read image {broken}" in done.stderr
+    assert latest_checkpoint(tmp_path / "run/checkpoints") is None
 
 
 def test_bf16_maps_record_their_precision(trained, tiny_dataset, tmp_path):

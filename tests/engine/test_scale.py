@@ -10,6 +10,7 @@ import torch
 from cpal.config import AlignmentConfig, AwarenessConfig, BankConfig, PrototypeConfig, load_config
 from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
 from cpal.engine.paths import RunPaths
+from cpal.engine.runtime import check_precision
 from cpal.engine.train import (
     BatchPlan,
     LossShare,
@@ -20,7 +21,7 @@ from cpal.engine.train import (
 )
 from cpal.errors import CheckpointError, ConfigError
 from cpal.models.cam_net import build_network
-from cpal.pipeline import stage_train
+from cpal.pipeline import stage_infer, stage_train
 from cpal.prototypes.module import CPALModule
 from tests.conftest import killed_in_second_epoch, tiny_overrides
 
@@ -203,3 +204,65 @@ def test_fingerprint_ignores_process_layout_but_not_precision(tiny_dataset, tmp_
     # ... another precision does not.
     with pytest.raises(CheckpointError, match=r"other settings \(train\.precision\)"):
         stage_train(load_config(None, [*base, "train.precision=bf16"]), progress=False)
+
+
+
+class _AlwaysScaling(torch.amp.GradScaler):
+    """fp16's gradient scaler in an fp32 run: CPU autocast cannot run the prototype branch
+    in fp16 (see the next test), and the skipping logic does not depend on the dtype."""
+
+    def __init__(self, device: str, enabled: bool = True) -> None:
+        super().__init__(device, enabled=True)
+
+
+def test_a_skipped_scaler_step_moves_the_schedule_but_not_the_bank(tiny_dataset, tmp_path,
+                                                                     monkeypatch):
+    """Step 2's loss overflows: the gradient scaler skips its update and halves its scale;
+    its prototypes stay out of the bank (bank updates: steps 1 and 3 only), and the epoch
+    summary counts the skip."""
+    import cpal.engine.train as train_module
+    from cpal.data.source import open_dataset
+
+    real, calls = train_module.classification_loss, {"n": 0}
+
+    def overflowing(logits, labels):
+        calls["n"] += 1
+        loss = real(logits, labels)
+        return loss * float("inf") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(train_module, "classification_loss", overflowing)
+    monkeypatch.setattr(torch.amp, "GradScaler", _AlwaysScaling)
+    cfg = load_config(None, [*tiny_overrides(tiny_dataset, tmp_path / "run"), *PROTO,
+                             "train.epochs=1", "train.grad_clip=1.0"])
+    stage_train(cfg, progress=False)
+    final = _final(cfg)
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    layout = open_dataset(cfg.data)
+    labels = torch.from_numpy(layout.image_labels(layout.split_ids("train")))
+    order = epoch_order(len(labels), seed=0, epoch=0)
+    applied = [order[0:8], order[16:24]]  # global batches 1 and 3
+    assert int(final["cpal.step"]) == 2
+    assert int(final["cpal.bank.count"].sum()) == sum(channel_count(labels[b]) for b in applied)
+    log = _log(cfg)
+    assert [r["step"] for r in log] == [1, 2, 3, 3]
+    assert log[1]["lr"] < log[0]["lr"]  # the poly schedule moved on at the skipped step
+    assert log[-1]["skipped_steps"] == 1
+    meta = load_checkpoint(latest_checkpoint(RunPaths(cfg.output_path).checkpoints)).meta
+    assert meta["grad_scaler"]["scale"] == 2.0**15  # 2**16, backed off once
+
+
+def test_fp16_on_cpu_is_refused_for_prototype_methods(tiny_dataset, tmp_path):
+    cfg = load_config(None, [*tiny_overrides(tiny_dataset, tmp_path / "run"), *PROTO,
+                             "train.precision=fp16"])
+    with pytest.raises(ConfigError, match=r"'train\.precision': fp16 on CPU .* use bf16"):
+        stage_train(cfg, progress=False)
+    assert not (tmp_path / "run/checkpoints").exists()
+    # Maps too (checked before any checkpoint is read); null follows train.precision, and
+    # the key to change is infer.precision.
+    for precision in ("fp16", "null"):
+        cfg = load_config(None, [*tiny_overrides(tiny_dataset, tmp_path / "run"), *PROTO,
+                                 "train.precision=fp16", f"infer.precision={precision}"])
+        with pytest.raises(ConfigError, match=r"'infer\.precision': fp16 on CPU"):
+            stage_infer(cfg, progress=False)
+    # The CAM method has no prototype branch: fp16 runs on CPU (its scaler is tested so).
+    check_precision(load_config(None, []), torch.device("cpu"), "train.precision", "fp16")

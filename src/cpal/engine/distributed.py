@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from cpal.errors import ConfigError
+
+_T = TypeVar("_T")
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -93,9 +98,44 @@ def init(device: torch.device) -> torch.device:
     return device
 
 
+# Set when an exception left a stage that runs collectives (see `collective`).
+_failed = False
+
+
+def collective(fn: _Fn) -> _Fn:
+    """Mark a stage whose processes run collectives together (train, infer): after an
+    exception leaving it, the exit aborts an NCCL process group instead of tearing it down.
+
+    NCCL's orderly teardown waits for the other processes, which may be blocked in a
+    collective this process will never join: the failed process would not exit, and
+    torchrun (which stops the others once one exits non-zero) would only end the job when
+    NCCL's watchdog times out, reporting that timeout rather than the error. Aborting lets
+    the process exit at once with its own error.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        global _failed
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            _failed = True
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """At exit: leave the process group (see `collective` for a failed NCCL one). gloo's
+    teardown is local (it closes the connections, so the others fail at once too)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if _failed and dist.get_backend() == "nccl":
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if abort is not None:
+            abort()
+        return  # without it (older torch), the group's destructor aborts it at exit
+    dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -118,6 +158,27 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.copy_(on_gpu)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def main_value(value: _T) -> _T:
+    """Rank 0's `value` on every rank (`value` itself in a single process): decisions taken
+    from the file system (which checkpoint to resume, which maps are missing) are taken
+    once, so processes whose views differ (a network file system's caches) still agree."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def same_everywhere(value: object) -> bool:
+    """Whether every rank holds an equal `value` (True in a single process); every rank
+    gets the same answer, so all can stop together rather than wait for each other."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return True
+    values: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return all(v == values[0] for v in values)
 
 
 @contextlib.contextmanager

@@ -6,9 +6,11 @@ maximum (IRN's recipe). Images whose map file exists are skipped, and each file 
 written atomically, so an interrupted run resumes without truncated outputs.
 
 Sharding: shard I of N takes every N-th image of a split (`infer.shard` or
-`cpal infer --shard I/N`); under torchrun each process takes its own part of the shard.
-Every image is written by exactly one process, and shards claim the folder's identity
-record race-free, so independent processes (a SLURM array) can fill one folder.
+`cpal infer --shard I/N`), whatever the number of processes running it; under torchrun
+rank 0 lists the shard's missing maps and deals them out to the processes, so they finish
+together even when an earlier run left one process's part done. Every image is written by
+exactly one process, and shards claim the folder's identity record race-free, so
+independent jobs (a SLURM array) can fill one folder.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from cpal.data.datasets import InferenceDataset, SameSizeBatchSampler
 from cpal.data.source import open_dataset
 from cpal.data.voc import VOCLayout
 from cpal.engine import distributed
-from cpal.engine.checkpoint import Checkpoint
+from cpal.engine.checkpoint import Checkpoint, latest_checkpoint
 from cpal.engine.paths import RunPaths
-from cpal.engine.runtime import autocast, setup
+from cpal.engine.runtime import autocast, check_precision, setup
 from cpal.engine.train import changed_keys, load_final_checkpoint
 from cpal.errors import ConfigError, DatasetError
 from cpal.io import MapRecord, read_json, save_maps, write_json_atomic
@@ -78,18 +80,17 @@ def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[st
     return identity
 
 
-def shard_of(config: Config) -> tuple[int, int]:
-    """(index, count) of this process's share of every split: `infer.shard` I/N, split
-    again across torchrun's processes (rank r of W takes shard I * W + r of N * W)."""
-    index, count = config.infer.shard_spec
-    ranks = distributed.ranks()
-    return index * ranks.world_size + ranks.rank, count * ranks.world_size
-
-
 def shard_ids(ids: Sequence[str], index: int, count: int) -> list[str]:
     """Every `count`-th id from `index`: disjoint shards whose union is `ids`, fixed by the
-    split alone (not by which maps exist), so a resumed shard owns the same images."""
+    split alone (not by which maps exist, nor by how many processes run a shard), so a
+    resumed shard owns the same images."""
     return list(ids[index::count])
+
+
+def deal(items: Sequence[str], rank: int, world_size: int) -> list[str]:
+    """The items process `rank` takes when they are dealt round-robin to `world_size`
+    processes: every item once, and the shares differ by one at most."""
+    return list(items[rank::world_size])
 
 
 def read_maps_identity(directory: Path) -> dict[str, Any]:
@@ -184,18 +185,31 @@ def localisation_maps(
     return normed[kind], normed.get(f"{kind}_background")
 
 
-def infer_split(
-    config: Config, layout: VOCLayout, model: CAMNet, split: str, device: torch.device,
-    identity: dict[str, Any], *, shard: tuple[int, int] = (0, 1), progress: bool = True,
-) -> int:
-    """Write maps for every image of `split` in `shard` not yet done; return how many were
-    written."""
+def pending_maps(
+    config: Config, layout: VOCLayout, split: str, identity: dict[str, Any],
+    shard: tuple[int, int],
+) -> list[str]:
+    """Claim `split`'s maps folder, delete what killed writes of `shard` left, and list the
+    shard's images without a map. Under torchrun rank 0 alone runs this, before any
+    process writes."""
     out_dir = RunPaths(config.output_path).maps(split)
     out_dir.mkdir(parents=True, exist_ok=True)
     _claim_folder(out_dir, identity)
     ids = shard_ids(layout.split_ids(split), *shard)
     _remove_stale_temporaries(out_dir, set(ids))
-    pending = [i for i in ids if not (out_dir / f"{i}.npz").exists()]
+    return [i for i in ids if not (out_dir / f"{i}.npz").exists()]
+
+
+def infer_split(
+    config: Config, layout: VOCLayout, model: CAMNet, split: str, device: torch.device,
+    identity: dict[str, Any], *, shard: tuple[int, int] = (0, 1), progress: bool = True,
+) -> int:
+    """Write maps for every image of `split` in `shard` not yet done (this process's deal
+    of them under torchrun); return how many this process wrote."""
+    ranks = distributed.ranks()
+    todo = pending_maps(config, layout, split, identity, shard) if ranks.is_main else []
+    pending = deal(distributed.main_value(todo), ranks.rank, ranks.world_size)
+    out_dir = RunPaths(config.output_path).maps(split)
     if not pending:
         return 0
     dataset = InferenceDataset(layout, pending)
@@ -287,23 +301,27 @@ def _write_record(path: Path, maps: Tensor, label: Tensor, background: Tensor | 
     )
 
 
+@distributed.collective
 def infer(config: Config, splits: Sequence[str] | None = None, *, progress: bool = True) -> dict:
-    """Generate this process's shard of maps for the configured splits; return
-    {split: images written by this process}."""
+    """Generate this process's part of the maps of `infer.shard` for the configured splits;
+    return {split: images written by this process}."""
     device = setup(config)
+    # Named even when null (following train.precision): it is the key to change.
+    check_precision(config, device, "infer.precision", inference_precision(config))
     with distributed.main_first():  # rank 0 fills the dataset cache; the others reuse it
         layout = open_dataset(config.data)
     splits = list(splits or config.infer.splits)
     for split in splits:
         layout.check(split)  # fail before any work, not halfway through
-    checkpoint, ckpt = load_final_checkpoint(config)
+    # Every process makes maps from the checkpoint rank 0 found (the folders record it).
+    newest = latest_checkpoint(RunPaths(config.output_path).checkpoints)
+    checkpoint, ckpt = load_final_checkpoint(config, distributed.main_value(newest))
     model = load_trained_model(ckpt, config, layout.num_foreground, device)
     identity = maps_identity(config, checkpoint, ckpt)
-    shard = shard_of(config)
     progress = progress and distributed.ranks().is_main
     return {
-        split: infer_split(config, layout, model, split, device, identity, shard=shard,
-                           progress=progress)
+        split: infer_split(config, layout, model, split, device, identity,
+                           shard=config.infer.shard_spec, progress=progress)
         for split in splits
     }
 

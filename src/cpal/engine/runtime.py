@@ -44,6 +44,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_precision(config: Config, device: torch.device, key: str, precision: str) -> None:
+    """Refuse fp16 for a prototype method on CPU: CPU autocast keeps norms and sums in fp16
+    (CUDA's runs them in fp32), so the zero prototypes of absent classes normalise to NaN
+    and every update would be skipped; bf16 has float32's range and works on CPU."""
+    if precision == "fp16" and device.type == "cpu" and config.method != "cam":
+        raise ConfigError(
+            f"'{key}': fp16 on CPU turns method {config.method}'s prototype maps into NaN "
+            "(CPU autocast keeps normalisations in fp16); use bf16 or fp32 on CPU"
+        )
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Mixed precision for forward passes: fp32 runs as is, bf16 and fp16 under autocast."""
     dtype = AMP_DTYPES[precision]

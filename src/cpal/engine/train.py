@@ -13,6 +13,7 @@ gradient is the global batch's gradient (see `LossShare`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import warnings
@@ -40,8 +41,8 @@ from cpal.engine.checkpoint import (
 )
 from cpal.engine.distributed import Ranks, unwrap
 from cpal.engine.paths import RunPaths
-from cpal.engine.runtime import autocast, setup
-from cpal.errors import CheckpointError, ConfigError
+from cpal.engine.runtime import autocast, check_precision, setup
+from cpal.errors import CheckpointError, ConfigError, DatasetError
 from cpal.io import write_text_atomic
 from cpal.models.cam_net import CAMNet, build_network, classification_loss
 from cpal.prototypes.pacam import self_supervision_loss
@@ -134,14 +135,26 @@ def _check_fingerprint(path: Path, ckpt: Checkpoint, fingerprint: dict[str, Any]
         )
 
 
-def load_final_checkpoint(config: Config) -> tuple[Path, Checkpoint]:
+def load_shared_checkpoint(path: Path) -> Checkpoint:
+    """Load the checkpoint rank 0 chose, which every process must see."""
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: not visible to process {distributed.ranks().rank}; output_dir must be "
+            "on a file system every node shares"
+        )
+    return load_checkpoint(path)
+
+
+def load_final_checkpoint(config: Config, latest: Path | None = None) -> tuple[Path, Checkpoint]:
     """The finished training run of this config, for inference: refuses a checkpoint made
-    with other settings or one from an unfinished run."""
+    with other settings or one from an unfinished run. `latest`: the newest checkpoint as
+    rank 0 saw it (default: looked up here)."""
     directory = RunPaths(config.output_path).checkpoints
-    latest = latest_checkpoint(directory)
+    if latest is None:
+        latest = latest_checkpoint(directory)
     if latest is None:
         raise CheckpointError(f"{directory}: no checkpoint; run `cpal train` first")
-    ckpt = load_checkpoint(latest)
+    ckpt = load_shared_checkpoint(latest)
     _check_fingerprint(latest, ckpt, training_fingerprint(config))
     if ckpt.epoch < config.train.epochs:
         raise CheckpointError(
@@ -214,12 +227,14 @@ class Position:
     step: int = 0  # optimizer steps done in the run
     loss_sum: float = 0.0  # sum of batch loss x batch images in epoch `epoch` so far
     images: int = 0  # images of epoch `epoch` so far
+    skipped: int = 0  # steps of epoch `epoch` whose update fp16's gradient scaler skipped
 
     @classmethod
     def of(cls, ckpt: Checkpoint) -> Position:
         saved = ckpt.meta.get("position") or {}  # absent in end-of-epoch checkpoints of v0.1
         return cls(epoch=ckpt.epoch, step=ckpt.step, batch=int(saved.get("batch", 0)),
-                   loss_sum=float(saved.get("loss_sum", 0.0)), images=int(saved.get("images", 0)))
+                   loss_sum=float(saved.get("loss_sum", 0.0)), images=int(saved.get("images", 0)),
+                   skipped=int(saved.get("skipped", 0)))
 
 
 @dataclass
@@ -242,6 +257,7 @@ class _Run:
     log_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
+@distributed.collective
 def train(config: Config, *, progress: bool = True) -> Path:
     """Train (or resume) and return the final checkpoint's JSON path.
 
@@ -252,6 +268,7 @@ def train(config: Config, *, progress: bool = True) -> Path:
     device = setup(config)
     ranks = distributed.ranks()
     t = config.train
+    check_precision(config, device, "train.precision", t.precision)
     with distributed.main_first():  # rank 0 fills the dataset cache; the others reuse it
         layout = open_dataset(config.data)
     layout.check(config.data.train_split)  # every image present: fail now, not mid-epoch
@@ -264,6 +281,7 @@ def train(config: Config, *, progress: bool = True) -> Path:
     plan = BatchPlan(t.batch_size, ranks.world_size, t.grad_accum)
     transform = TrainTransform(t.crop_size, (t.resize_long[0], t.resize_long[1]), t.hflip)
     dataset = ClassificationDataset(layout, config.data.train_split, transform, config.seed)
+    _check_same_dataset(dataset, layout.root, config.data.train_split)
     steps_per_epoch = len(dataset) // t.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -282,21 +300,16 @@ def train(config: Config, *, progress: bool = True) -> Path:
     fingerprint = training_fingerprint(config)
 
     position = Position()
-    latest = latest_checkpoint(paths.checkpoints)
+    # Rank 0 picks the checkpoint for everyone: processes resuming from different ones
+    # would run different numbers of steps and wait for each other forever.
+    latest = distributed.main_value(latest_checkpoint(paths.checkpoints))
     if latest is not None:
         if not t.resume:
             raise CheckpointError(
                 f"{paths.checkpoints}: holds checkpoints of an earlier run; set "
                 "train.resume=true to continue it or choose another output_dir"
             )
-        ckpt = load_checkpoint(latest)
-        _check_fingerprint(latest, ckpt, fingerprint)
-        net.load_state_dict(ckpt.model)
-        if ckpt.optimizer is not None:
-            optimizer.load_state_dict(ckpt.optimizer)
-        if "grad_scaler" in ckpt.meta:
-            scaler.load_state_dict(ckpt.meta["grad_scaler"])
-        position = Position.of(ckpt)
+        position = _restore(latest, fingerprint, net, optimizer, scaler)
         if ranks.is_main:
             _truncate_log(paths.train_log, position.step)
             if position.epoch < t.epochs:
@@ -332,6 +345,35 @@ def train(config: Config, *, progress: bool = True) -> Path:
     return latest
 
 
+def _check_same_dataset(dataset: ClassificationDataset, root: Path, split: str) -> None:
+    """Every process must cut its batches from the same ids and labels: node-local copies
+    of a dataset that differ would make them run different steps and wait for each other
+    forever. Compared by SHA-256; a mismatch stops every process."""
+    digest = hashlib.sha256("\n".join(dataset.ids).encode())
+    digest.update(dataset.labels.numpy().tobytes())
+    if not distributed.same_everywhere(digest.hexdigest()):
+        raise DatasetError(
+            f"{root}: split '{split}' (its ids or labels) differs between the torchrun "
+            "processes; every node needs the same dataset"
+        )
+
+
+def _restore(
+    path: Path, fingerprint: dict[str, Any], net: CAMNet, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> Position:
+    """Load checkpoint `path` (made with these settings) into the network, optimizer and
+    gradient scaler; return where training stood."""
+    ckpt = load_shared_checkpoint(path)
+    _check_fingerprint(path, ckpt, fingerprint)
+    net.load_state_dict(ckpt.model)
+    if ckpt.optimizer is not None:
+        optimizer.load_state_dict(ckpt.optimizer)
+    if "grad_scaler" in ckpt.meta:
+        scaler.load_state_dict(ckpt.meta["grad_scaler"])
+    return Position.of(ckpt)
+
+
 def _run_epoch(run: _Run, epoch: int, position: Position) -> Position:
     """Train epoch `epoch` from `position` (its start, or a mid-epoch checkpoint); return
     the position at its end."""
@@ -357,10 +399,12 @@ def _run_epoch(run: _Run, epoch: int, position: Position) -> Position:
         micro.append(item)
         if len(micro) < t.grad_accum:
             continue
-        losses = _optimizer_step(run, micro, batches[position.batch], position.step)
+        losses, applied = _optimizer_step(run, micro, batches[position.batch], position.step)
         micro = []
         position.batch += 1
-        position.step += 1
+        position.step += 1  # a skipped update is still a step of the poly schedule
+        if not applied:
+            position.skipped += 1
         position.loss_sum += losses["loss"] * t.batch_size
         position.images += t.batch_size
         seen += t.batch_size
@@ -382,6 +426,8 @@ def _run_epoch(run: _Run, epoch: int, position: Position) -> Position:
         "mean_loss": round(position.loss_sum / max(position.images, 1), 6),
         "images_per_s": round(seen / elapsed, 2), "seconds": round(elapsed, 2),
     }
+    if run.scaler.is_enabled():
+        summary["skipped_steps"] = position.skipped
     run.log_rows.append(summary)
     _flush_log(run)
     if run.ranks.is_main:
@@ -394,9 +440,11 @@ def _run_epoch(run: _Run, epoch: int, position: Position) -> Position:
 
 def _optimizer_step(
     run: _Run, micro: list[dict[str, Any]], batch: Sequence[int], step: int
-) -> dict[str, float]:
+) -> tuple[dict[str, float], bool]:
     """One SGD step on a global batch from this process's micro-batches of it; returns the
-    global batch's loss and its terms (the same numbers on every process)."""
+    global batch's loss and its terms (the same numbers on every process), and whether the
+    update was applied (False: fp16's gradient scaler found inf/NaN gradients and skipped
+    it; the same answer on every process, since the gradients were all-reduced)."""
     t = run.config.train
     for group in run.optimizer.param_groups:
         group["lr"] = poly_lr(group["base_lr"], step, run.total_steps, t.poly_power)
@@ -422,13 +470,21 @@ def _optimizer_step(
     if t.grad_clip:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.net.parameters(), t.grad_clip)
+    scale = run.scaler.get_scale()
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    # The scaler lowers its scale exactly when it skipped the update (always 1.0 when off).
+    applied = run.scaler.get_scale() >= scale
     if run.net.cpal is not None:
-        run.net.cpal.flush_bank()
+        if applied:
+            run.net.cpal.flush_bank()
+        else:
+            # A skipped step leaves no trace: its prototypes may be inf/NaN (an fp16
+            # overflow), and one NaN entry would spoil the bank's k-means context for good.
+            run.net.cpal._pending.clear()
     terms = torch.stack(list(sums.values())).float()
     terms = distributed.all_reduce_sum(terms).tolist()
-    return {"loss": sum(terms), **dict(zip(sums, terms, strict=True))}
+    return {"loss": sum(terms), **dict(zip(sums, terms, strict=True))}, applied
 
 
 def _save(run: _Run, position: Position, stem: str | None = None) -> Path:
