@@ -45,9 +45,9 @@ def _worker(rank: int, world: int, port: int, commands: list[list[str]], out: st
 
     real_write, written = infer_module._write_record, []  # per command: maps it wrote
 
-    def recording_write(path, maps, label):
+    def recording_write(path, *record):
         written[-1].append(f"{path.parent.name}/{path.name}")
-        real_write(path, maps, label)
+        real_write(path, *record)
 
     infer_module._write_record = recording_write
     try:

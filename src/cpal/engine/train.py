@@ -481,7 +481,7 @@ def _optimizer_step(
         else:
             # A skipped step leaves no trace: its prototypes may be inf/NaN (an fp16
             # overflow), and one NaN entry would spoil the bank's k-means context for good.
-            run.net.cpal._pending.clear()
+            run.net.cpal.discard_pending()
     terms = torch.stack(list(sums.values())).float()
     terms = distributed.all_reduce_sum(terms).tolist()
     return {"loss": sum(terms), **dict(zip(sums, terms, strict=True))}, applied

@@ -207,6 +207,11 @@ class CPALModule(nn.Module):
         selected = torch.where(sel_ok, idx, torch.full_like(idx, -1))
         return p_star, ctx, active, selected, w
 
+    def discard_pending(self) -> None:
+        """Drop the prototypes collected since the last flush (a step the fp16 gradient
+        scaler skipped: its forward may have overflowed, and the bank must stay finite)."""
+        self._pending.clear()
+
     @torch.no_grad()
     def flush_bank(self) -> None:
         """Enqueue the prototypes collected since the last flush as one update, in forward
