@@ -77,6 +77,20 @@ def uninterrupted(tiny_dataset, tmp_path_factory):
     return _weights(cfg)
 
 
+
+def _torchrun(tmp_path: Path, command: str, *args: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 -m cpal COMMAND` (an empty config file plus
+    `args`), one thread per process; returns the finished process with its output."""
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("{}\n")
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "cpal", command, str(config_file), *args, "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+
 def test_mid_epoch_checkpoints_resume_exactly(tiny_dataset, tmp_path, uninterrupted):
     cfg = _cfg(tiny_dataset, tmp_path / "run", *MID)
     with killed_at_step(5), pytest.raises(KeyboardInterrupt):
@@ -316,17 +330,8 @@ def test_torchrun_processes_split_a_shard_between_them(trained, tiny_dataset, tm
     per process."""
     out = tmp_path / "run"
     _copy_run(trained, tiny_dataset, out)
-    config_file = tmp_path / "c.yaml"
-    config_file.write_text("{}\n")
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}",
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "cpal", "infer", str(config_file), *tiny_overrides(tiny_dataset, out),
-         "train.epochs=1", "method=sipe", "prototype.dim=8", "--shard", "1/2",
-         "--no-progress"],
-        env=env, capture_output=True, text=True, timeout=180,
-    )
+    done = _torchrun(tmp_path, "infer", *tiny_overrides(tiny_dataset, out), "train.epochs=1",
+                     "method=sipe", "prototype.dim=8", "--shard", "1/2")
     assert done.returncode == 0, done.stderr[-3000:]
     for split in ("train", "val"):
         ids = (tiny_dataset / f"ImageSets/Segmentation/{split}.txt").read_text().split()
@@ -347,16 +352,7 @@ def test_one_failing_torchrun_process_ends_the_job(tiny_dataset, tmp_path):
     first = epoch_order(len(ids), seed=0, epoch=0)[:8]  # the first global batch
     broken = next((data / "JPEGImages").glob(f"{ids[first[5]]}.*"))  # process 1: 4..7
     broken.write_bytes(b"not an image")
-    config_file = tmp_path / "c.yaml"
-    config_file.write_text("{}\n")
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}",
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "cpal", "train", str(config_file), *tiny_overrides(data, tmp_path / "run"),
-         "--no-progress"],
-        env=env, capture_output=True, text=True, timeout=180,
-    )
+    done = _torchrun(tmp_path, "train", *tiny_overrides(data, tmp_path / "run"))
     assert done.returncode != 0
     assert f"cpal: error: cannot read image {broken}" in done.stderr
     assert latest_checkpoint(tmp_path / "run/checkpoints") is None

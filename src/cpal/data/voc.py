@@ -143,14 +143,19 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def invalid_json(path: Path, error: json.JSONDecodeError) -> DatasetError:
+    """The one-line error for a JSON file that does not parse: where, and why."""
+    return DatasetError(
+        f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
+    )
+
+
 def _read_json_object(path: Path, shape: str) -> dict[str, Any]:
     """A JSON file holding one object (duplicate keys refused); `shape` is for the error."""
     try:
         data = json.loads(_read_text(path), object_pairs_hook=_reject_duplicate_keys)
     except json.JSONDecodeError as error:
-        raise DatasetError(
-            f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
-        ) from error
+        raise invalid_json(path, error) from error
     except ValueError as error:
         raise DatasetError(f"{path} is not valid: {error}") from error
     if not isinstance(data, dict):

@@ -56,6 +56,7 @@ from cpal.data.voc import (
     MASK_DIR,
     VOCLayout,
     id_problem,
+    invalid_json,
 )
 from cpal.errors import CpalError, DatasetError
 from cpal.io import IGNORE_INDEX, save_label_png
@@ -238,9 +239,7 @@ def _load(path: Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
     except json.JSONDecodeError as error:
-        raise DatasetError(
-            f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
-        ) from error
+        raise invalid_json(path, error) from error
     except UnicodeDecodeError as error:
         raise DatasetError(f"{path} is not UTF-8 text: {error.reason}") from error
     except OSError as error:
