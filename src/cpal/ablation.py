@@ -132,11 +132,12 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
-def _mean_or_none(values: Sequence[float | None]) -> float | None:
-    """Mean of the runs' values; None when any run lacks it (metrics from older runs)."""
+def _mean_std_or_none(values: Sequence[float | None]) -> tuple[float, float] | None:
+    """`_mean_std`, or None when any run lacks the value (metrics from older runs, or a
+    CAM, which has no background map of its own)."""
     if not values or any(v is None for v in values):
         return None
-    return sum(values) / len(values)  # type: ignore[arg-type]
+    return _mean_std(values)  # type: ignore[arg-type]
 
 
 def format_tables(
@@ -164,11 +165,10 @@ def format_tables(
         thresholds = ", ".join(
             f"{r['maps_oracle_threshold']:g}/{r['pseudo_threshold']:g}" for r in rows
         )
-        precision = _mean_or_none([r.get("maps_fg_precision") for r in rows])
-        recall = _mean_or_none([r.get("maps_fg_recall") for r in rows])
-        pr = "-" if precision is None or recall is None else f"{precision:.1f} / {recall:.1f}"
-        own_values = [r.get("maps_own_background") for r in rows]
-        own = None if any(v is None for v in own_values) else _mean_std(own_values)  # type: ignore[arg-type]
+        precision = _mean_std_or_none([r.get("maps_fg_precision") for r in rows])
+        recall = _mean_std_or_none([r.get("maps_fg_recall") for r in rows])
+        pr = "-" if precision is None or recall is None else f"{precision[0]:.1f} / {recall[0]:.1f}"
+        own = _mean_std_or_none([r.get("maps_own_background") for r in rows])
         own_text = "-" if own is None else f"{own[0]:.1f} ± {own[1]:.1f}"
         lines.append(
             f"| {name} | {rows[0]['map']} | {mm:.1f} ± {ms:.1f} | {pm:.1f} ± {ps:.1f} | "
@@ -177,8 +177,8 @@ def format_tables(
         writer.writerow([name, rows[0]["map"], len(rows), f"{mm:.2f}", f"{ms:.2f}",
                          f"{pm:.2f}", f"{ps:.2f}", " ".join(f"{v:.2f}" for v in pseudo),
                          " ".join(f"{v:.2f}" for v in maps),
-                         "" if precision is None else f"{precision:.2f}",
-                         "" if recall is None else f"{recall:.2f}",
+                         "" if precision is None else f"{precision[0]:.2f}",
+                         "" if recall is None else f"{recall[0]:.2f}",
                          "" if own is None else f"{own[0]:.2f}",
                          "" if own is None else f"{own[1]:.2f}"])
     example = next(iter(results.values()))[0]["pseudo_protocol"]
