@@ -155,10 +155,15 @@ class SplitScores:
     own_background: np.ndarray | None  # confusion matrix, None if the maps have no bg
 
 
-def sweep_split(config: Config, layout: VOCLayout, split: str) -> SplitScores:
+def sweep_split(
+    config: Config, layout: VOCLayout, split: str, *, own_background: bool = True
+) -> SplitScores:
+    """`own_background=False` skips the threshold-free scores (choosing a threshold needs
+    only the sweep)."""
     sweep = ThresholdSweep(config.eval.thresholds, layout.num_classes)
     pairs, identity = _map_paths(config, layout, split)
-    own: np.ndarray | None = np.zeros((layout.num_classes,) * 2, dtype=np.int64)
+    k = layout.num_classes
+    own: np.ndarray | None = np.zeros((k, k), dtype=np.int64) if own_background else None
     for image_id, path in pairs:
         try:
             record, gt = load_maps(path), layout.load_mask(image_id)
@@ -166,8 +171,7 @@ def sweep_split(config: Config, layout: VOCLayout, split: str) -> SplitScores:
             if record.background is None:
                 own = None
             elif own is not None:
-                own += confusion_matrix(gt, labels_with_own_background(record),
-                                        layout.num_classes)
+                own += confusion_matrix(gt, labels_with_own_background(record), k)
         except ValueError as exc:
             raise DatasetError(f"{path} vs {layout.mask_path(image_id)}: {exc}") from exc
     return SplitScores(sweep, identity, own if pairs else None)
@@ -233,7 +237,7 @@ def choose_threshold(config: Config, layout: VOCLayout) -> dict[str, Any]:
             f"'labels.tune_split': split '{lc.tune_split}' has no GT masks to tune on; "
             "set labels.threshold to a fixed value"
         )
-    value, _ = sweep_split(config, layout, lc.tune_split).sweep.best()
+    value, _ = sweep_split(config, layout, lc.tune_split, own_background=False).sweep.best()
     choice = "oracle" if lc.tune_split == lc.split else "tuned"
     return {"value": value, "choice": choice, "tuned_on": lc.tune_split}
 
