@@ -80,17 +80,12 @@ def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[st
     return identity
 
 
-def shard_ids(ids: Sequence[str], index: int, count: int) -> list[str]:
-    """Every `count`-th id from `index`: disjoint shards whose union is `ids`, fixed by the
-    split alone (not by which maps exist, nor by how many processes run a shard), so a
-    resumed shard owns the same images."""
-    return list(ids[index::count])
-
-
-def deal(items: Sequence[str], rank: int, world_size: int) -> list[str]:
-    """The items process `rank` takes when they are dealt round-robin to `world_size`
-    processes: every item once, and the shares differ by one at most."""
-    return list(items[rank::world_size])
+def every_nth(items: Sequence[str], start: int, step: int) -> list[str]:
+    """Every `step`-th item from `start`: for start = 0..step-1, disjoint parts whose union
+    is `items`, sizes differing by one at most. Used twice: shards of a split (fixed by
+    the split alone, so a resumed shard owns the same images) and the round-robin deal of
+    a shard's missing maps to the processes running it."""
+    return list(items[start::step])
 
 
 def read_maps_identity(directory: Path) -> dict[str, Any]:
@@ -195,7 +190,7 @@ def pending_maps(
     out_dir = RunPaths(config.output_path).maps(split)
     out_dir.mkdir(parents=True, exist_ok=True)
     _claim_folder(out_dir, identity)
-    ids = shard_ids(layout.split_ids(split), *shard)
+    ids = every_nth(layout.split_ids(split), *shard)
     _remove_stale_temporaries(out_dir, set(ids))
     return [i for i in ids if not (out_dir / f"{i}.npz").exists()]
 
@@ -208,7 +203,7 @@ def infer_split(
     of them under torchrun); return how many this process wrote."""
     ranks = distributed.ranks()
     todo = pending_maps(config, layout, split, identity, shard) if ranks.is_main else []
-    pending = deal(distributed.main_value(todo), ranks.rank, ranks.world_size)
+    pending = every_nth(distributed.main_value(todo), ranks.rank, ranks.world_size)
     out_dir = RunPaths(config.output_path).maps(split)
     if not pending:
         return 0
