@@ -69,23 +69,54 @@ Method = Literal["cam", "sipe", "cpal-mean", "cpal-topk", "cpal"]
 
 @dataclass
 class PrototypeConfig:
-    """Embedding head and instance prototypes (cpal-method.md, steps 2-3)."""
+    """Embedding head, seeds and instance prototypes (docs/method.md, steps 2-3).
 
-    features: Literal["layer4", "hierarchical"] = "hierarchical"
-    """layer4, or SIPE's hierarchical feature (side convs on layer1..4, concatenated)."""
-    dim: int = 256
-    """Embedding dimension D of the projection v."""
-    region: Literal["threshold", "sipe_seeds"] = "threshold"
+    Defaults reproduce SIPE's official code; every earlier choice of this library is a
+    switch, so the ablation can show what each costs (docs/results.md)."""
+
+    features: Literal["hierarchical", "layer4"] = "hierarchical"
+    """SIPE's hierarchical feature (side convs on every stage, concatenated), or the last
+    stage's side conv alone."""
+    projection: int | None = None
+    """null: no projection (SIPE: cosine on the raw concatenation); D: a learned 1x1 conv to
+    D dims, then unit length (the earlier choice, 256)."""
+    head_init: Literal["default", "kaiming"] = "default"
+    """Side-conv initialisation: PyTorch's default (SIPE) or Kaiming fan-out (earlier)."""
+    align_corners: bool = False
+    """Bilinear resize of the side features (SIPE: false; earlier: true)."""
+    lr_mult: float | None = None
+    """Learning-rate multiplier of the prototype branch (relative to train.lr); null uses
+    train.head_lr_mult, as SIPE trains its side convs with the classifier's 10x."""
+    region: Literal["sipe_seeds", "threshold"] = "sipe_seeds"
+    """sipe_seeds: the whole image is split between background and present classes by the
+    seed rule; threshold: CAM > tau (and 1 - max CAM > tau_bg for the background)."""
+    seed_source: Literal["affinity_iou", "pcm"] = "affinity_iou"
+    """affinity_iou (SIPE): a pixel goes to the channel whose map best matches its feature
+    affinity row; pcm (SFC): argmax of the CAM refined by a learned pixel-correlation
+    module, which then also replaces the CAM in L_self."""
+    seed_features: Literal["layer4", "hierarchical"] = "layer4"
+    """Features of the training seeds' affinity (SIPE: the last backbone stage)."""
+    infer_seed_features: Literal["hierarchical", "layer4"] = "hierarchical"
+    """Features of the inference seeds' affinity (SIPE: the hierarchical feature; the
+    earlier choice: layer4)."""
+    bg_factor: float = 0.5
+    """Background score factor of the seed argmax (SIPE 0.5, SFC 0.3)."""
+    background_from: Literal["all", "present"] = "all"
+    """Background = 1 - max over all foreground maps (SIPE) or over present classes only."""
+    empty_region: Literal["zero", "cam"] = "zero"
+    """An empty region gives a zero prototype (SIPE) or CAM-weighted pooling (earlier)."""
+    mask_padding: bool = True
+    """Zero every CAM channel on the padding of a training crop, so padding is neither seed
+    nor target (SIPE's valid mask); false counts padding as image (earlier)."""
     tau: float = 0.5
-    """Foreground region: normalised CAM > tau."""
+    """Foreground region of `region: threshold`: normalised CAM > tau."""
     tau_bg: float = 0.5
-    """Background region: 1 - max_c CAM > tau_bg."""
+    """Background region of `region: threshold`: 1 - max_c CAM > tau_bg."""
     normalize: bool = True
-    """L2-normalise instance prototypes (and context centroids). false keeps the raw masked
-    mean of the unit embeddings, whose norm (<= 1) measures how consistent the region is,
-    in the bank and in k-means centroids (raw member means; assignment stays cosine), so
-    that `awareness.score: dot` differs from `cosine`. p* and PACAM are cosine-based either
-    way."""
+    """Unit-length instance prototypes in the bank and k-means centroids. false keeps the raw
+    masked mean of unit embeddings, whose norm (<= 1) measures how consistent the region
+    is, so that `awareness.score: dot` differs from `cosine`. p* and PACAM are cosine-based
+    either way."""
 
 
 @dataclass
@@ -124,6 +155,10 @@ class AlignmentConfig:
 class LossConfig:
     self_weight: float = 1.0
     """lambda_self: weight of |CAM - PACAM| (step 9)."""
+    self_average: Literal["all", "present"] = "all"
+    """all (SIPE): mean over every channel and pixel of the batch (absent classes are 0 - 0);
+    present: over the background and present-class channels only (earlier; about
+    (C+1)/(1+#present) times heavier)."""
     self_detach_cam: bool = False
     """Stop L_self's gradient into the CAM (only the prototype branch learns from it).
     false = SIPE's GSC (both branches), the method page's default."""
@@ -178,6 +213,13 @@ class InferConfig:
     map: Literal["auto", "cam", "pacam", "fused"] = "auto"
     """Which localisation map to write: auto = pacam for prototype methods, cam for cam;
     fused = mean of the max-normalised CAM and PACAM."""
+    prototype_maps: Literal["sipe", "per_scale"] = "sipe"
+    """sipe: the raw relu-cosine maps of every scale are resized to the image (bilinear,
+    align_corners=False), summed and max-normalised once per channel; per_scale (earlier):
+    each scale's map is normalised, aligned on the stride grid, summed and normalised again."""
+    flip_fusion: Literal["embedding", "backbone"] = "embedding"
+    """How an image and its flip are fused for prototype maps: the embeddings and CAMs are
+    summed (SIPE), or the backbone features averaged before the head (earlier)."""
     precision: Precision | None = None
     """Autocast dtype for map generation; null uses train.precision."""
     shard: str | None = None
@@ -437,7 +479,10 @@ def _check_values(config: Config) -> None:
     need(config.method != "cam" or i.map in ("auto", "cam"), "infer.map",
          f"'{i.map}' needs a prototype method (method=cam has no PACAM)")
     pc, bc, ac = config.prototype, config.bank, config.awareness
-    need(pc.dim >= 1, "prototype.dim", "must be >= 1")
+    need(pc.projection is None or pc.projection >= 1, "prototype.projection",
+         "must be >= 1 or null")
+    need(pc.lr_mult is None or pc.lr_mult > 0, "prototype.lr_mult", "must be > 0 or null")
+    need(pc.bg_factor >= 0, "prototype.bg_factor", "must be >= 0")
     need(0 <= pc.tau < 1, "prototype.tau", "must be in [0, 1)")
     need(0 <= pc.tau_bg < 1, "prototype.tau_bg", "must be in [0, 1)")
     need(bc.size >= 1, "bank.size", "must be >= 1")

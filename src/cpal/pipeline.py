@@ -26,6 +26,7 @@ from cpal.data.transforms import normalize
 from cpal.data.voc import VOCLayout
 from cpal.engine import distributed
 from cpal.engine.infer import (
+    PrototypeInference,
     infer,
     load_trained_model,
     missing_maps,
@@ -400,7 +401,7 @@ def _comparison_figure(
         image = normalize(layout.load_image(row.image_id))[None].to(device)
         labels = torch.from_numpy(layout.image_labels([row.image_id])).to(device)
         maps = normalised_maps(model, image, labels, config.infer.scales, config.infer.flip,
-                               ("cam", "pacam"))
+                               ("cam", "pacam"), PrototypeInference.of(config))
         present = torch.nonzero(labels[0] > 0.5).flatten()
 
         def heat(kind: str, present: torch.Tensor = present, maps: dict = maps) -> np.ndarray:

@@ -28,9 +28,20 @@ def test_random_crop_of_large_image_is_a_window():
 def test_train_transform_is_a_function_of_the_generator():
     image = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
     t = TrainTransform(crop_size=32, resize_long=(30, 70), hflip=True)
-    a = t(image, np.random.default_rng([1, 2, 3]))
-    b = t(image, np.random.default_rng([1, 2, 3]))
-    c = t(image, np.random.default_rng([1, 2, 4]))
-    assert a.shape == (3, 32, 32)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    a, va = t(image, np.random.default_rng([1, 2, 3]))
+    b, vb = t(image, np.random.default_rng([1, 2, 3]))
+    c, _ = t(image, np.random.default_rng([1, 2, 4]))
+    assert a.shape == (3, 32, 32) and va.shape == (32, 32)
+    assert torch.equal(a, b) and torch.equal(va, vb) and not torch.equal(a, c)
     assert abs(float(IMAGENET_MEAN[0])) > 0  # mean colour becomes 0 after normalising
+
+
+def test_valid_mask_marks_the_image_inside_the_padded_crop():
+    # A 20 x 12 image in a 32 crop (no resize: resize_long = its long side) is padded on
+    # both axes; the mask is 1 exactly where image pixels landed.
+    image = np.full((20, 12, 3), 200, dtype=np.uint8)
+    t = TrainTransform(crop_size=32, resize_long=(20, 20), hflip=False)
+    x, valid = t(image, np.random.default_rng(5))
+    assert int(valid.sum()) == 20 * 12
+    inside = valid.bool()
+    assert torch.all(x[:, ~inside] == 0) and torch.all(x[:, inside] > 0)

@@ -18,7 +18,7 @@ from cpal.engine.paths import RunPaths
 from cpal.pipeline import stage_train
 from tests.conftest import tiny_overrides
 
-PROTO = ["prototype.dim=16", "bank.size=16", "bank.clusters=3",
+PROTO = ["bank.size=16", "bank.clusters=3",
          "bank.recluster_every=2", "awareness.top_k=2"]
 # Frozen BatchNorm: the network's output per image does not depend on its batch, so the
 # split global batch can equal the whole one (unfrozen BN uses micro-batch statistics).

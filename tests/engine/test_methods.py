@@ -14,7 +14,7 @@ from cpal.io import load_maps
 from cpal.pipeline import run, stage_infer, stage_train
 from tests.conftest import killed_in_second_epoch, tiny_overrides
 
-PROTO = ["prototype.dim=16", "bank.size=16", "bank.clusters=3", "bank.recluster_every=2",
+PROTO = ["bank.size=16", "bank.clusters=3", "bank.recluster_every=2",
          "awareness.top_k=2"]
 
 
@@ -128,7 +128,7 @@ def test_self_detach_cam_keeps_l_self_out_of_the_cam():
     grads = {}
     for detach in (True, False):
         cfg = load_config(None, ["method=sipe", "model.arch=resnet18", "model.width=0.125",
-                                 "model.frozen_bn=false", "prototype.dim=8",
+                                 "model.frozen_bn=false",
                                  f"loss.self_detach_cam={str(detach).lower()}"])
         torch.manual_seed(1)
         net, _ = build_network(cfg, 3)

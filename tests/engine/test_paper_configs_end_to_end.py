@@ -20,7 +20,7 @@ SMALL = [  # a network and sizes for 8 px images on a CPU; everything else as sh
     "model.arch=resnet18", "model.width=0.125", "model.frozen_bn=false",
     "model.frozen_stages=0", "train.epochs=1", "train.batch_size=2", "train.crop_size=32",
     "train.resize_long=[32,32]", "train.checkpoint_every_steps=null", "infer.scales=[1.0]",
-    "infer.batch_size=2", "data.num_workers=0", "prototype.dim=8", "bank.size=8",
+    "infer.batch_size=2", "data.num_workers=0", "bank.size=8",
     "bank.clusters=2", "awareness.top_k=1", "viz.num_images=1", "threads=1",
 ]
 

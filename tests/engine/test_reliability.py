@@ -235,7 +235,7 @@ def test_fp16_gradient_scaler_state_is_checkpointed(tiny_dataset, tmp_path):
 def trained(tiny_dataset, tmp_path_factory):
     """A finished run and its uninterrupted maps; tests copy its checkpoints."""
     base = tmp_path_factory.mktemp("trained") / "run"
-    cfg = _cfg(tiny_dataset, base, "train.epochs=1", "method=sipe", "prototype.dim=8")
+    cfg = _cfg(tiny_dataset, base, "train.epochs=1", "method=sipe")
     stage_train(cfg, progress=False)
     stage_infer(cfg, progress=False)
     return base
@@ -243,7 +243,7 @@ def trained(tiny_dataset, tmp_path_factory):
 
 def _copy_run(trained: Path, tiny_dataset, out: Path, *extra: str):
     shutil.copytree(trained / "checkpoints", out / "checkpoints")
-    return _cfg(tiny_dataset, out, "train.epochs=1", "method=sipe", "prototype.dim=8", *extra)
+    return _cfg(tiny_dataset, out, "train.epochs=1", "method=sipe", *extra)
 
 
 def _assert_same_maps(a: Path, b: Path) -> None:
@@ -260,8 +260,7 @@ def test_map_generation_killed_halfway_resumes_without_truncated_files(
 ):
     out = tmp_path / "run"
     cfg = _copy_run(trained, tiny_dataset, out)
-    overrides = [*tiny_overrides(tiny_dataset, out), "train.epochs=1", "method=sipe",
-                 "prototype.dim=8"]
+    overrides = [*tiny_overrides(tiny_dataset, out), "train.epochs=1", "method=sipe"]
     _die_in_child(tmp_path, "infer", overrides, "maps", die_at=10)
     maps = out / "maps/train"
     assert len(list(maps.glob("*.npz"))) == 9
@@ -284,7 +283,7 @@ def test_two_shards_write_disjoint_halves_whose_union_is_the_split(
     config_file = tmp_path / "c.yaml"
     config_file.write_text("{}\n")
     argv = [str(config_file), *tiny_overrides(tiny_dataset, out), "train.epochs=1",
-            "method=sipe", "prototype.dim=8", "--no-progress"]
+            "method=sipe", "--no-progress"]
     assert main(["infer", *argv, "--shard", "1/2"]) == 0
     first = {p.name for p in (out / "maps/train").glob("*.npz")}
     ids = (tiny_dataset / "ImageSets/Segmentation/train.txt").read_text().split()
@@ -331,7 +330,7 @@ def test_torchrun_processes_split_a_shard_between_them(trained, tiny_dataset, tm
     out = tmp_path / "run"
     _copy_run(trained, tiny_dataset, out)
     done = _torchrun(tmp_path, "infer", *tiny_overrides(tiny_dataset, out), "train.epochs=1",
-                     "method=sipe", "prototype.dim=8", "--shard", "1/2")
+                     "method=sipe", "--shard", "1/2")
     assert done.returncode == 0, done.stderr[-3000:]
     for split in ("train", "val"):
         ids = (tiny_dataset / f"ImageSets/Segmentation/{split}.txt").read_text().split()

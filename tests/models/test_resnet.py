@@ -115,5 +115,6 @@ def test_build_cam_net_from_config(tmp_path):
     cfg = ModelConfig(arch="resnet18", width=0.25, pretrained=str(path))
     net, report = build_cam_net(cfg, num_classes=3)
     assert report is not None and report.loaded > 0
-    backbone, head = net.param_groups()
-    assert len(head) == 1 and len(backbone) > 10
+    groups = dict((role, params) for params, role in net.param_groups())
+    assert set(groups) == {"backbone", "head"}  # no prototype branch in a plain CAM net
+    assert len(groups["head"]) == 1 and len(groups["backbone"]) > 10

@@ -403,8 +403,7 @@ def test_a_cpal_training_checkpoint_initialises_the_trunk_only(tmp_path):
     from cpal.engine.checkpoint import save_checkpoint
     from cpal.models.cam_net import build_network
 
-    cfg = load_config(None, ["method=sipe", "model.arch=resnet18", f"model.width={WIDTH}",
-                             "prototype.dim=8"])
+    cfg = load_config(None, ["method=sipe", "model.arch=resnet18", f"model.width={WIDTH}"])
     torch.manual_seed(0)
     trained, _ = build_network(cfg, 4)
     optimizer = torch.optim.SGD(trained.parameters(), lr=0.1, momentum=0.9)

@@ -19,7 +19,7 @@ def make(method: str = "cpal", **kw) -> CPALModule:
         CH,
         C,
         method,  # type: ignore[arg-type]
-        PrototypeConfig(dim=6, features=kw.get("features", "hierarchical")),
+        PrototypeConfig(features=kw.get("features", "hierarchical"), **kw.get("proto", {})),
         BankConfig(size=8, clusters=kw.get("clusters", 3), recluster_every=100, kmeans_iters=3),
         AwarenessConfig(top_k=2, temperature=0.5, alpha=0.5),
         AlignmentConfig(beta=1.0, loss_weight=kw.get("loss_weight", 0.0)),
@@ -86,15 +86,17 @@ def test_gradients_reach_embedding_and_cam(method: str) -> None:
     out = m(feats, cam, labels)
     out.losses["self"].backward()
     assert cam.grad is not None and float(cam.grad.abs().sum()) > 0
-    assert m.head.proj.weight.grad is not None and float(m.head.proj.weight.grad.abs().sum()) > 0
+    grad = m.head.sides[-1].weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
 
 
-def test_layer4_gradient_reaches_backbone_features() -> None:
+def test_embedding_never_sends_gradients_into_the_backbone() -> None:
     m = make("cpal", features="layer4").train()
     feats, cam, labels = batch(0, requires_grad=True)
     m(feats, cam, labels).losses["self"].backward()
-    assert feats[-1].grad is not None and float(feats[-1].grad.abs().sum()) > 0
+    assert all(f.grad is None for f in feats)  # side convs on detached maps (SIPE)
+    assert cam.grad is not None
 
 
 def test_eval_does_not_modify_bank() -> None:
@@ -135,13 +137,17 @@ def _controlled(score: str, normalize: bool) -> CPALModule:
     context (clusters 0), top-1 selection: every number below is known by hand."""
     m = CPALModule(
         (2,), 1, "cpal-topk",
-        PrototypeConfig(dim=2, features="layer4", normalize=normalize),
+        PrototypeConfig(features="layer4", projection=2, normalize=normalize, region="threshold"),
         BankConfig(size=4, clusters=0),
         AwarenessConfig(score=score, top_k=1),  # type: ignore[arg-type]
         AlignmentConfig(),
     )
-    with torch.no_grad():
-        m.head.proj.weight.copy_(torch.eye(2)[:, :, None, None])
+    with torch.no_grad():  # side conv [I; 0] then projection [I 0]: z = the unit features
+        side = torch.zeros(8, 2)
+        side[:2] = torch.eye(2)
+        m.head.sides[0].weight.copy_(side[:, :, None, None])
+        assert m.head.proj is not None
+        m.head.proj.weight.copy_(side.T[:, :, None, None])
     assert m.bank is not None
     # Context a: the instance's own direction, inconsistent (norm 0.56); b: 0.89 cosine
     # away but consistent (norm 0.95).
@@ -191,7 +197,7 @@ def test_raw_prototypes_train_and_fill_the_bank_with_their_norms() -> None:
     torch.manual_seed(0)
     m = CPALModule(
         CH, C, "cpal",
-        PrototypeConfig(dim=6, normalize=False),
+        PrototypeConfig(normalize=False),
         BankConfig(size=8, clusters=3, recluster_every=2, kmeans_iters=3),
         AwarenessConfig(top_k=2, temperature=0.5), AlignmentConfig(loss_weight=0.1),
     ).train()
@@ -200,7 +206,8 @@ def test_raw_prototypes_train_and_fill_the_bank_with_their_norms() -> None:
     assert m.bank is not None
     rows = out.prototypes[out.valid].detach()
     norms = m.bank.entries(1).norm(dim=1)
-    assert bool(torch.all(norms <= 1 + 1e-5)) and bool(torch.any(norms < 0.999))
+    # z concatenates 2 unit side features (norm sqrt(2)); raw means are shorter.
+    assert bool(torch.all(norms <= 2**0.5 + 1e-5)) and bool(torch.any(norms < 1.41))
     torch.testing.assert_close(m.bank.entries(1)[-2:], rows[[1, 4]])  # images 0, 1
     feats, cam, labels = batch(5, requires_grad=True)
     out = m(feats, cam, labels)

@@ -26,9 +26,12 @@ def test_pacam_hand_values() -> None:
     torch.testing.assert_close(out[0, 0, 0], torch.tensor([1.0, 1.0, 0.0]), atol=1e-4, rtol=0)
 
 
-def test_self_loss_over_valid_channels_only() -> None:
-    cam = torch.tensor([[[[1.0, 0.0]], [[0.5, 0.5]], [[1.0, 1.0]]]])
+def test_self_loss_averages_all_channels_or_present_ones() -> None:
+    cam = torch.tensor([[[[1.0, 0.0]], [[0.5, 0.5]], [[0.0, 0.0]]]])  # absent channel is 0
     pacam = torch.tensor([[[[0.0, 0.0]], [[0.5, 0.0]], [[0.0, 0.0]]]])
     valid = torch.tensor([[True, True, False]])
+    # SIPE: mean over all 3 channels x 2 pixels (the absent one contributes 0 - 0).
     loss = self_supervision_loss(cam, pacam, valid)
-    torch.testing.assert_close(loss, torch.tensor((1.0 + 0.0 + 0.0 + 0.5) / 4))
+    torch.testing.assert_close(loss, torch.tensor((1.0 + 0.0 + 0.0 + 0.5) / 6))
+    present = self_supervision_loss(cam, pacam, valid, average="present")
+    torch.testing.assert_close(present, torch.tensor((1.0 + 0.0 + 0.0 + 0.5) / 4))

@@ -1,14 +1,23 @@
+"""Hand-computed cases for the CAM target, SIPE's seed rule and the instance prototypes."""
+
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from cpal.prototypes.pooling import (
+    affinity_iou,
+    background_and_classes,
     cam_with_background,
-    instance_prototypes,
+    channel_mask,
     masked_average,
+    pcm_refine,
+    region_prototypes,
     region_weights,
     sipe_seeds,
 )
+
+EXACT = {"atol": 1e-4, "rtol": 0}  # SIPE normalises by (norm + 1e-5): hand values move ~1e-5
 
 
 def test_masked_average_hand_case() -> None:
@@ -21,85 +30,121 @@ def test_masked_average_hand_case() -> None:
     torch.testing.assert_close(out, expected)
 
 
-def test_cam_with_background_zeroes_absent_and_forms_bg() -> None:
-    cam = torch.tensor([[[[2.0, 1.0]], [[4.0, 4.0]], [[0.0, -1.0]]]])  # (1, 3, 1, 2)
+def test_background_from_all_classes_then_absent_zeroed() -> None:
+    # Raw CAM (1, 3, 1, 2): class 1 present, class 2 absent but strong on pixel 1.
+    cam = torch.tensor([[[[2.0, 1.0]], [[4.0, 4.0]], [[0.0, -1.0]]]])
+    cam[0, 1, 0] = torch.tensor([1.0, 4.0])
     labels = torch.tensor([[1.0, 0.0, 1.0]])
-    m = cam_with_background(cam, labels, eps=1e-6)
-    assert m.shape == (1, 4, 1, 2)
-    close = {"atol": 1e-5, "rtol": 0}
-    torch.testing.assert_close(m[0, 1, 0], torch.tensor([1.0, 0.5]), **close)
-    torch.testing.assert_close(m[0, 2], torch.zeros(1, 2))  # absent class zeroed
-    torch.testing.assert_close(m[0, 3], torch.zeros(1, 2))  # relu -> 0 everywhere
-    torch.testing.assert_close(m[0, 0, 0], torch.tensor([0.0, 0.5]), **close)  # 1 - max fg
+    full = background_and_classes(cam, labels, "all")
+    # normalised: class 0 -> (1, .5), class 1 -> (.25, 1), class 2 -> (0, 0)
+    torch.testing.assert_close(full[0, 0, 0], torch.tensor([0.0, 0.0]), **EXACT)  # 1 - max all
+    present = background_and_classes(cam, labels, "present")
+    torch.testing.assert_close(present[0, 0, 0], torch.tensor([0.0, 0.5]), **EXACT)
+    target = cam_with_background(cam, labels, background_from="all")
+    torch.testing.assert_close(target[0, 2], torch.zeros(1, 2))  # absent class zeroed
+    torch.testing.assert_close(target[0, 1, 0], torch.tensor([1.0, 0.5]), **EXACT)
 
 
-def _cam_norm() -> torch.Tensor:
-    # (1, 3, 2, 2): bg, class a (present), class b (absent)
+def test_padding_zeroes_every_channel() -> None:
+    cam = torch.rand(2, 3, 2, 3) + 0.1
+    labels = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    spatial = torch.ones(2, 1, 2, 3)
+    spatial[:, :, :, 2] = 0  # last column is padding
+    m = cam_with_background(cam, labels, spatial=spatial)
+    assert torch.all(m[:, :, :, 2] == 0)  # background too: padding is neither fg nor bg
+    mask = channel_mask(labels, spatial)
+    assert mask.shape == (2, 4, 2, 3)
+    assert mask[1, 2].sum() == 0 and mask[1, 0, :, :2].sum() == 4
+
+
+def _seed_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """1x4 grid: pixels 0,1 share feature e0, pixels 2,3 share e1 (affinity blocks of 1)."""
+    f = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]).view(1, 2, 1, 4)
+    m = torch.tensor([[0.6, 0.6, 0.0, 0.0],  # background
+                      [0.0, 0.0, 1.0, 1.0],  # class 1 (present)
+                      [0.9, 0.9, 0.0, 0.0]]).view(1, 3, 1, 4)  # class 2 (absent)
+    return f, m
+
+
+def test_affinity_iou_hand_case() -> None:
+    f, m = _seed_case()
+    score = affinity_iou(f, m)
+    # pixel 0: sum_y A = 2. bg: inter 1.2, union 2 + 1.2 - 1.2 = 2 -> 0.6;
+    # class 1: inter 0, union 2 + 2 = 4 -> 0; class 2: inter 1.8, union 2 -> 0.9.
+    # pixel 2: bg inter 0, union 3.2 -> 0; class 1: inter 2, union 2 -> 1; class 2: 0.
+    torch.testing.assert_close(score[0, :, 0, 0], torch.tensor([0.6, 0.0, 0.9]), **EXACT)
+    torch.testing.assert_close(score[0, :, 0, 2], torch.tensor([0.0, 1.0, 0.0]), **EXACT)
+
+
+def test_sipe_seeds_absent_winner_and_padding_give_no_seed() -> None:
+    f, m = _seed_case()
+    mask = torch.tensor([1.0, 1.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 1, 4)
+    seeds = sipe_seeds(f, m, mask, bg_factor=0.5)
+    # Pixels 0, 1: the absent class 2 wins (0.9 > 0.5 * 0.6): no seed at all (SIPE).
+    assert seeds[0, :, 0].tolist() == [[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0]]
+    # With class 2's map zeroed (SIPE's training target), the background wins there.
+    m_masked = m * mask
+    seeds = sipe_seeds(f, m_masked, mask, bg_factor=0.5)
+    assert seeds[0, 0, 0].tolist() == [1, 1, 0, 0]
+    # The background factor decides: bg IoU 0.6 * 0.5 = 0.3 loses to a class at 0.35.
+    m_masked[0, 1, 0, :2] = 0.7  # class 1 now also covers pixels 0, 1 at 0.7
+    s = affinity_iou(f, m_masked)[0, :, 0, 0]
+    assert 0.5 * s[0] < s[1] < s[0]
+    assert sipe_seeds(f, m_masked, mask, bg_factor=0.5)[0, 1, 0, 0] == 1
+    assert sipe_seeds(f, m_masked, mask, bg_factor=1.0)[0, 0, 0, 0] == 1
+    pad = mask.clone()
+    pad[..., 3] = 0  # pixel 3 is padding
+    assert sipe_seeds(f, m_masked, pad, bg_factor=0.5)[0, :, 0, 3].sum() == 0
+
+
+def test_empty_seed_gives_zero_prototype_or_cam_fallback() -> None:
+    _, m = _seed_case()
+    labels = torch.tensor([[1.0, 0.0]])
+    seeds = torch.zeros(1, 3, 1, 4)
+    seeds[0, 1, 0, 2:] = 1  # class 1 seeded; background seed empty
+    z = torch.randn(1, 5, 1, 4)
+    valid = torch.tensor([[True, True, False]])
+    w = region_weights(m, labels, tau=0.5, tau_bg=0.5, region="sipe_seeds", seeds=seeds)
+    p = region_prototypes(z, w, valid)
+    assert torch.all(p[0, 0] == 0)  # SIPE: an empty seed is a zero prototype
+    torch.testing.assert_close(p[0, 1], F.normalize(z[0, :, 0, 2:].sum(1), dim=0), **EXACT)
+    assert torch.all(p[0, 2] == 0)  # absent
+    w = region_weights(m, labels, tau=0.5, tau_bg=0.5, region="sipe_seeds", seeds=seeds,
+                       empty="cam")
+    torch.testing.assert_close(w[0, 0], m[0, 0])  # falls back to the CAM's weights
+
+
+def test_threshold_region() -> None:
     bg = torch.tensor([[0.9, 0.2], [0.1, 0.6]])
     a = torch.tensor([[0.1, 0.8], [0.3, 0.4]])  # only one pixel above 0.5
-    b = torch.zeros(2, 2)
-    return torch.stack([bg, a, b])[None]
-
-
-def test_threshold_region_and_validity() -> None:
-    z = torch.nn.functional.normalize(torch.randn(1, 4, 2, 2), dim=1)
+    cam = torch.stack([bg, a, torch.zeros(2, 2)])[None]
+    z = F.normalize(torch.randn(1, 4, 2, 2), dim=1)
     labels = torch.tensor([[1.0, 0.0]])
-    protos, valid = instance_prototypes(
-        z, _cam_norm(), labels, tau=0.5, tau_bg=0.5, region="threshold"
-    )
-    assert valid.tolist() == [[True, True, False]]
-    # class a: single pixel (0, 1) above tau -> the prototype is that pixel's embedding.
-    torch.testing.assert_close(protos[0, 1], z[0, :, 0, 1], atol=1e-4, rtol=0)
-    # background: pixels (0,0) and (1,1) -> normalised mean.
-    bg = torch.nn.functional.normalize(z[0, :, 0, 0] + z[0, :, 1, 1], dim=0)
-    torch.testing.assert_close(protos[0, 0], bg, atol=1e-4, rtol=0)
-    assert torch.all(protos[0, 2] == 0)
-
-
-def test_empty_region_falls_back_to_cam_weighting() -> None:
-    cam = _cam_norm()
-    labels = torch.tensor([[1.0, 0.0]])
-    w = region_weights(cam, labels, tau=0.9, tau_bg=0.5, region="threshold")
-    # class a never exceeds 0.9: its weights are its CAM values.
-    torch.testing.assert_close(w[0, 1], cam[0, 1])
-    z = torch.nn.functional.normalize(torch.randn(1, 4, 2, 2), dim=1)
-    protos, _ = instance_prototypes(z, cam, labels, tau=0.9, tau_bg=0.5, region="threshold")
-    expected = (z[0] * cam[0, 1]).sum((1, 2))
-    torch.testing.assert_close(
-        protos[0, 1], torch.nn.functional.normalize(expected, dim=0), atol=1e-4, rtol=0
-    )
-
-
-def test_sipe_seeds_hand_case() -> None:
-    # Two orthogonal feature groups: pixels 0,1 share feature e0; pixels 2,3 share e1.
-    f = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]).view(1, 2, 2, 2)
-    # CAM of class 1 covers pixels 2,3; background covers 0,1; class 2 is absent.
-    cam = torch.tensor(
-        [[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]
-    ).view(1, 3, 2, 2)
-    labels = torch.tensor([[1.0, 0.0]])
-    for iou in ("product", "minmax"):
-        seeds = sipe_seeds(f, cam, labels, iou=iou)
-        # Background IoU is 1 * 0.5 on pixels 0,1 (still the best); class 2 (absent) never wins.
-        assert seeds.tolist() == [[[0, 0], [1, 1]]], iou
-    w = region_weights(
-        cam, labels, tau=0.5, tau_bg=0.5, region="sipe_seeds", seeds=sipe_seeds(f, cam, labels)
-    )
-    assert w[0, 1].flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
-    assert torch.all(w[0, 2] == 0)
+    valid = torch.tensor([[True, True, False]])
+    w = region_weights(cam, labels, tau=0.5, tau_bg=0.5, region="threshold")
+    p = region_prototypes(z, w, valid)
+    torch.testing.assert_close(p[0, 1], z[0, :, 0, 1], atol=1e-4, rtol=0)
+    bg_p = F.normalize(z[0, :, 0, 0] + z[0, :, 1, 1], dim=0)
+    torch.testing.assert_close(p[0, 0], bg_p, atol=1e-4, rtol=0)
 
 
 def test_raw_prototype_norm_measures_region_consistency() -> None:
-    # Unit embeddings on a 1x3 grid: (1,0), (0,1), (1,0). Class 1's CAM covers pixels 0, 1
-    # (two orthogonal embeddings), the background pixel 2 alone.
+    # Unit embeddings on a 1x3 grid: (1,0), (0,1), (1,0). Class 1 covers pixels 0, 1.
     z = torch.tensor([[[1.0, 0.0, 1.0]], [[0.0, 1.0, 0.0]]])[None]  # (1, 2, 1, 3)
-    cam = cam_with_background(torch.tensor([[[[0.9, 0.8, 0.1]]]]), torch.tensor([[1.0]]))
-    kw = {"tau": 0.5, "tau_bg": 0.5, "region": "threshold"}
-    raw, valid = instance_prototypes(z, cam, torch.tensor([[1.0]]), normalize=False, **kw)
-    assert valid.tolist() == [[True, True]]
-    close = {"atol": 1e-4, "rtol": 0}
+    w = torch.tensor([[[[0.0, 0.0, 1.0]], [[1.0, 1.0, 0.0]]]])
+    valid = torch.tensor([[True, True]])
+    raw = region_prototypes(z, w, valid, normalize=False)
+    close = {"atol": 1e-4, "rtol": 0}  # masked_average's +1e-5 in the denominator
     torch.testing.assert_close(raw[0, 1], torch.tensor([0.5, 0.5]), **close)
-    torch.testing.assert_close(raw[0, 1].norm(), torch.tensor(0.5**0.5), **close)  # 0.7071
-    torch.testing.assert_close(raw[0, 0], torch.tensor([1.0, 0.0]), **close)  # consistent: 1
-    unit, _ = instance_prototypes(z, cam, torch.tensor([[1.0]]), **kw)
+    torch.testing.assert_close(raw[0, 0], torch.tensor([1.0, 0.0]), **close)
+    unit = region_prototypes(z, w, valid)
     torch.testing.assert_close(unit[0, 1], torch.tensor([0.5**0.5, 0.5**0.5]), **close)
+
+
+def test_pcm_propagates_within_affinity_groups() -> None:
+    # Guide: pixels 0,1 share one direction, 2,3 another; A = 1 within a group, column
+    # sums 2 -> each step replaces a pixel's value by its group's mean.
+    g = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]).view(1, 2, 1, 4)
+    m = torch.tensor([1.0, 0.0, 0.4, 0.8]).view(1, 1, 1, 4)
+    out = pcm_refine(m, g)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.5, 0.5, 0.6, 0.6]), **EXACT)

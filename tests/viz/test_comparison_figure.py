@@ -15,8 +15,10 @@ from cpal.pipeline import stage_train
 from cpal.viz.figures import OverlayRow
 from tests.conftest import tiny_overrides
 
-PROTO = ["prototype.dim=16", "bank.size=16", "bank.clusters=3", "bank.recluster_every=2",
-         "awareness.top_k=2"]
+# empty_region=cam: a tiny net's seeds can miss a class, and an unseeded class gets no
+# context; the CAM fallback gives every present class a prototype to select context for.
+PROTO = ["bank.size=16", "bank.clusters=3", "bank.recluster_every=2",
+         "awareness.top_k=2", "prototype.empty_region=cam"]
 
 
 @pytest.fixture(scope="module")

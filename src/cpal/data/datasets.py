@@ -17,7 +17,7 @@ from cpal.data.images import image_size
 from cpal.data.transforms import normalize
 from cpal.data.voc import VOCLayout
 
-SampleTransform = Callable[[np.ndarray, np.random.Generator], torch.Tensor]
+SampleTransform = Callable[[np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
 class ClassificationDataset(Dataset):
@@ -41,8 +41,8 @@ class ClassificationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        image = self.layout.load_image(self.ids[index])
-        return {"image": self.transform(image, rng), "label": self.labels[index], "index": index}
+        image, valid = self.transform(self.layout.load_image(self.ids[index]), rng)
+        return {"image": image, "valid": valid, "label": self.labels[index], "index": index}
 
 
 class InferenceDataset(Dataset):

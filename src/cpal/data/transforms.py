@@ -41,16 +41,23 @@ class TrainTransform:
         self.resize_long = resize_long
         self.hflip = hflip
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    def __call__(
+        self, image: np.ndarray, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crop (3, S, S), valid (S, S) uint8: 1 on image pixels, 0 on the padding)."""
         lo, hi = self.resize_long
         image = resize_long_side(image, int(rng.integers(lo, hi + 1)))
         if self.hflip and rng.random() < 0.5:
             image = image[:, ::-1]
         x = normalize(image)
-        return random_crop(x, self.crop_size, rng)
+        ones = torch.ones((1, *x.shape[1:]))
+        out = random_crop(torch.cat([x, ones]), self.crop_size, rng)
+        return out[:3], out[3].to(torch.uint8)
 
 
 def random_crop(x: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
+    """A random (C, size, size) window of x (C, H, W); an axis shorter than `size` is
+    placed at a random offset on a zero canvas."""
     _, h, w = x.shape
     out = x.new_zeros((x.shape[0], size, size))
     # Offsets of the crop window inside the image (when larger) or of the image inside

@@ -22,6 +22,7 @@ import math
 import os
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ from cpal.engine.runtime import autocast, check_precision, setup
 from cpal.engine.train import changed_keys, load_final_checkpoint
 from cpal.errors import ConfigError, DatasetError
 from cpal.io import MapRecord, read_json, save_maps, write_json_atomic
-from cpal.models.cam_net import CAMNet, build_network, normalized_cam
+from cpal.models.cam_net import CAMNet, CAMOutput, build_network, normalized_cam
+from cpal.prototypes.module import CPALOutput
 
 MAPS_META = "_maps.json"
 
@@ -73,6 +75,12 @@ def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[st
         "flip": config.infer.flip,
         "inference": describe_inference(config.infer.scales, config.infer.flip),
     }
+    if config.map_kind != "cam":
+        proto = PrototypeInference.of(config)
+        identity["prototype_inference"] = {
+            "maps": proto.maps, "flip_fusion": proto.flip_fusion,
+            "seed_features": proto.seed_features,
+        }
     precision = inference_precision(config)
     if precision != "fp32":  # absent = fp32, as in folders made before the setting existed
         identity["precision"] = precision
@@ -107,48 +115,101 @@ def load_trained_model(ckpt: Checkpoint, config: Config, num_classes: int,
     return model.eval()
 
 
+@dataclass(frozen=True)
+class PrototypeInference:
+    """How prototype maps are made at inference (`infer.prototype_maps`,
+    `infer.flip_fusion`, `prototype.infer_seed_features`); defaults are SIPE's."""
+
+    maps: str = "sipe"
+    flip_fusion: str = "embedding"
+    seed_features: str = "hierarchical"
+
+    @classmethod
+    def of(cls, config: Config) -> PrototypeInference:
+        return cls(config.infer.prototype_maps, config.infer.flip_fusion,
+                   config.prototype.infer_seed_features)
+
+
+def _flip_sum(x: Tensor, batch: int) -> Tensor:
+    """An image's map plus its flip's map flipped back (SIPE's fusion of the two)."""
+    return x[:batch] + x[batch:].flip(-1)
+
+
+def _prototype_scale(
+    model: CAMNet, out: CAMOutput, x: Tensor, labels: Tensor, flip: bool,
+    proto: PrototypeInference,
+) -> CPALOutput:
+    """The prototype branch on one scale's forward of [image, flip] (or the image alone)."""
+    assert model.cpal is not None
+    batch = labels.shape[0]
+    features, cam, image = out.features, out.cam, x
+    if flip and proto.flip_fusion == "backbone":
+        # The earlier choice: average backbone features and CAMs, then embed once.
+        features = [(f[:batch] + f[batch:].flip(-1)) / 2 for f in features]
+        cam = (cam[:batch] + cam[batch:].flip(-1)) / 2
+        z = model.cpal.embed(features)
+        last = features[-1]
+    elif flip:
+        z = _flip_sum(model.cpal.embed(features), batch)
+        cam, last, image = _flip_sum(cam, batch), _flip_sum(features[-1], batch), 2 * x
+    else:
+        z, last = model.cpal.embed(features), features[-1]
+    seed_features = z if proto.seed_features == "hierarchical" else last
+    return model.cpal.prototype_maps(z, cam, labels, seed_features, image=image, last=last)
+
+
 @torch.inference_mode()
 def multiscale_maps(
     model: CAMNet, images: Tensor, scales: Sequence[float], flip: bool,
     labels: Tensor | None = None, kinds: Sequence[str] = ("cam",),
+    proto: PrototypeInference = PrototypeInference(),
 ) -> dict[str, Tensor]:
-    """Sums over scales of relu CAMs and/or PACAMs at the input's resolution, (B, C, H, W)
-    each (foreground classes only).
+    """Sums over scales of relu CAMs and/or prototype maps at the input's resolution,
+    (B, C, H, W) each (foreground classes; pacam adds `pacam_background` (B, 1, H, W)).
 
     Per scale the image and its flip share one forward pass. CAMs are summed over the flip
-    (IRN); for PACAM the features and CAMs are first fused over the flip, then the
-    prototypes are computed against the frozen support bank (cpal-method.md, Inference).
+    and aligned on the stride grid (IRN). Prototype maps follow SIPE's inference: the
+    embeddings and CAMs of the image and its flip are summed, seeds and prototypes are
+    computed on them (against the frozen bank for context), and the raw relu-cosine map
+    of each scale is resized straight to the image; the caller normalises the sum once
+    (`proto.maps == "sipe"`; "per_scale" is the earlier, per-scale normalised variant).
     """
     batch, _, height, width = images.shape
     stride = model.output_stride
     # IRN aligns the CAM grid to the top-left: upsample to a multiple of the stride, crop.
     padded = (math.ceil(height / stride) * stride, math.ceil(width / stride) * stride)
     totals: dict[str, Tensor] = {}
+
+    def add(kind: str, value: Tensor, grid_aligned: bool) -> None:
+        value = value.float()  # sums over scales in float32 whatever the network ran in
+        if grid_aligned:
+            value = F.interpolate(value, size=padded, mode="bilinear", align_corners=False)
+            value = value[:, :, :height, :width]
+        else:
+            value = F.interpolate(value, size=(height, width), mode="bilinear",
+                                  align_corners=False)
+        totals[kind] = value if kind not in totals else totals[kind] + value
+
     for scale in scales:
         x = images
         if scale != 1.0:
             size = (max(1, round(height * scale)), max(1, round(width * scale)))
             x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         out = model(torch.cat([x, x.flip(-1)]) if flip else x)
-        per_scale: dict[str, Tensor] = {}
         if "cam" in kinds:
             cam = F.relu(out.cam)
-            per_scale["cam"] = cam[:batch] + cam[batch:].flip(-1) if flip else cam
+            add("cam", _flip_sum(cam, batch) if flip else cam, grid_aligned=True)
         if "pacam" in kinds:
             if model.cpal is None or labels is None:
                 raise ValueError("PACAM needs a network with the CPAL module and image labels")
-            features, cam = out.features, out.cam
-            if flip:
-                features = [(f[:batch] + f[batch:].flip(-1)) / 2 for f in features]
-                cam = (cam[:batch] + cam[batch:].flip(-1)) / 2
-            pacam = model.cpal(features, cam, labels).pacam
-            per_scale["pacam"], per_scale["pacam_background"] = pacam[:, 1:], pacam[:, :1]
-        for kind, value in per_scale.items():
-            # Sums over scales in float32 whatever precision the network ran in.
-            value = value.float()
-            value = F.interpolate(value, size=padded, mode="bilinear", align_corners=False)
-            value = value[:, :, :height, :width]
-            totals[kind] = value if kind not in totals else totals[kind] + value
+            res = _prototype_scale(model, out, x, labels, flip, proto)
+            if proto.maps == "sipe":
+                assert res.similarity is not None
+                add("pacam", res.similarity[:, 1:], grid_aligned=False)
+                add("pacam_background", res.similarity[:, :1], grid_aligned=False)
+            else:
+                add("pacam", res.pacam[:, 1:], grid_aligned=True)
+                add("pacam_background", res.pacam[:, :1], grid_aligned=True)
     return totals
 
 
@@ -159,24 +220,28 @@ def multiscale_cam(model: CAMNet, images: Tensor, scales: Sequence[float], flip:
 
 def normalised_maps(
     model: CAMNet, images: Tensor, labels: Tensor, scales: Sequence[float], flip: bool,
-    kinds: Sequence[str],
+    kinds: Sequence[str], proto: PrototypeInference = PrototypeInference(),
 ) -> dict[str, Tensor]:
     """Multi-scale maps of each kind (cam, pacam; pacam brings pacam_background), each
-    channel max-normalised to [0, 1]."""
-    sums = multiscale_maps(model, images, scales, flip, labels, kinds)
+    channel max-normalised to [0, 1] once, after the sum over scales."""
+    sums = multiscale_maps(model, images, scales, flip, labels, kinds, proto)
     return {kind: normalized_cam(value) for kind, value in sums.items()}
 
 
 def localisation_maps(
-    model: CAMNet, images: Tensor, labels: Tensor, scales: Sequence[float], flip: bool, kind: str
+    model: CAMNet, images: Tensor, labels: Tensor, scales: Sequence[float], flip: bool,
+    kind: str, proto: PrototypeInference = PrototypeInference(),
 ) -> tuple[Tensor, Tensor | None]:
     """The map of kind cam, pacam or fused (the mean of the two), values in [0, 1], and
     its own background channel (B, 1, H, W) where it has one (pacam: the background
-    prototype's map, summed over scales and max-normalised as SIPE's IS-CAM)."""
+    prototype's map; fused: the mean of that and the CAM's 1 - max)."""
     needed = ("cam", "pacam") if kind == "fused" else (kind,)
-    normed = normalised_maps(model, images, labels, scales, flip, needed)
+    normed = normalised_maps(model, images, labels, scales, flip, needed, proto)
     if kind == "fused":
-        return (normed["cam"] + normed["pacam"]) / 2, None
+        present = labels[:, :, None, None].to(normed["cam"].dtype)
+        cam_bg = 1.0 - (normed["cam"] * present).amax(dim=1, keepdim=True)
+        return ((normed["cam"] + normed["pacam"]) / 2,
+                (cam_bg + normed["pacam_background"]) / 2)
     return normed[kind], normed.get(f"{kind}_background")
 
 
@@ -223,7 +288,8 @@ def infer_split(
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             maps, background = localisation_maps(
-                model, images, labels, config.infer.scales, config.infer.flip, config.map_kind
+                model, images, labels, config.infer.scales, config.infer.flip, config.map_kind,
+                PrototypeInference.of(config),
             )
         for i, (label, image_id) in enumerate(zip(batch["label"], batch["id"], strict=True)):
             _write_record(out_dir / f"{image_id}.npz", maps[i], label,

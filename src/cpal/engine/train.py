@@ -87,10 +87,11 @@ class LossShare:
     """A micro-batch's share of its global batch, weighting each loss term so that the sum
     over micro-batches and processes is the global batch's loss (and gradient).
 
-    L_cls is a mean over images; L_self a mean over background + present-class channels
-    (pixels alike), so its share is the micro-batch's fraction of those channels. L_fda
-    (off by default) is a mean over soft region weights known only after the forward; it
-    is weighted by the image share, i.e. a mean of micro-batch means.
+    L_cls is a mean over images. L_self under `loss.self_average: all` (SIPE) is a mean over
+    every channel and pixel, i.e. over images too; under `present` a mean over background +
+    present-class channels, so its share is the micro-batch's fraction of those channels.
+    L_fda (off by default) is a mean over soft region weights known only after the forward;
+    it is weighted by the image share, i.e. a mean of micro-batch means.
     """
 
     images: float = 1.0
@@ -100,20 +101,24 @@ class LossShare:
 def compute_loss(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: Config,
     share: LossShare = LossShare(), sample_ids: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L = L_cls + lambda_self L_self + lambda_fda L_fda (the last two for prototype methods).
 
     `model` is a CAMNet or a DistributedDataParallel around one; `sample_ids` (dataset
-    indices) let the support bank record which image each entry came from."""
+    indices) let the support bank record which image each entry came from; `valid`
+    (B, H, W) marks the image pixels of each crop (the rest is padding)."""
     with_cpal = unwrap(model).cpal is not None
-    out = model(images, labels if with_cpal else None, sample_ids if with_cpal else None)
+    out = model(images, labels, sample_ids, valid) if with_cpal else model(images)
     parts = {"cls": classification_loss(out.logits.float(), labels) * share.images}
     if out.cpal is not None:
         self_loss = out.cpal.losses["self"]
         if config.loss.self_detach_cam:
             c = out.cpal
-            self_loss = self_supervision_loss(c.cam_norm.detach(), c.pacam, c.valid)
-        parts["self"] = config.loss.self_weight * self_loss.float() * share.channels
+            self_loss = self_supervision_loss(c.cam_norm.detach(), c.pacam, c.valid,
+                                              config.loss.self_average)
+        self_share = share.images if config.loss.self_average == "all" else share.channels
+        parts["self"] = config.loss.self_weight * self_loss.float() * self_share
         if "fda" in out.cpal.losses:
             fda = out.cpal.losses["fda"].float()
             parts["fda"] = config.alignment.loss_weight * fda * share.images
@@ -122,7 +127,8 @@ def compute_loss(
 
 
 def channel_count(labels: torch.Tensor) -> int:
-    """Background + present-class channels of a batch: what L_self averages over."""
+    """Background + present-class channels of a batch: what L_self averages over under
+    `loss.self_average: present`."""
     return int(labels.shape[0] + (labels > 0.5).sum())
 
 
@@ -170,15 +176,12 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
 
 def build_optimizer(model: CAMNet, config: Config) -> torch.optim.SGD:
     t = config.train
-    backbone, head = model.param_groups()
-    groups = [
-        {"params": backbone, "lr": t.lr, "base_lr": t.lr},
-        {"params": head, "lr": t.lr * t.head_lr_mult, "base_lr": t.lr * t.head_lr_mult},
-    ]
-    return torch.optim.SGD(
-        [g for g in groups if g["params"]], lr=t.lr, momentum=t.momentum,
-        weight_decay=t.weight_decay,
-    )
+    proto = config.prototype.lr_mult
+    mult = {"backbone": 1.0, "head": t.head_lr_mult,
+            "prototype": t.head_lr_mult if proto is None else proto}
+    groups = [{"params": params, "lr": t.lr * mult[role], "base_lr": t.lr * mult[role]}
+              for params, role in model.param_groups()]
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
 def epoch_order(num_images: int, seed: int, epoch: int) -> list[int]:
@@ -460,8 +463,9 @@ def _optimizer_step(
         labels = item["label"].to(run.device, non_blocking=True)
         with distributed.no_sync(run.model, sync=i == len(micro) - 1):
             with autocast(run.device, t.precision):
+                valid = item["valid"].to(run.device, non_blocking=True)
                 loss, parts = compute_loss(run.model, images, labels, run.config, share,
-                                           item.get("index"))
+                                           item.get("index"), valid)
             # DDP averages gradients over processes, while the shares already sum to one
             # over all of them: scale back up by the process count.
             run.scaler.scale(loss * run.ranks.world_size).backward()

@@ -48,22 +48,36 @@ class CAMNet(nn.Module):
         return self.backbone.output_stride
 
     def forward(
-        self, x: Tensor, labels: Tensor | None = None, sample_ids: Tensor | None = None
+        self,
+        x: Tensor,
+        labels: Tensor | None = None,
+        sample_ids: Tensor | None = None,
+        valid: Tensor | None = None,
     ) -> CAMOutput:
-        """sample_ids: dataset indices of the batch, the bank's provenance (CPAL training)."""
+        """labels: run the prototype branch (training); sample_ids: dataset indices of the
+        batch, the bank's provenance; valid (B, H, W): 1 on image pixels, 0 on a training
+        crop's padding (SIPE's valid mask), resized to the CAM grid by nearest neighbour."""
         features = self.backbone(x)
         cam = self.classifier(features[-1])
         out = CAMOutput(logits=cam.mean(dim=(2, 3)), cam=cam, features=features)
         if self.cpal is not None and labels is not None:
-            out.cpal = self.cpal(features, cam, labels, sample_ids)
+            area = None
+            if valid is not None:
+                area = F.interpolate(valid[:, None].to(cam.dtype), size=cam.shape[-2:],
+                                     mode="nearest")
+            out.cpal = self.cpal(features, cam, labels, sample_ids, area, x)
         return out
 
-    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(backbone, new layers): the references train new layers with a 10x learning rate."""
-        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
-        new = [self.classifier] + ([self.cpal] if self.cpal is not None else [])
-        head = [p for m in new for p in m.parameters() if p.requires_grad]
-        return backbone, head
+    def param_groups(self) -> list[tuple[list[nn.Parameter], str]]:
+        """(parameters, role) with role backbone, head (the classifier, which the
+        references train with a 10x learning rate) or prototype (the CPAL branch)."""
+        groups = [
+            ([p for p in self.backbone.parameters() if p.requires_grad], "backbone"),
+            ([p for p in self.classifier.parameters() if p.requires_grad], "head"),
+        ]
+        if self.cpal is not None:
+            groups.append(([p for p in self.cpal.parameters() if p.requires_grad], "prototype"))
+        return [(params, role) for params, role in groups if params]
 
 
 def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -99,6 +113,6 @@ def build_network(
     if config.method != "cam":
         net.cpal = CPALModule(
             net.backbone.stage_channels, num_classes, config.method, config.prototype,
-            config.bank, config.awareness, config.alignment,
+            config.bank, config.awareness, config.alignment, config.loss.self_average,
         )
     return net, report

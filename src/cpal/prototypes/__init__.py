@@ -1,5 +1,5 @@
 """CPAL's prototype branch: embeddings, instance prototypes, support bank, context awareness,
-feature distribution alignment and the prototype-aware CAM (cpal-method.md, steps 2-10)."""
+feature distribution alignment and the prototype-aware CAM (docs/method.md, steps 2-10)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ from cpal.prototypes.kmeans import spherical_kmeans, spherical_kmeans_batched
 from cpal.prototypes.module import CPALModule, CPALOutput
 from cpal.prototypes.pacam import prototype_cam, self_supervision_loss, shifted_prototype_cam
 from cpal.prototypes.pooling import (
+    affinity_iou,
+    background_and_classes,
     cam_with_background,
     channel_valid,
-    instance_prototypes,
     masked_average,
+    pcm_refine,
+    region_prototypes,
     region_weights,
     sipe_seeds,
 )
@@ -24,15 +27,18 @@ __all__ = [
     "CPALOutput",
     "EmbeddingHead",
     "SupportBank",
+    "affinity_iou",
     "alignment_shift",
+    "background_and_classes",
     "cam_with_background",
     "channel_valid",
     "compactness_loss",
     "context_aware_prototype",
-    "instance_prototypes",
     "masked_average",
+    "pcm_refine",
     "positiveness",
     "prototype_cam",
+    "region_prototypes",
     "region_weights",
     "select_top_k",
     "self_supervision_loss",

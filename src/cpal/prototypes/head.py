@@ -1,4 +1,4 @@
-"""The embedding head v: backbone features -> per-pixel unit-norm embeddings z (step 2)."""
+"""The embedding head v: backbone features -> per-pixel embeddings z (docs/method.md, step 2)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from torch import Tensor, nn
 SIPE_IN = (256, 512, 1024, 2048)
 SIPE_SIDE = (128, 128, 256, 256)
 
+HeadMode = Literal["hierarchical", "layer4"]
+HeadInit = Literal["default", "kaiming"]
+
 
 def side_widths(in_channels: Sequence[int]) -> tuple[int, ...]:
     """SIPE's exact widths for ResNet-50/101 stages; otherwise max(8, round(c_in / 2)).
@@ -25,57 +28,72 @@ def side_widths(in_channels: Sequence[int]) -> tuple[int, ...]:
     return tuple(max(8, round(c / 2)) for c in in_channels)
 
 
-class EmbeddingHead(nn.Module):
-    """z = v(f), per-pixel L2-normalised, D dims.
+def _unit(x: Tensor) -> Tensor:
+    """x / (||x|| + 1e-5) over channels: SIPE's normalisation (not F.normalize's clamp)."""
+    return x / (x.norm(dim=1, keepdim=True) + 1e-5)
 
-    layer4: v is a 1x1 conv on the last map (gradients reach the backbone).
-    hierarchical (SIPE): 1x1 side convs on *detached* maps (the embedding never disturbs
-    the classifier's features, as in SIPE), each L2-normalised over channels, resized to
-    the last map's grid (bilinear, align_corners=True as SIPE), concatenated, then
-    v = 1x1 conv to D.
+
+class EmbeddingHead(nn.Module):
+    """z = v(f): SIPE's hierarchical feature, optionally projected.
+
+    hierarchical (SIPE): a 1x1 side conv (no bias) on each *detached* stage output, each
+    L2-normalised per pixel, resized to the last map's grid (bilinear; align_corners=False
+    as SIPE's F.interpolate default), concatenated. Without a projection z is that raw
+    concatenation (norm sqrt(#stages) per pixel): SIPE pools prototypes on it, and a flip
+    fusion that sums two such features keeps their relative weight.
+    layer4: only the last stage's side conv (an ablation of the hierarchy).
+    projection=D (this library's earlier choice): a learned 1x1 conv to D dims, then unit
+    length per pixel. init="default" keeps PyTorch's default initialisation (SIPE);
+    "kaiming" is Kaiming fan-out (the earlier choice), whose larger weights make the
+    angular step of every update smaller behind the normalisation.
     """
 
     def __init__(
         self,
         in_channels: Sequence[int],
-        dim: int,
-        mode: Literal["layer4", "hierarchical"],
+        mode: HeadMode = "hierarchical",
+        *,
+        projection: int | None = None,
+        init: HeadInit = "default",
+        align_corners: bool = False,
     ) -> None:
         super().__init__()
         if not in_channels:
             raise ValueError("EmbeddingHead needs at least one feature map")
         if mode not in ("layer4", "hierarchical"):
             raise ValueError(f"unknown embedding mode {mode!r}")
+        if init not in ("default", "kaiming"):
+            raise ValueError(f"unknown head init {init!r}")
         self.mode = mode
         self.in_channels = tuple(int(c) for c in in_channels)
-        self.dim = dim
-        if mode == "layer4":
-            self.sides = nn.ModuleList()
-            self.proj = nn.Conv2d(self.in_channels[-1], dim, 1, bias=False)
-        else:
-            widths = side_widths(self.in_channels)
-            self.sides = nn.ModuleList(
-                nn.Conv2d(c, w, 1, bias=False)
-                for c, w in zip(self.in_channels, widths, strict=True)
-            )
-            self.proj = nn.Conv2d(sum(widths), dim, 1, bias=False)
-        for m in [*self.sides, self.proj]:
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.align_corners = align_corners
+        used = self.in_channels if mode == "hierarchical" else self.in_channels[-1:]
+        widths = side_widths(self.in_channels)
+        widths = widths if mode == "hierarchical" else widths[-1:]
+        self.sides = nn.ModuleList(
+            nn.Conv2d(c, w, 1, bias=False) for c, w in zip(used, widths, strict=True)
+        )
+        self.proj = None if projection is None else nn.Conv2d(sum(widths), projection, 1,
+                                                             bias=False)
+        self.dim = sum(widths) if projection is None else projection
+        if init == "kaiming":
+            for m in [*self.sides, *([self.proj] if self.proj is not None else [])]:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         if len(features) != len(self.in_channels):
             raise ValueError(
                 f"EmbeddingHead built for {len(self.in_channels)} maps, got {len(features)}"
             )
-        if self.mode == "layer4":
-            z = self.proj(features[-1])
-        else:
-            size = features[-1].shape[-2:]
-            parts = []
-            for conv, f in zip(self.sides, features, strict=True):
-                s = F.normalize(conv(f.detach()), dim=1, eps=1e-5)
-                if s.shape[-2:] != size:
-                    s = F.interpolate(s, size=size, mode="bilinear", align_corners=True)
-                parts.append(s)
-            z = self.proj(torch.cat(parts, dim=1))
-        return F.normalize(z, dim=1, eps=1e-5)
+        size = features[-1].shape[-2:]
+        used = features if self.mode == "hierarchical" else features[-1:]
+        parts = []
+        for conv, f in zip(self.sides, used, strict=True):
+            s = _unit(conv(f.detach()))
+            if s.shape[-2:] != size:
+                s = F.interpolate(s, size=size, mode="bilinear", align_corners=self.align_corners)
+            parts.append(s)
+        z = torch.cat(parts, dim=1)
+        if self.proj is not None:
+            z = F.normalize(self.proj(z), dim=1, eps=1e-5)
+        return z

@@ -2,7 +2,7 @@
 
 The module knows nothing about the network that made the features: a list of maps with
 known channel counts (ResNet stages, MCTformer patch tokens, CLIP features) plus a raw CAM
-at the resolution of the last map. See docs in cpal-method.md, steps 2-10.
+at the resolution of the last map. See docs/method.md, steps 2-10.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpal.config import (
@@ -24,10 +25,19 @@ from cpal.prototypes.alignment import alignment_shift, compactness_loss
 from cpal.prototypes.awareness import context_aware_prototype, positiveness, select_top_k
 from cpal.prototypes.bank import SupportBank
 from cpal.prototypes.head import EmbeddingHead
-from cpal.prototypes.pacam import prototype_cam, self_supervision_loss, shifted_prototype_cam
+from cpal.prototypes.pacam import (
+    SelfAverage,
+    max_normalise,
+    prototype_similarity,
+    self_supervision_loss,
+    shifted_prototype_similarity,
+)
 from cpal.prototypes.pooling import (
-    cam_with_background,
+    argmax_seeds,
+    background_and_classes,
+    channel_mask,
     channel_valid,
+    pcm_refine,
     region_prototypes,
     region_weights,
     sipe_seeds,
@@ -39,13 +49,15 @@ METHODS = ("sipe", "cpal-mean", "cpal-topk", "cpal")
 @dataclass
 class CPALOutput:
     pacam: Tensor  # (B, C+1, h, w) in [0, 1], bg channel 0, absent classes 0
-    cam_norm: Tensor  # (B, C+1, h, w) normalised CAM with background channel
+    cam_norm: Tensor  # (B, C+1, h, w) the L_self target M (masked; PCM-refined under pcm)
     losses: dict[str, Tensor]  # "self" (+ "fda"), unweighted
     prototypes: Tensor  # (B, C+1, D) instance prototypes p (raw if not prototype.normalize)
     context_prototypes: Tensor  # (B, C+1, D) p* actually used
     valid: Tensor  # (B, C+1) bool
     selected: Tensor | None  # (B, C+1, k) context indices, -1 where none
     selection_weights: Tensor | None = None  # (B, C+1, k) w_j of `selected`, 0 where none
+    similarity: Tensor | None = None  # (B, C+1, h, w) relu-cosine maps before normalisation
+    seeds: Tensor | None = None  # (B, C+1, h, w) one-hot seeds (region sipe_seeds / pcm)
 
 
 class CPALModule(nn.Module):
@@ -62,6 +74,7 @@ class CPALModule(nn.Module):
         bank: BankConfig,
         awareness: AwarenessConfig,
         alignment: AlignmentConfig,
+        self_average: SelfAverage = "all",
     ) -> None:
         super().__init__()
         if method == "cam":
@@ -71,16 +84,25 @@ class CPALModule(nn.Module):
         self.method = method
         self.num_classes = num_classes
         self.pcfg, self.bcfg, self.acfg, self.fcfg = prototype, bank, awareness, alignment
+        self.self_average = self_average
         self.uses_bank = method != "sipe"
         self.uses_selection = method in ("cpal-topk", "cpal")
         self.uses_alignment = method == "cpal"
-        self.head = EmbeddingHead(in_channels, prototype.dim, prototype.features)
+        self.head = EmbeddingHead(
+            in_channels, prototype.features, projection=prototype.projection,
+            init=prototype.head_init, align_corners=prototype.align_corners,
+        )
+        # SFC's pixel-correlation guide: a 1x1 conv on [image, last map].
+        self.pcm = None
+        if prototype.seed_source == "pcm":
+            last = int(in_channels[-1])
+            self.pcm = nn.Conv2d(3 + last, last, 1, bias=False)
         self.bank: SupportBank | None = None
         if self.uses_bank:
             self.bank = SupportBank(
                 num_classes + 1,
                 bank.size,
-                prototype.dim,
+                self.head.dim,
                 clusters=bank.clusters if self.uses_selection else 1,
                 normalize=prototype.normalize,
             )
@@ -100,67 +122,121 @@ class CPALModule(nn.Module):
         cam: Tensor,
         labels: Tensor,
         sample_ids: Tensor | None = None,
+        valid_area: Tensor | None = None,
+        image: Tensor | None = None,
     ) -> CPALOutput:
-        """sample_ids (B,): dataset indices of the images, recorded as the provenance of
-        the prototypes they add to the bank (training only; None: unknown)."""
+        """The training step's prototype branch (as SIPE's `Net.forward`).
+
+        features: the network's maps (the last one at the CAM's resolution); cam (B, C, h, w)
+        raw; labels (B, C) multi-hot; valid_area (B, 1, h, w): 1 on image pixels, 0 on the
+        crop's padding (null: all image); image: the input batch (needed by the pcm seeds);
+        sample_ids (B,): dataset indices, recorded as the provenance of bank entries.
+        """
         features = list(features)
-        labels = labels.to(cam.dtype)
-        cam_norm = cam_with_background(cam, labels)
         z = self.head(features)
+        seed_features = features[-1] if self.pcfg.seed_features == "layer4" else z
+        spatial = valid_area if self.pcfg.mask_padding else None
+        return self.prototype_maps(
+            z, cam, labels, seed_features, spatial=spatial, image=image,
+            last=features[-1], sample_ids=sample_ids, training_target=True,
+        )
+
+    def embed(self, features: Sequence[Tensor]) -> Tensor:
+        """z = v(features): the embedding prototypes are pooled from."""
+        return self.head(list(features))
+
+    def prototype_maps(
+        self,
+        z: Tensor,
+        cam: Tensor,
+        labels: Tensor,
+        seed_features: Tensor,
+        *,
+        spatial: Tensor | None = None,
+        image: Tensor | None = None,
+        last: Tensor | None = None,
+        sample_ids: Tensor | None = None,
+        training_target: bool = False,
+    ) -> CPALOutput:
+        """Seeds, prototypes, context and PACAM from an embedding z (B, D, h, w).
+
+        training_target=True masks the CAM by the labels (and `spatial`) before the seeds,
+        as SIPE's training step; False is SIPE's inference, whose seeds compete against
+        every class's map (a pixel won by an absent class belongs to no seed). Inference
+        passes flip-fused z and CAM here; the bank is only updated in training mode.
+        """
         if z.shape[-2:] != cam.shape[-2:]:
             raise ValueError(
                 f"the CAM ({tuple(cam.shape[-2:])}) must match the last feature map "
                 f"({tuple(z.shape[-2:])})"
             )
+        pc = self.pcfg
+        labels = labels.to(cam.dtype)
         valid = channel_valid(labels)
+        mask = channel_mask(labels, spatial).to(cam.dtype)
+        full = background_and_classes(cam, labels, pc.background_from)
+        target = full * mask
+        seed_cam = target if training_target else full
         seeds = None
-        if self.pcfg.region == "sipe_seeds":
-            # SIPE computes its seeds from the last (semantic) feature map, not the embedding.
-            seeds = sipe_seeds(features[-1], cam_norm, labels)
+        if pc.seed_source == "pcm":
+            if image is None or last is None:
+                raise ValueError("prototype.seed_source=pcm needs the input image")
+            small = F.interpolate(image.to(cam.dtype), size=cam.shape[-2:], mode="bilinear",
+                                  align_corners=True)
+            assert self.pcm is not None
+            seed_cam = pcm_refine(seed_cam, self.pcm(torch.cat([small, last], dim=1)))
+            target = seed_cam * mask if training_target else seed_cam
+            seeds = argmax_seeds(seed_cam.detach(), mask.expand_as(seed_cam), pc.bg_factor)
+        elif pc.region == "sipe_seeds":
+            seeds = sipe_seeds(seed_features, seed_cam, mask.expand_as(seed_cam),
+                               bg_factor=pc.bg_factor)
         weights = region_weights(
-            cam_norm,
-            labels,
-            tau=self.pcfg.tau,
-            tau_bg=self.pcfg.tau_bg,
-            region=self.pcfg.region,
-            seeds=seeds,
+            target, labels, tau=pc.tau, tau_bg=pc.tau_bg,
+            region="sipe_seeds" if seeds is not None else pc.region, seeds=seeds,
+            empty=pc.empty_region,
         )
-        p = region_prototypes(z, weights, valid, self.pcfg.normalize)
+        p = region_prototypes(z, weights, valid, pc.normalize)
+        # Channels with a prototype: an empty seed (SIPE: zero prototype) neither enters
+        # the bank nor receives context.
+        filled = valid & (weights.flatten(2).sum(2) > 0)
 
         p_star, delta, selected, sel_w = p, None, None, None
         if self.bank is not None:
-            p_star, ctx, active, selected, sel_w = self._context(p, valid)
+            p_star, ctx, active, selected, sel_w = self._context(p, filled)
             if self.uses_alignment:
                 delta = alignment_shift(p, ctx) * active[..., None].to(p.dtype)
 
         if delta is not None and self.fcfg.beta > 0:
             # The shift weights M_c are detached: L_self should shape the CAM through
             # |M - PACAM|, not by moving the features it is compared against.
-            pacam = shifted_prototype_cam(
-                z, cam_norm.detach(), delta, self.fcfg.beta, p_star, valid
+            sim = shifted_prototype_similarity(
+                z, target.detach(), delta, self.fcfg.beta, p_star, valid
             )
         else:
-            pacam = prototype_cam(z, p_star, valid)
+            sim = prototype_similarity(z, p_star, valid)
+        pacam = max_normalise(sim, valid)
 
-        losses = {"self": self_supervision_loss(cam_norm, pacam, valid)}
+        losses = {"self": self_supervision_loss(target, pacam, valid, self.self_average)}
         if self.uses_alignment and self.fcfg.loss_weight > 0:
             losses["fda"] = compactness_loss(z, weights, p_star)
 
         if self.training and self.bank is not None:
             if self.defer_bank_updates:
-                self._pending.append((p.detach(), valid, sample_ids))
+                self._pending.append((p.detach(), filled, sample_ids))
             else:
-                self._update_bank(p.detach(), valid, sample_ids)
+                self._update_bank(p.detach(), filled, sample_ids)
 
         return CPALOutput(
             pacam=pacam,
-            cam_norm=cam_norm,
+            cam_norm=target,
             losses=losses,
             prototypes=p,
             context_prototypes=p_star,
             valid=valid,
             selected=selected,
             selection_weights=sel_w,
+            similarity=sim,
+            seeds=seeds,
         )
 
     # ------------------------------------------------------------------------------------

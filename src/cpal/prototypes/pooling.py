@@ -1,4 +1,11 @@
-"""Normalised CAMs with a background channel, class regions and instance prototypes (steps 1, 3)."""
+"""Normalised CAMs with a background channel, seeds, class regions and instance prototypes
+(docs/method.md, steps 1 and 3).
+
+The defaults reproduce SIPE's official code (Chen et al., CVPR 2022), the base CPAL's
+authors name: the background is formed from every foreground map before absent classes
+are zeroed, seeds split the whole image by an affinity-IoU rule, and an empty seed gives a
+zero prototype. The earlier choices of this library stay available as switches.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Region = Literal["threshold", "sipe_seeds"]
+Region = Literal["sipe_seeds", "threshold"]
+BackgroundFrom = Literal["all", "present"]
+EmptyRegion = Literal["zero", "cam"]
 
 
 def normalized_cam(cam: Tensor, eps: float = 1e-5) -> Tensor:
@@ -19,24 +28,57 @@ def normalized_cam(cam: Tensor, eps: float = 1e-5) -> Tensor:
     return cam / (peak + eps)
 
 
-def cam_with_background(cam: Tensor, labels: Tensor, eps: float = 1e-5) -> Tensor:
-    """(B, C, h, w) raw CAM -> (B, C+1, h, w) in [0, 1]: bg M_0 = 1 - max_c M_c at index 0.
-
-    Foreground maps are relu + per-map max normalised and zeroed for absent classes before
-    the background is formed, so an absent class can never suppress the background.
-    """
-    fg = normalized_cam(cam, eps) * labels[:, :, None, None].to(cam.dtype)
-    if fg.shape[1] == 0:
-        bg = torch.ones_like(cam[:, :1].sum(1, keepdim=True))
-    else:
-        bg = 1.0 - fg.amax(dim=1, keepdim=True)
-    return torch.cat([bg, fg], dim=1)
-
-
 def channel_valid(labels: Tensor) -> Tensor:
     """(B, C) multi-hot -> (B, C+1) bool: background always, foreground iff present."""
     bg = torch.ones_like(labels[:, :1], dtype=torch.bool)
     return torch.cat([bg, labels > 0.5], dim=1)
+
+
+def channel_mask(labels: Tensor, spatial: Tensor | None = None) -> Tensor:
+    """(B, C+1, 1, 1) or (B, C+1, h, w) float: 1 for background and present classes,
+    times the valid (unpadded) image area when `spatial` (B, 1, h, w) is given. SIPE's
+    `valid_mask`."""
+    mask = channel_valid(labels).to(labels.dtype if labels.is_floating_point() else torch.float)
+    mask = mask[:, :, None, None]
+    return mask if spatial is None else mask * spatial.to(mask.dtype)
+
+
+def background_and_classes(
+    cam: Tensor, labels: Tensor, background_from: BackgroundFrom = "all", eps: float = 1e-5
+) -> Tensor:
+    """(B, C, h, w) raw CAM -> (B, C+1, h, w) in [0, 1], NOT masked: bg M_0 = 1 - max_c M_c.
+
+    background_from="all" (SIPE): the max runs over every foreground map, absent classes
+    included, so a class the network confuses with the object still claims its pixels
+    from the background. "present": absent classes are zeroed first (this library's
+    earlier choice), so only the labelled classes shape the background.
+    """
+    fg = normalized_cam(cam, eps)
+    if background_from == "present":
+        fg_for_bg = fg * labels[:, :, None, None].to(fg.dtype)
+    elif background_from == "all":
+        fg_for_bg = fg
+    else:
+        raise ValueError(f"unknown background_from {background_from!r}")
+    if fg.shape[1] == 0:
+        bg = torch.ones_like(cam[:, :1].sum(1, keepdim=True))
+    else:
+        bg = 1.0 - fg_for_bg.amax(dim=1, keepdim=True)
+    return torch.cat([bg, fg], dim=1)
+
+
+def cam_with_background(
+    cam: Tensor,
+    labels: Tensor,
+    eps: float = 1e-5,
+    *,
+    background_from: BackgroundFrom = "all",
+    spatial: Tensor | None = None,
+) -> Tensor:
+    """The training target M: `background_and_classes`, then absent classes (and, given
+    `spatial`, padded pixels of every channel) set to zero, as SIPE's `norm_cam * valid_mask`."""
+    m = background_and_classes(cam, labels, background_from, eps)
+    return m * channel_mask(labels, spatial).to(m.dtype)
 
 
 def masked_average(z: Tensor, weights: Tensor, eps: float = 1e-5) -> Tensor:
@@ -49,16 +91,87 @@ def masked_average(z: Tensor, weights: Tensor, eps: float = 1e-5) -> Tensor:
 def region_prototypes(
     z: Tensor, weights: Tensor, valid: Tensor, normalize: bool = True
 ) -> Tensor:
-    """(B, K, D) prototypes from pooling weights; invalid channels are zero vectors.
+    """(B, K, D) prototypes from pooling weights; invalid channels and empty regions are
+    zero vectors.
 
-    normalize=True: unit vectors (direction only). False: the raw masked mean of the unit
-    embeddings z, whose norm is <= 1 and falls as the region's embeddings disagree, so a
-    dot product with it carries how consistent the region is (`prototype.normalize`).
+    normalize=True: unit vectors (direction only; what cosine scores see). False: the raw
+    masked mean, whose norm (for unit embeddings, <= 1) falls as the region's embeddings
+    disagree, so a dot product with it carries how consistent the region is
+    (`prototype.normalize`). SIPE's sum / (h w) has the direction of either.
     """
     p = masked_average(z, weights)
     if normalize:
         p = F.normalize(p, dim=-1, eps=1e-5)
     return p * valid[..., None].to(p.dtype)
+
+
+def affinity_iou(
+    features: Tensor, cam_norm: Tensor, iou: Literal["product", "minmax"] = "product"
+) -> Tensor:
+    """SIPE's seed score (B, K, h, w): the soft IoU between each pixel's affinity row and
+    each channel's map.
+
+    A(x, y) = relu(f(x).f(y)) on per-pixel L2-normalised features (norm + 1e-5, as SIPE).
+    "product" is SIPE's code (inter = sum_y A M, union = sum_y A + sum_y M - inter);
+    "minmax" the Ruzicka form sum min(A, M) / sum max(A, M). Memory: one (B, hw, hw)
+    affinity.
+    """
+    b, k, h, w = cam_norm.shape
+    f = features.detach().flatten(2).float()
+    f = f / (f.norm(dim=1, keepdim=True) + 1e-5)  # (B, D, n)
+    a = F.relu(torch.bmm(f.transpose(1, 2), f))  # (B, n, n)
+    m = cam_norm.detach().flatten(2).float()  # (B, K, n)
+    if iou == "product":
+        inter = torch.bmm(a, m.transpose(1, 2))  # (B, n, K)
+    elif iou == "minmax":
+        inter = torch.stack([torch.minimum(a, m[:, c, None, :]).sum(2) for c in range(k)], dim=2)
+    else:
+        raise ValueError(f"unknown iou {iou!r}")
+    union = a.sum(2, keepdim=True) + m.sum(2)[:, None, :] - inter
+    score = inter / union.clamp_min(1e-12)
+    return score.transpose(1, 2).reshape(b, k, h, w)
+
+
+def argmax_seeds(score: Tensor, mask: Tensor, bg_factor: float) -> Tensor:
+    """One-hot seeds (B, K, h, w) from per-channel scores: the background score is scaled
+    by `bg_factor` (SIPE 0.5, SFC 0.3), every pixel goes to its best channel, then the
+    one-hot is multiplied by `mask` (SIPE's label x valid-area mask), so a pixel won by an
+    absent class (or a padded pixel) belongs to no seed."""
+    score = score.clone()
+    score[:, 0] = score[:, 0] * bg_factor
+    k = score.shape[1]
+    onehot = F.one_hot(score.argmax(dim=1), k).permute(0, 3, 1, 2).to(mask.dtype)
+    return onehot * mask
+
+
+def sipe_seeds(
+    features: Tensor,
+    cam_norm: Tensor,
+    mask: Tensor,
+    *,
+    bg_factor: float = 0.5,
+    iou: Literal["product", "minmax"] = "product",
+) -> Tensor:
+    """SIPE's seeds: each pixel goes to the channel whose map best matches its affinity
+    row (`affinity_iou`, background x `bg_factor`), masked by `mask` (B, K, h|1, w|1)."""
+    with torch.no_grad():
+        return argmax_seeds(affinity_iou(features, cam_norm, iou), mask, bg_factor)
+
+
+def pcm_refine(cam_norm: Tensor, guide: Tensor) -> Tensor:
+    """SFC's pixel correlation module: two steps of propagation with a learned affinity.
+
+    guide (B, D, h, w) is the embedded [image, layer4] of SFC (a 1x1 conv the caller
+    owns); A = relu(g(x).g(y)) on unit features, normalised over its first index; the map
+    is propagated as M A A. Gradients reach both the map and the guide, as in SFC.
+    """
+    b, k, h, w = cam_norm.shape
+    g = guide.flatten(2)
+    g = g / (g.norm(dim=1, keepdim=True) + 1e-5)
+    aff = F.relu(torch.bmm(g.transpose(1, 2), g))
+    aff = aff / (aff.sum(dim=1, keepdim=True) + 1e-5)
+    m = cam_norm.flatten(2)
+    return torch.bmm(torch.bmm(m, aff), aff).view(b, k, h, w)
 
 
 def region_weights(
@@ -69,86 +182,29 @@ def region_weights(
     tau_bg: float,
     region: Region,
     seeds: Tensor | None = None,
+    empty: EmptyRegion = "zero",
 ) -> Tensor:
-    """The pooling weights R (B, C+1, h, w): a binary region, or the CAM where it is empty.
+    """The pooling weights R (B, C+1, h, w): seeds or a thresholded region.
 
-    The fallback keeps a prototype for an instance whose CAM never crosses tau (small or
-    weakly activated objects) instead of dropping it. Invalid channels get zero weight.
+    empty="zero" (SIPE): an empty region gives a zero prototype (its channel's prototype
+    map is then zero). "cam": fall back to CAM-weighted pooling, which keeps a prototype
+    for an instance whose CAM never crosses tau (this library's earlier choice).
+    Invalid channels get zero weight.
     """
     cam_norm = cam_norm.detach()
     if region == "threshold":
         thr = torch.full_like(cam_norm[0, :, 0, 0], tau)
         thr[0] = tau_bg
-        mask = cam_norm > thr[None, :, None, None]
+        mask = (cam_norm > thr[None, :, None, None]).to(cam_norm.dtype)
     elif region == "sipe_seeds":
         if seeds is None:
             raise ValueError("region 'sipe_seeds' needs the seeds from sipe_seeds()")
-        k = cam_norm.shape[1]
-        mask = F.one_hot(seeds.long(), k).permute(0, 3, 1, 2).bool()
+        mask = seeds.to(cam_norm.dtype)
     else:
         raise ValueError(f"unknown region {region!r}")
-    mask = mask.to(cam_norm.dtype)
-    empty = mask.flatten(2).sum(2) == 0
-    weights = torch.where(empty[:, :, None, None], cam_norm, mask)
-    return weights * channel_valid(labels)[:, :, None, None].to(cam_norm.dtype)
-
-
-def instance_prototypes(
-    z: Tensor,
-    cam_norm: Tensor,
-    labels: Tensor,
-    *,
-    tau: float,
-    tau_bg: float,
-    region: Region,
-    seeds: Tensor | None = None,
-    normalize: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """Masked averages of z over each class region -> ((B, C+1, D), (B, C+1) valid).
-
-    Unit norm unless normalize=False (see region_prototypes). Regions come from the detached
-    CAM (a region is a selection, not a differentiable quantity); gradients reach z.
-    Invalid (absent-class) prototypes are zero vectors.
-    """
-    weights = region_weights(
-        cam_norm, labels, tau=tau, tau_bg=tau_bg, region=region, seeds=seeds
-    )
-    valid = channel_valid(labels)
-    return region_prototypes(z, weights, valid, normalize), valid
-
-
-def sipe_seeds(
-    z_hier: Tensor,
-    cam_norm: Tensor,
-    labels: Tensor,
-    iou: Literal["product", "minmax"] = "product",
-) -> Tensor:
-    """SIPE's seeds: each pixel goes to the channel whose CAM best matches its affinity row.
-
-    S = relu(cos(z(x), z(y))) (B, hw, hw). Per channel c a soft IoU between the row S(x, .)
-    and M_c: "product" is SIPE's code (inter = sum S M, union = sum S + sum M - inter);
-    "minmax" is the Ruzicka form sum min(S, M) / sum max(S, M). Background IoU x 0.5 (as
-    SIPE); argmax over background + present classes -> (B, h, w) long in [0, C].
-    """
-    with torch.no_grad():
-        b, k, h, w = cam_norm.shape
-        f = F.normalize(z_hier.detach().flatten(2).float(), dim=1, eps=1e-5)  # (B, D, n)
-        s = F.relu(torch.bmm(f.transpose(1, 2), f))  # (B, n, n)
-        m = cam_norm.detach().flatten(2).float()  # (B, K, n)
-        s_sum = s.sum(2, keepdim=True)  # (B, n, 1)
-        m_sum = m.sum(2)[:, None, :]  # (B, 1, K)
-        if iou == "product":
-            inter = torch.bmm(s, m.transpose(1, 2))  # (B, n, K)
-        elif iou == "minmax":
-            # Chunk over channels: the (B, n, n) minimum is materialised once per channel.
-            inter = torch.stack(
-                [torch.minimum(s, m[:, c, None, :]).sum(2) for c in range(k)], dim=2
-            )
-        else:
-            raise ValueError(f"unknown iou {iou!r}")
-        union = s_sum + m_sum - inter
-        score = inter / union.clamp_min(1e-5)
-        score[..., 0] *= 0.5
-        valid = channel_valid(labels)[:, None, :]
-        score = score.masked_fill(~valid, float("-inf"))
-        return score.argmax(dim=2).view(b, h, w)
+    if empty == "cam":
+        is_empty = mask.flatten(2).sum(2) == 0
+        mask = torch.where(is_empty[:, :, None, None], cam_norm, mask)
+    elif empty != "zero":
+        raise ValueError(f"unknown empty-region rule {empty!r}")
+    return mask * channel_valid(labels)[:, :, None, None].to(cam_norm.dtype)
