@@ -27,6 +27,9 @@ Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
 class SyntheticConfig:
     """The built-in procedural dataset (used when `data.root` is null)."""
 
+    family: Literal["parts", "attributes"] = "parts"
+    """parts: a class is told only by its small part (bodies share every appearance);
+    attributes: bodies also carry class appearance modes (docs/datasets.md)."""
     seed: int = 0
     num_train: int = 2000
     num_val: int = 500

@@ -303,10 +303,11 @@ def test_killed_generation_leaves_no_dataset(
 ) -> None:
     real_render = synthetic.render_sample
 
-    def failing_render(seed: int, split: str, index: int, image_size: int) -> synthetic.Sample:
+    def failing_render(seed: int, split: str, index: int, image_size: int,
+                       family: str = "parts") -> synthetic.Sample:
         if split == "val":
             raise KeyboardInterrupt
-        return real_render(seed, split, index, image_size)
+        return real_render(seed, split, index, image_size, family)
 
     monkeypatch.setattr(synthetic, "render_sample", failing_render)
     with pytest.raises(KeyboardInterrupt):
@@ -337,3 +338,36 @@ def test_sample_grid(small: Path, tmp_path: Path) -> None:
     assert np.abs(below - colour_mask).mean() < 6
     with pytest.raises(DatasetError):
         synthetic.sample_grid(small, tmp_path / "x.png", split="missing")
+
+
+# ----------------------------------------------------------------------------- families
+
+
+def test_attributes_family_keeps_the_objects_and_changes_their_appearance() -> None:
+    for index in range(1, 6):
+        parts = synthetic.render_sample(3, "train", index, 64, "parts")
+        attrs = synthetic.render_sample(3, "train", index, 64, "attributes")
+        assert np.array_equal(parts.mask, attrs.mask) and parts.labels == attrs.labels
+        assert not np.array_equal(parts.image, attrs.image)
+        assert all(r["appearance"] in (0, 1, 2) for r in attrs.objects)
+        assert all("appearance" not in r for r in parts.objects)
+
+
+def test_attribute_modes_are_the_documented_table() -> None:
+    # Rare mode of class c = class (c + 3) mod 10's second mode: a shared attribute.
+    for c in range(len(synthetic.CLASSES)):
+        assert synthetic.class_appearance(c, 2) == synthetic.class_appearance((c + 3) % 10, 1)
+    own = {synthetic.class_appearance(c, m)[0] for c in range(10) for m in (0, 1)}
+    assert len(own) == 20  # every class's own modes are distinct colours
+    assert synthetic.ATTRIBUTE_PROBS == (0.6, 0.3, 0.1)
+
+
+def test_families_are_cached_apart(tmp_path: Path) -> None:
+    a = ensure_dataset(tmp_path, **_spec_kwargs())
+    b = ensure_dataset(tmp_path, **_spec_kwargs(), family="attributes")
+    assert a != b and "attributes" in b.name
+    manifest = json.loads((b / "manifest.json").read_text())
+    assert manifest["family"] == "attributes" and "appearances" in manifest
+    assert ensure_dataset(tmp_path, **_spec_kwargs(), family="attributes") == b
+    with pytest.raises(ConfigError, match="unknown family"):
+        synthetic.render_sample(0, "train", 1, 48, "stripes")

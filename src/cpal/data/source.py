@@ -15,7 +15,8 @@ def dataset_root(cfg: DataConfig) -> Path:
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     s = cfg.synthetic
     return ensure_dataset(
-        cache, seed=s.seed, num_train=s.num_train, num_val=s.num_val, image_size=s.image_size
+        cache, seed=s.seed, num_train=s.num_train, num_val=s.num_val, image_size=s.image_size,
+        family=s.family,
     )
 
 

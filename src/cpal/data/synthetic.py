@@ -92,6 +92,37 @@ BODY_TEXTURES: tuple[str, ...] = ("plain", "grain", "stripes", "speckle")
 BODY_TEXTURE_PROBS: tuple[float, ...] = (0.25, 0.3, 0.25, 0.2)
 PATTERNS: tuple[str, ...] = ("hstripes", "vstripes", "diag", "adiag", "checker", "dots", "rings")
 
+FAMILIES: tuple[str, ...] = ("parts", "attributes")
+"""parts: bodies share every appearance (only the part tells the class). attributes: each
+class's body has its own appearance modes (colour + texture), so appearance is evidence,
+but the rare mode is another class's and clutter wears class appearances too."""
+ATTRIBUTE_PROBS: tuple[float, float, float] = (0.6, 0.3, 0.1)
+"""Frequencies of an attributes-family class's appearance modes: its own two, then the
+borrowed one."""
+ATTRIBUTE_SHARE_OFFSET = 3
+"""Class c's rare mode is class (c + 3) mod 10's second mode (a shared attribute)."""
+CLUTTER_ATTRIBUTE_PROB = 0.5
+"""Share of distractors that wear a random class-mode appearance (clutter shares modes)."""
+ATTRIBUTE_TEXTURES: tuple[str, ...] = ("plain", "stripes", "speckle", "grain")
+
+
+def _hsv(hue: float, sat: float, val: float) -> tuple[int, int, int]:
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb(hue % 1.0, sat, val)
+    return round(255 * r), round(255 * g), round(255 * b)
+
+
+# Appearance (RGB, texture) of mode m of class c, m in {0, 1}: 20 hues 18 degrees apart,
+# medium saturation (bodies stay distinct from the saturated parts and the muted backgrounds).
+ATTRIBUTE_APPEARANCES: tuple[tuple[tuple[RGB, str], tuple[RGB, str]], ...] = tuple(
+    (
+        (_hsv((2 * c) / 20, 0.55, 0.85), ATTRIBUTE_TEXTURES[c % 4]),
+        (_hsv((2 * c + 11) / 20, 0.5, 0.7), ATTRIBUTE_TEXTURES[(c + 2) % 4]),
+    )
+    for c in range(10)
+)
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -482,9 +513,13 @@ def _family_colour(rng: np.random.Generator, family: str | None = None) -> Array
     return np.asarray(BODY_FAMILIES[family], dtype=np.float32) + jitter
 
 
-def _texture(rng: np.random.Generator, size: int, region: Region = FULL) -> Array:
-    """A shared luminance texture (h, w, 1) over `region`: bodies and background use it."""
-    kind = BODY_TEXTURES[_choice(rng, BODY_TEXTURE_PROBS)]
+def _texture(
+    rng: np.random.Generator, size: int, region: Region = FULL, kind: str | None = None
+) -> Array:
+    """A luminance texture (h, w, 1) over `region`: drawn from the shared kinds (bodies and
+    background of the parts family), or of a fixed `kind` (an attributes-family mode)."""
+    if kind is None:
+        kind = BODY_TEXTURES[_choice(rng, BODY_TEXTURE_PROBS)]
     if kind == "grain":
         cells = max(4, size // 8)
         return _smooth_noise(rng, size, cells, 1, region) * rng.uniform(8, 16)
@@ -500,13 +535,29 @@ def _texture(rng: np.random.Generator, size: int, region: Region = FULL) -> Arra
     return np.zeros((1, 1, 1), dtype=np.float32)
 
 
-def _body_field(rng: np.random.Generator, obj: _Placed, family: str | None, size: int) -> Array:
-    """Body colour: a shared family colour, a shading ramp and a shared texture."""
-    base = _family_colour(rng, family)
+def _body_field(
+    rng: np.random.Generator, obj: _Placed, family: str | None, size: int,
+    appearance: tuple[RGB, str] | None = None,
+) -> Array:
+    """Body colour: a shared family colour (or an attributes-family appearance: its colour
+    and texture kind), a shading ramp and a texture."""
+    if appearance is None:
+        base = _family_colour(rng, family)
+    else:
+        base = np.asarray(appearance[0], dtype=np.float32) + rng.normal(0, 10, 3).astype(
+            np.float32)
     phi = rng.uniform(0, 2 * math.pi)
     ramp = (obj.u * math.cos(phi) + obj.v * math.sin(phi))[..., None]
     field = base * (1 + rng.uniform(0.05, 0.18) * ramp)
-    return field + _texture(rng, size, obj.region)
+    kind = None if appearance is None else appearance[1]
+    return field + _texture(rng, size, obj.region, kind)
+
+
+def class_appearance(cls: int, mode: int) -> tuple[RGB, str]:
+    """The attributes family's body appearance of `mode` (0, 1: own; 2: borrowed)."""
+    if mode == 2:
+        return ATTRIBUTE_APPEARANCES[(cls + ATTRIBUTE_SHARE_OFFSET) % len(CLASSES)][1]
+    return ATTRIBUTE_APPEARANCES[cls][mode]
 
 
 def _pattern(kind: str, pu: Array, pv: Array, period: float) -> Array:
@@ -580,8 +631,9 @@ def _draw_clutter(rng: np.random.Generator, canvas: Array) -> None:
         _blend(canvas, colour, _coverage(dist - width / 2))
 
 
-def _draw_distractors(rng: np.random.Generator, canvas: Array) -> None:
-    """Object-like bodies without a class part (some with a muted decoy patch)."""
+def _draw_distractors(rng: np.random.Generator, canvas: Array, family: str) -> None:
+    """Object-like bodies without a class part (some with a muted decoy patch); in the
+    attributes family half of them wear a random class's appearance mode."""
     size = canvas.shape[0]
     for _ in range(_choice(rng, NUM_DISTRACTORS_PROBS)):
         cls = int(rng.integers(len(CLASSES)))
@@ -592,16 +644,24 @@ def _draw_distractors(rng: np.random.Generator, canvas: Array) -> None:
         decoy = rng.random() < DECOY_PATCH_PROB
         obj = _place(cls, mode, cx, cy, radius, angle, size, with_part=decoy)
         crop = canvas[obj.region]
-        _blend(crop, _body_field(rng, obj, None, size), obj.body)
+        appearance = None
+        if family == "attributes" and rng.random() < CLUTTER_ATTRIBUTE_PROB:
+            appearance = class_appearance(int(rng.integers(len(CLASSES))),
+                                          _choice(rng, ATTRIBUTE_PROBS))
+        _blend(crop, _body_field(rng, obj, None, size, appearance), obj.body)
         if obj.part is not None:
             rgb, alt = _family_colour(rng), _family_colour(rng) * 0.6
             pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
             _blend(crop, _patch_field(rng, obj, rgb, alt, pattern, size), obj.part)
 
 
-def _draw_object(rng: np.random.Generator, canvas: Array, obj: _Placed) -> None:
+def _draw_object(
+    rng: np.random.Generator, canvas: Array, obj: _Placed, appearance: int | None = None
+) -> None:
+    """Body then part; `appearance` (attributes family) is the object's appearance mode."""
     spec, size, crop = obj.spec, canvas.shape[0], canvas[obj.region]
-    _blend(crop, _body_field(rng, obj, obj.mode_spec.body, size), obj.body)
+    look = None if appearance is None else class_appearance(obj.cls, appearance)
+    _blend(crop, _body_field(rng, obj, obj.mode_spec.body, size, look), obj.body)
     jitter = rng.normal(0, 8, 3).astype(np.float32)
     rgb = np.asarray(spec.part_rgb, dtype=np.float32) + jitter
     alt = np.asarray(spec.part_alt_rgb, dtype=np.float32) + jitter
@@ -622,16 +682,28 @@ class Sample:
     objects: list[dict[str, Any]]
 
 
-def render_sample(seed: int, split: str, index: int, image_size: int) -> Sample:
-    """Render image `index` of `split`; depends only on (seed, split, index, image_size)."""
+def render_sample(
+    seed: int, split: str, index: int, image_size: int, family: str = "parts"
+) -> Sample:
+    """Render image `index` of `split`; depends only on (seed, split, index, image_size,
+    family). The attributes family draws its objects' appearance modes from a generator of
+    its own, so its objects (classes, shape modes, geometry, masks, labels) are exactly the
+    parts family's for the same seed; only appearances differ."""
+    if family not in FAMILIES:
+        raise ConfigError(f"synthetic dataset: unknown family {family!r}; choose "
+                          f"{', '.join(FAMILIES)}")
     rng = np.random.default_rng([seed, SPLIT_CODES[split], index])
     size = image_size
     objects, vis = _sample_objects(rng, size)
+    looks: list[int | None] = [None] * len(objects)
+    if family == "attributes":
+        look_rng = np.random.default_rng([seed, SPLIT_CODES[split], index, 1])
+        looks = [_choice(look_rng, ATTRIBUTE_PROBS) for _ in objects]
     canvas = _background(rng, size)
     _draw_clutter(rng, canvas)
-    _draw_distractors(rng, canvas)
-    for obj in objects:
-        _draw_object(rng, canvas, obj)
+    _draw_distractors(rng, canvas, family)
+    for obj, look in zip(objects, looks, strict=True):
+        _draw_object(rng, canvas, obj, look)
     canvas *= rng.uniform(0.9, 1.1)
     canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * SENSOR_NOISE
     image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
@@ -646,6 +718,7 @@ def render_sample(seed: int, split: str, index: int, image_size: int) -> Sample:
             {
                 "class": obj.spec.name,
                 "mode": obj.mode_spec.name,
+                **({} if looks[j] is None else {"appearance": int(looks[j])}),
                 "center": [round(obj.cx, 2), round(obj.cy, 2)],
                 "radius": round(obj.radius, 2),
                 "angle_deg": round(math.degrees(obj.angle), 1),
@@ -694,7 +767,10 @@ def _mode_table() -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def generate(root: Path, *, seed: int, num_train: int, num_val: int, image_size: int) -> None:
+def generate(
+    root: Path, *, seed: int, num_train: int, num_val: int, image_size: int,
+    family: str = "parts",
+) -> None:
     """Write the dataset into `root` (must not exist or be empty).
 
     manifest.json is written last, so its presence marks a finished dataset.
@@ -719,7 +795,7 @@ def generate(root: Path, *, seed: int, num_train: int, num_val: int, image_size:
         labels_per_image = {"1": 0, "2": 0, "3": 0}
         for index in range(1, count + 1):
             image_id = f"{split}_{index:05d}"
-            sample = render_sample(seed, split, index, image_size)
+            sample = render_sample(seed, split, index, image_size, family)
             with atomic_path(image_dir / f"{image_id}.png") as tmp:
                 # Level 1: noisy images barely compress further, and it halves encode time.
                 Image.fromarray(sample.image, mode="RGB").save(tmp, format="PNG", compress_level=1)
@@ -756,6 +832,7 @@ def generate(root: Path, *, seed: int, num_train: int, num_val: int, image_size:
     manifest = {
         "generator": "cpal.data.synthetic",
         "generator_version": GENERATOR_VERSION,
+        "family": family,
         "seed": seed,
         "image_size": image_size,
         "counts": {"train": num_train, "val": num_val},
@@ -764,6 +841,7 @@ def generate(root: Path, *, seed: int, num_train: int, num_val: int, image_size:
         "mode_counts": total_modes,
         "modes": _mode_table(),
         "mode_probs": list(MODE_PROBS),
+        **({"appearances": _appearance_table()} if family == "attributes" else {}),
         "ignore_index": IGNORE_INDEX,
         "border_px_per_side": _border_width(image_size),
         "min_visible_pixels": MIN_VISIBLE_PIXELS,
@@ -772,18 +850,37 @@ def generate(root: Path, *, seed: int, num_train: int, num_val: int, image_size:
     write_json_atomic(root / "manifest.json", manifest)
 
 
-def dataset_name(*, seed: int, num_train: int, num_val: int, image_size: int) -> str:
-    return f"synthetic-v{GENERATOR_VERSION}-seed{seed}-{num_train}x{num_val}-{image_size}px"
+def _appearance_table() -> dict[str, list[dict[str, Any]]]:
+    return {
+        spec.name: [
+            {"rgb": list(class_appearance(c, m)[0]), "texture": class_appearance(c, m)[1],
+             "prob": prob,
+             **({"borrowed_from": CLASSES[(c + ATTRIBUTE_SHARE_OFFSET) % len(CLASSES)].name}
+                if m == 2 else {})}
+            for m, prob in enumerate(ATTRIBUTE_PROBS)
+        ]
+        for c, spec in enumerate(CLASSES)
+    }
 
 
-def _is_complete(folder: Path, seed: int, num_train: int, num_val: int, image_size: int) -> bool:
+def dataset_name(
+    *, seed: int, num_train: int, num_val: int, image_size: int, family: str = "parts"
+) -> str:
+    kind = "" if family == "parts" else f"-{family}"
+    return (f"synthetic{kind}-v{GENERATOR_VERSION}-seed{seed}-{num_train}x{num_val}-"
+            f"{image_size}px")
+
+
+def _is_complete(folder: Path, seed: int, num_train: int, num_val: int, image_size: int,
+                 family: str = "parts") -> bool:
     """True if `folder` holds a finished dataset of this generator version and spec."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(manifest, dict) and (
-        manifest.get("generator_version") == GENERATOR_VERSION
+        manifest.get("family", "parts") == family
+        and manifest.get("generator_version") == GENERATOR_VERSION
         and manifest.get("seed") == seed
         and manifest.get("image_size") == image_size
         and manifest.get("counts") == {"train": num_train, "val": num_val}
@@ -797,6 +894,7 @@ def ensure_dataset(
     num_train: int = 2000,
     num_val: int = 500,
     image_size: int = 128,
+    family: str = "parts",
 ) -> Path:
     """Return the cached dataset folder, generating it atomically on first use.
 
@@ -806,22 +904,24 @@ def ensure_dataset(
     """
     _check_spec(seed, num_train, num_val, image_size)
     cache_dir = Path(cache_dir).expanduser()
-    name = dataset_name(seed=seed, num_train=num_train, num_val=num_val, image_size=image_size)
+    name = dataset_name(seed=seed, num_train=num_train, num_val=num_val, image_size=image_size,
+                        family=family)
     target = cache_dir / name
-    if _is_complete(target, seed, num_train, num_val, image_size):
+    if _is_complete(target, seed, num_train, num_val, image_size, family):
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its 0700 mode would be kept by the renamed dataset folder.
     tmp = cache_dir / f".{name}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        generate(tmp, seed=seed, num_train=num_train, num_val=num_val, image_size=image_size)
+        generate(tmp, seed=seed, num_train=num_train, num_val=num_val, image_size=image_size,
+                 family=family)
         for _ in range(10):
             try:
                 os.rename(tmp, target)
                 return target
             except OSError:
-                if _is_complete(target, seed, num_train, num_val, image_size):
+                if _is_complete(target, seed, num_train, num_val, image_size, family):
                     return target  # another process won the race
                 # A stale or partial folder: move it aside (atomic), then retry.
                 stale = cache_dir / f".{name}.stale-{uuid.uuid4().hex}"
