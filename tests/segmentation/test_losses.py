@@ -65,3 +65,10 @@ def test_msc_loss_sums_each_output_against_labels_at_its_size():
                                            align_corners=False)
     torch.testing.assert_close(segmentation_loss(outputs[0], labels, resize="logits"),
                                cross_entropy_ignore(full, labels))
+
+
+def test_msc_loss_checks_the_labels_once_before_resizing():
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, 0, 0] = 21  # gone after resizing to 2 x 2: still refused
+    with pytest.raises(ValueError, match=r"labels \[21\]"):
+        segmentation_loss([torch.randn(1, 21, 2, 2)], labels)

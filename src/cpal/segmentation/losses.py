@@ -17,7 +17,8 @@ from torch import Tensor
 
 IGNORE_INDEX = 255
 
-__all__ = ["IGNORE_INDEX", "cross_entropy_ignore", "resize_labels", "segmentation_loss"]
+__all__ = ["IGNORE_INDEX", "check_labels", "cross_entropy_ignore", "resize_labels",
+           "segmentation_loss"]
 
 
 def resize_labels(labels: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
@@ -28,19 +29,26 @@ def resize_labels(labels: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return resized[:, 0].long()
 
 
+def check_labels(labels: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+    """Refuse float labels and values that are neither a class nor the ignore label, with
+    the values named (on a GPU, cross entropy would fail with a device-side assert)."""
+    if labels.dtype.is_floating_point:
+        raise TypeError("labels must be an integer tensor")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        values = sorted({int(v) for v in labels[bad].unique()[:5]})
+        raise ValueError(f"labels {values} are outside 0..{num_classes - 1} and are not "
+                         f"the ignore label {ignore_index}")
+
+
 def cross_entropy_ignore(
-    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, *, check: bool = True
 ) -> Tensor:
     """Mean cross entropy over pixels whose label is not `ignore_index`; 0 (still part of
     the graph) when a batch has none, where torch's mean would be 0/0 = nan."""
-    if labels.dtype.is_floating_point:
-        raise TypeError("labels must be an integer tensor")
+    if check:
+        check_labels(labels, logits.shape[1], ignore_index)
     valid = labels != ignore_index
-    bad = valid & ((labels < 0) | (labels >= logits.shape[1]))
-    if bool(bad.any()):
-        values = sorted({int(v) for v in labels[bad].unique()[:5]})
-        raise ValueError(f"labels {values} are outside 0..{logits.shape[1] - 1} and are not "
-                         f"the ignore label {ignore_index}")
     total = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index,
                             reduction="sum")
     return total / valid.sum().clamp(min=1)
@@ -62,6 +70,7 @@ def segmentation_loss(
         outputs = [outputs]
     if not outputs:
         raise ValueError("no outputs to supervise")
+    check_labels(labels, outputs[0].shape[1], ignore_index)  # once: resizing adds no value
     loss = outputs[0].new_zeros((), dtype=torch.float32)
     for logits in outputs:
         if resize == "labels":
@@ -73,5 +82,5 @@ def segmentation_loss(
                                        align_corners=False)
         else:
             raise ValueError(f"resize must be 'labels' or 'logits', got {resize!r}")
-        loss = loss + cross_entropy_ignore(logits, target, ignore_index)
+        loss = loss + cross_entropy_ignore(logits, target, ignore_index, check=False)
     return loss
