@@ -5,6 +5,10 @@ runs), an output stride of 16 (layer4 stride 1, no dilation, as IRN/SIPE/AMN) or
 (layer3 stride 1 too, with layer3/4 dilated by 2), and frozen BatchNorm statistics.
 Output stride 32 is torchvision's own network (the ImageNet classifier's strides), used as
 the FLOP reference of benchmarks/paper_scale_estimate.py.
+
+Segmentation trunks set the dilations themselves (`dilations`, `multi_grid`): DeepLab-v2
+runs OS8 with layer3/4 dilated by 2/4, DeepLab-v3+ OS16 with layer4's blocks dilated by
+2 x (1, 2, 4). Dilation changes no parameter: every variant loads the same ImageNet file.
 """
 
 from __future__ import annotations
@@ -89,13 +93,26 @@ class ResNet(nn.Module):
         output_stride: Literal[8, 16, 32] = 16,
         frozen_bn: bool = False,
         frozen_stages: int = 0,
+        dilations: tuple[int, int] | None = None,
+        multi_grid: Sequence[int] | None = None,
     ) -> None:
+        """dilations: of layer3 and layer4 (default: 2, 2 at OS8, none otherwise);
+        multi_grid: per-block factors of layer4's dilation (DeepLab-v3's (1, 2, 4))."""
         super().__init__()
         if arch not in _SPECS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(_SPECS)}")
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         block, depths = _SPECS[arch]
+        if dilations is None:
+            dilations = (2, 2) if output_stride == 8 else (1, 1)
+        if len(dilations) != 2 or min(dilations) < 1:
+            raise ValueError(f"dilations must be two positive ints (layer3, layer4), got "
+                             f"{dilations}")
+        grid = tuple(multi_grid) if multi_grid is not None else (1,) * depths[3]
+        if len(grid) != depths[3] or min(grid) < 1:
+            raise ValueError(f"multi_grid needs {depths[3]} positive factors (one per layer4 "
+                             f"block of {arch}), got {tuple(grid)}")
         self.arch = arch
         self.output_stride = output_stride
         self.frozen_bn = frozen_bn
@@ -106,14 +123,19 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(stem)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        s3, d3 = (1, 2) if output_stride == 8 else (2, 1)
+        s3 = 1 if output_stride == 8 else 2
         s4 = 2 if output_stride == 32 else 1
+        d3, d4 = dilations
         self._cin = stem
         self.layer1 = self._make_layer(block, planes[0], depths[0], stride=1, dilation=1)
         self.layer2 = self._make_layer(block, planes[1], depths[1], stride=2, dilation=1)
         self.layer3 = self._make_layer(block, planes[2], depths[2], stride=s3, dilation=d3)
-        self.layer4 = self._make_layer(block, planes[3], depths[3], stride=s4, dilation=d3)
+        self.layer4 = self._make_layer(
+            block, planes[3], depths[3], stride=s4, dilation=[d4 * g for g in grid]
+        )
+        self.stem_channels = stem
         self.stage_channels: tuple[int, ...] = tuple(p * block.expansion for p in planes)
+        self.stage_strides: tuple[int, ...] = (4, 8, 8 * s3, 8 * s3 * s4)
         self._init_weights()
         self._freeze_stages()
 
@@ -123,17 +145,20 @@ class ResNet(nn.Module):
 
     def _make_layer(
         self, block: type[BasicBlock] | type[Bottleneck], planes: int, depth: int, *,
-        stride: int, dilation: int,
+        stride: int, dilation: int | Sequence[int],
     ) -> nn.Sequential:
+        """All blocks of a stage share its dilation (the first one too, as DeepLab), or
+        take one each from a sequence (multi-grid)."""
+        rates = [dilation] * depth if isinstance(dilation, int) else list(dilation)
         downsample = None
         cout = planes * block.expansion
         if stride != 1 or self._cin != cout:
             downsample = nn.Sequential(
                 nn.Conv2d(self._cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
             )
-        layers = [block(self._cin, planes, stride, dilation, downsample)]
+        layers = [block(self._cin, planes, stride, rates[0], downsample)]
         self._cin = cout
-        layers += [block(cout, planes, 1, dilation, None) for _ in range(depth - 1)]
+        layers += [block(cout, planes, 1, rate, None) for rate in rates[1:]]
         return nn.Sequential(*layers)
 
     def _init_weights(self) -> None:
@@ -175,8 +200,12 @@ class ResNet(nn.Module):
                         m.eval()
         return self
 
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """conv1 + bn1 + relu + maxpool: the stride-4 map IRN's branches also read."""
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
     def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.forward_stem(x)
         f1 = self.layer1(x)
         f2 = self.layer2(f1)
         f3 = self.layer3(f2)
