@@ -8,6 +8,9 @@ library's own recipe must clear on small data (docs/results.md, "Recipe check").
 
 Prints train-split mIoU at a fixed background threshold of 0.25 and at the oracle
 threshold (best on train GT), so both can be compared with `cpal run` on the same root.
+Diagnosis switches swap one ingredient at a time for cpal's: `--trunk resnet18` (cpal's
+ResNet-18 x0.5 at output stride 8), `--optim sgd` (cpal's demo SGD: lr 0.05, momentum 0.9,
+poly schedule, weight decay 1e-4).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import nn
 
 from cpal.data.transforms import normalize
 from cpal.data.voc import VOCLayout
+from cpal.models.resnet import ResNet
 
 
 def block(cin: int, cout: int, pool: bool) -> nn.Sequential:
@@ -44,6 +48,18 @@ class Net(nn.Module):
         return self.classifier(self.features(x))
 
 
+class ResNetCAM(nn.Module):
+    """cpal's ResNet trunk with a 1x1 classifier, for the --trunk diagnosis."""
+
+    def __init__(self, num_classes: int, width: float, output_stride: int) -> None:
+        super().__init__()
+        self.trunk = ResNet("resnet18", width=width, output_stride=output_stride)  # type: ignore[arg-type]
+        self.classifier = nn.Conv2d(self.trunk.num_features, num_classes, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.trunk(x)[-1])
+
+
 def miou(conf: np.ndarray) -> float:
     iou = np.diag(conf) / np.maximum(conf.sum(0) + conf.sum(1) - np.diag(conf), 1)
     return float(iou.mean())
@@ -56,14 +72,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="train")
+    parser.add_argument("--trunk", choices=["cnn4", "resnet18"], default="cnn4")
+    parser.add_argument("--optim", choices=["adam", "sgd"], default="adam")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     layout = VOCLayout.open(args.root)
     ids = layout.split_ids(args.split)
     images = torch.stack([normalize(layout.load_image(i)) for i in ids])
     labels = torch.from_numpy(layout.image_labels(ids))
-    net = Net(labels.shape[1])
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net = Net(labels.shape[1]) if args.trunk == "cnn4" else ResNetCAM(labels.shape[1], 0.5, 8)
+    if args.optim == "adam":
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    steps = args.epochs * -(-len(ids) // args.batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: (1 - i / steps) ** 0.9 if args.optim == "sgd" else 1.0)
     start = time.perf_counter()
     for epoch in range(args.epochs):
         perm = torch.randperm(len(ids))
@@ -78,7 +102,8 @@ def main() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            sched.step()
+            total += float(loss.detach()) * len(idx)
         if (epoch + 1) % 10 == 0:
             print(f"epoch {epoch + 1}: loss {total / len(ids):.4f}", flush=True)
     net.eval()
@@ -103,7 +128,8 @@ def main() -> None:
                                         minlength=k * k).reshape(k, k)
     scores = {t: miou(c) for t, c in confs.items()}
     best = max(scores, key=scores.get)
-    print(f"reference CAM ({time.perf_counter() - start:.0f} s): {args.split} mIoU "
+    print(f"reference CAM [{args.trunk}, {args.optim}] ({time.perf_counter() - start:.0f} s): "
+          f"{args.split} mIoU "
           f"{100 * scores[0.25]:.1f} at bg 0.25, {100 * scores[best]:.1f} at oracle bg {best}")
 
 

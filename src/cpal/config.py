@@ -173,6 +173,11 @@ Precision = Literal["fp32", "bf16", "fp16"]
 @dataclass
 class TrainConfig:
     epochs: int = 5
+    """Passes over the training split (ignored when `steps` is set)."""
+    steps: int | None = None
+    """Optimizer steps of the whole run; null: epochs x steps per epoch. Set, the run takes
+    ceil(steps / steps per epoch) whole epochs, so a small dataset gets as many updates as
+    a large one (a schedule in steps, not in epochs)."""
     batch_size: int = 16
     """The GLOBAL batch: images per optimizer step, summed over processes and micro-batches."""
     grad_accum: int = 1
@@ -182,10 +187,16 @@ class TrainConfig:
     """Autocast dtype of forward passes: fp32 (off), bf16, or fp16 (with a gradient scaler)."""
     channels_last: bool = False
     """NHWC memory layout for the network and its inputs (faster convolutions on tensor cores)."""
-    crop_size: int = 512
-    resize_long: list[int] = field(default_factory=lambda: [320, 640])
-    """Random resize: the long side is drawn uniformly from [min, max]."""
+    crop_size: int | Literal["auto"] = 512
+    """Square training crop; auto: the median long side of the training images, rounded up
+    to a multiple of 16 (each image is seen whole at its own scale)."""
+    resize_long: list[int] | Literal["auto"] = field(default_factory=lambda: [320, 640])
+    """Random resize: the long side is drawn uniformly from [min, max]; auto: [0.875, 1.25]
+    x the median long side of the training images."""
     hflip: bool = True
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    """sgd (the references': momentum below, poly schedule) or adam (betas 0.9/0.999, the
+    same poly schedule and weight decay as L2 in the gradient, like torch.optim.Adam)."""
     lr: float = 0.1
     """Backbone learning rate; the classifier uses lr * head_lr_mult."""
     head_lr_mult: float = 10.0
@@ -453,12 +464,14 @@ def _check_values(config: Config) -> None:
     need(m.width > 0, "model.width", "must be > 0")
     need(0 <= m.frozen_stages <= 3, "model.frozen_stages", "must be 0, 1, 2 or 3")
     need(t.epochs >= 1, "train.epochs", "must be >= 1")
+    need(t.steps is None or t.steps >= 1, "train.steps", "must be >= 1 or null")
     need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
-    need(t.crop_size >= 16, "train.crop_size", "must be >= 16")
+    need(t.crop_size == "auto" or t.crop_size >= 16, "train.crop_size", "must be >= 16 or auto")
     need(
-        len(t.resize_long) == 2 and 0 < t.resize_long[0] <= t.resize_long[1],
+        t.resize_long == "auto"
+        or (len(t.resize_long) == 2 and 0 < t.resize_long[0] <= t.resize_long[1]),
         "train.resize_long",
-        "must be [min, max] with 0 < min <= max",
+        "must be [min, max] with 0 < min <= max, or auto",
     )
     need(t.lr > 0, "train.lr", "must be > 0")
     need(t.head_lr_mult > 0, "train.head_lr_mult", "must be > 0")

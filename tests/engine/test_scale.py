@@ -275,3 +275,33 @@ def test_fp16_on_cpu_is_refused_for_prototype_methods(tiny_dataset, tmp_path):
             stage_infer(cfg, progress=False)
     # The CAM method has no prototype branch: fp16 runs on CPU (its scaler is tested so).
     check_precision(load_config(None, []), torch.device("cpu"), "train.precision", "fp16")
+
+
+def test_crop_geometry_auto_follows_the_images() -> None:
+    from cpal.config import TrainConfig
+    from cpal.engine.train import crop_geometry, run_epochs
+
+    auto = TrainConfig(crop_size="auto", resize_long="auto")
+    assert crop_geometry(auto, [128, 128, 96]) == (128, (112, 160))  # median 128
+    assert crop_geometry(auto, [96] * 5) == (96, (84, 120))
+    assert crop_geometry(auto, [500, 375, 500]) == (512, (438, 625))  # VOC-sized: ~IRN's
+    fixed = TrainConfig(crop_size=64, resize_long=[50, 70])
+    assert crop_geometry(fixed, []) == (64, (50, 70))
+    assert run_epochs(TrainConfig(epochs=3), 10) == 3
+    assert run_epochs(TrainConfig(epochs=3, steps=25), 10) == 3  # ceil(25 / 10) whole epochs
+    assert run_epochs(TrainConfig(epochs=3, steps=100), 18) == 6
+
+
+def test_steps_schedule_and_auto_crop_train_and_resume(tiny_dataset, tmp_path):
+    over = [*tiny_overrides(tiny_dataset, tmp_path / "run"), "train.steps=7",
+            "train.crop_size=auto", "train.resize_long=auto", "train.optimizer=adam",
+            "train.lr=1e-3"]
+    cfg = load_config(None, over)
+    stage_train(cfg, progress=False)
+    log = [r for r in _log(cfg) if "mean_loss" in r]
+    assert [r["epoch"] for r in log] == [1, 2, 3]  # 24 images / 8 = 3 steps per epoch
+    assert log[-1]["step"] == 9
+    from cpal.engine.train import load_final_checkpoint
+
+    _, ckpt = load_final_checkpoint(cfg)  # finished by its own epoch count, not train.epochs
+    assert ckpt.meta["epochs"] == 3 and ckpt.epoch == 3

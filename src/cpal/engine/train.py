@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -22,13 +23,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cpal.config import Config
+from cpal.config import Config, TrainConfig
 from cpal.data.datasets import ClassificationDataset
+from cpal.data.images import image_size
 from cpal.data.source import open_dataset
 from cpal.data.transforms import TrainTransform
 from cpal.engine import distributed
@@ -162,9 +165,10 @@ def load_final_checkpoint(config: Config, latest: Path | None = None) -> tuple[P
         raise CheckpointError(f"{directory}: no checkpoint; run `cpal train` first")
     ckpt = load_shared_checkpoint(latest)
     _check_fingerprint(latest, ckpt, training_fingerprint(config))
-    if ckpt.epoch < config.train.epochs:
+    total = int(ckpt.meta.get("epochs", config.train.epochs))
+    if ckpt.epoch < total:
         raise CheckpointError(
-            f"{latest}: training stopped at epoch {ckpt.epoch} of {config.train.epochs}; "
+            f"{latest}: training stopped at epoch {ckpt.epoch} of {total}; "
             "run `cpal train` to finish it"
         )
     return latest, ckpt
@@ -174,13 +178,38 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
     return base * (1.0 - step / total) ** power
 
 
-def build_optimizer(model: CAMNet, config: Config) -> torch.optim.SGD:
+def run_epochs(train: TrainConfig, steps_per_epoch: int) -> int:
+    """Whole epochs of a run: `train.epochs`, or enough to reach `train.steps` updates."""
+    if train.steps is None:
+        return train.epochs
+    return max(1, math.ceil(train.steps / steps_per_epoch))
+
+
+def crop_geometry(train: TrainConfig, long_sides: Sequence[int]) -> tuple[int, tuple[int, int]]:
+    """(crop size, resize_long range) with "auto" resolved from the training images' long
+    sides: the crop is their median rounded up to a multiple of 16, the range
+    [0.875, 1.25] x the median (a 128-px dataset gets [112, 160] and 128)."""
+    median = float(np.median(np.asarray(long_sides))) if len(long_sides) else 0.0
+    if train.crop_size == "auto":
+        crop = max(16, int(math.ceil(median / 16) * 16))
+    else:
+        crop = int(train.crop_size)
+    if train.resize_long == "auto":
+        lo, hi = max(1, round(0.875 * median)), max(1, round(1.25 * median))
+    else:
+        lo, hi = int(train.resize_long[0]), int(train.resize_long[1])
+    return crop, (lo, hi)
+
+
+def build_optimizer(model: CAMNet, config: Config) -> torch.optim.Optimizer:
     t = config.train
     proto = config.prototype.lr_mult
     mult = {"backbone": 1.0, "head": t.head_lr_mult,
             "prototype": t.head_lr_mult if proto is None else proto}
     groups = [{"params": params, "lr": t.lr * mult[role], "base_lr": t.lr * mult[role]}
               for params, role in model.param_groups()]
+    if t.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
     return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
@@ -256,6 +285,7 @@ class _Run:
     device: torch.device
     meta: dict[str, Any]
     total_steps: int
+    epochs: int  # of the whole run (train.epochs, or derived from train.steps)
     show_progress: bool
     log_rows: list[dict[str, Any]] = field(default_factory=list)
 
@@ -282,7 +312,11 @@ def train(config: Config, *, progress: bool = True) -> Path:
             stacklevel=2,
         )
     plan = BatchPlan(t.batch_size, ranks.world_size, t.grad_accum)
-    transform = TrainTransform(t.crop_size, (t.resize_long[0], t.resize_long[1]), t.hflip)
+    ids = layout.split_ids(config.data.train_split)
+    auto = "auto" in (t.crop_size, t.resize_long)
+    sides = [max(image_size(layout.image_path(i))) for i in ids] if auto else []
+    crop, resize = crop_geometry(t, sides)
+    transform = TrainTransform(crop, resize, t.hflip)
     dataset = ClassificationDataset(layout, config.data.train_split, transform, config.seed)
     _check_same_dataset(dataset, layout.root, config.data.train_split)
     steps_per_epoch = len(dataset) // t.batch_size
@@ -291,6 +325,11 @@ def train(config: Config, *, progress: bool = True) -> Path:
             f"'train.batch_size': {t.batch_size} exceeds the {len(dataset)} images of split "
             f"'{config.data.train_split}'"
         )
+    epochs = run_epochs(t, steps_per_epoch)
+    if ranks.is_main and (auto or t.steps is not None):
+        tqdm.write(f"train: crop {crop}, resize_long {list(resize)}, {epochs} epochs of "
+                   f"{steps_per_epoch} steps (split '{config.data.train_split}', "
+                   f"{len(dataset)} images)")
 
     net, report = build_network(config, layout.num_foreground)
     if report is not None and ranks.is_main:
@@ -315,12 +354,12 @@ def train(config: Config, *, progress: bool = True) -> Path:
         position = _restore(latest, fingerprint, net, optimizer, scaler)
         if ranks.is_main:
             _truncate_log(paths.train_log, position.step)
-            if position.epoch < t.epochs:
-                tqdm.write(f"resuming from {latest.name} (epoch {position.epoch}/{t.epochs}, "
+            if position.epoch < epochs:
+                tqdm.write(f"resuming from {latest.name} (epoch {position.epoch}/{epochs}, "
                            f"step {position.step})")
     if ranks.is_main:
         write_text_atomic(paths.config, config.to_yaml())
-    if position.epoch >= t.epochs:
+    if position.epoch >= epochs:
         distributed.barrier()
         assert latest is not None
         return latest
@@ -331,13 +370,16 @@ def train(config: Config, *, progress: bool = True) -> Path:
     run = _Run(
         config=config, paths=paths, net=net, model=distributed.wrap(net, device),
         optimizer=optimizer, scaler=scaler, dataset=dataset, plan=plan, ranks=ranks,
-        device=device, meta={"fingerprint": fingerprint, "class_names": list(layout.class_names)},
-        total_steps=steps_per_epoch * t.epochs, show_progress=progress and ranks.is_main,
+        device=device,
+        meta={"fingerprint": fingerprint, "class_names": list(layout.class_names),
+              "epochs": epochs},
+        total_steps=steps_per_epoch * epochs, epochs=epochs,
+        show_progress=progress and ranks.is_main,
     )
     every = t.checkpoint_every_steps
-    for epoch in range(position.epoch, t.epochs):
+    for epoch in range(position.epoch, epochs):
         position = _run_epoch(run, epoch, position)
-        last = epoch + 1 == t.epochs
+        last = epoch + 1 == epochs
         if last and net.cpal is not None:
             # Inference uses the stored context: build it from the final bank.
             net.cpal.refresh_context()
@@ -394,7 +436,7 @@ def _run_epoch(run: _Run, epoch: int, position: Position) -> Position:
     )
     run.model.train()
     bar = tqdm(total=len(batches), initial=position.batch, disable=not run.show_progress,
-               desc=f"train epoch {epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True)
+               desc=f"train epoch {epoch + 1}/{run.epochs}", leave=False, dynamic_ncols=True)
     every = t.checkpoint_every_steps
     seen, start = 0, time.perf_counter()
     micro: list[dict[str, Any]] = []
@@ -435,7 +477,7 @@ def _run_epoch(run: _Run, epoch: int, position: Position) -> Position:
     _flush_log(run)
     if run.ranks.is_main:
         tqdm.write(
-            f"epoch {epoch + 1}/{t.epochs}: loss {summary['mean_loss']:.4f}, "
+            f"epoch {epoch + 1}/{run.epochs}: loss {summary['mean_loss']:.4f}, "
             f"{summary['images_per_s']:.1f} images/s"
         )
     return Position(epoch=epoch + 1, step=position.step)
