@@ -1,0 +1,1 @@
+"""Refinement of localisation maps into pseudo masks (dense CRF, IRN, random walk)."""
