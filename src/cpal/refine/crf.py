@@ -13,8 +13,10 @@ module is ~300 lines of vectorised torch: nothing to compile, the same code on C
 CUDA, and, because it runs the same permutohedral-lattice algorithm as Krähenbühl's C++
 code (`cpal.refine.lattice`), the same marginals as `pydensecrf` up to float rounding
 (tests/refine/test_crf.py compares with stored `pydensecrf2` output and with an exact
-O(N^2) mean field). Speed on one CPU thread is of the same order as pydensecrf's
-(benchmarks/crf.py prints images/s; the lattice is built once per image and per kernel).
+O(N^2) mean field). The price is CPU speed: on one thread it runs 1.4-2.4x slower than
+pydensecrf2 (benchmarks/crf.py: 0.4-0.7 images/s at 320x480 and 21 labels, ~0.8 s per
+image at IRN's usual 3 labels); worker processes (`map_images`) and CUDA make up for it.
+The position kernel depends on the image size only and is cached per size.
 
 Semantics, as in Krähenbühl's code: Q_0 = softmax(-U); each of `iterations` steps sets
 Q = softmax(-U + sum_k w_k Kn_k Q) with Kn_k = D_k^-1/2 K_k D_k^-1/2, K_k the kernel over
@@ -24,6 +26,8 @@ features are (column / sxy, row / sxy), colour features channel / srgb.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -174,6 +178,23 @@ def _features(image: Tensor, sxy: float, srgb: float | None) -> Tensor:
     return torch.stack(columns, dim=1)
 
 
+def _normalised_kernel(features: Tensor, compat: float) -> Callable[[Tensor], Tensor]:
+    """Q -> compat D^-1/2 K D^-1/2 Q with K the lattice filter over `features`."""
+    lattice = PermutohedralLattice(features)
+    norm = lattice.filter(torch.ones(features.shape[0], 1, device=features.device))[:, 0]
+    inv_sqrt = 1.0 / torch.sqrt(norm + 1e-20)
+    return lattice.scaled(compat * inv_sqrt, inv_sqrt)
+
+
+@functools.lru_cache(maxsize=8)
+def _position_kernel(height: int, width: int, sxy: float, compat: float,
+                     device: str) -> Callable[[Tensor], Tensor]:
+    """The position kernel depends on the image size only: built once per size (VOC's
+    images come in few sizes), per process."""
+    image = torch.zeros((height, width, 3), dtype=torch.uint8, device=device)
+    return _normalised_kernel(_features(image, sxy, None), compat)
+
+
 def dense_crf(image: np.ndarray | Tensor, unary: np.ndarray | Tensor, params: CRFParams,
               device: torch.device | str | None = None) -> Tensor:
     """Marginals Q (L, H, W) float32 of the dense CRF with unary energy `unary` (L, H, W).
@@ -188,21 +209,18 @@ def dense_crf(image: np.ndarray | Tensor, unary: np.ndarray | Tensor, params: CR
     unary = unary.to(device).reshape(num_labels, -1).T.contiguous()  # (N, L)
     image = image.to(device)
     kernels = []
-    for sxy, srgb, compat in ((params.gaussian_sxy, None, params.gaussian_compat),
-                              (params.bilateral_sxy, params.bilateral_srgb,
-                               params.bilateral_compat)):
-        if compat == 0:
-            continue
-        lattice = PermutohedralLattice(_features(image, sxy, srgb))
-        norm = lattice.filter(torch.ones(unary.shape[0], 1, device=device))[:, 0]
-        inv_sqrt = 1.0 / torch.sqrt(norm + 1e-20)
-        kernels.append(lattice.scaled(compat * inv_sqrt, inv_sqrt))
+    if params.gaussian_compat != 0:
+        kernels.append(_position_kernel(height, width, params.gaussian_sxy,
+                                        params.gaussian_compat, str(device)))
+    if params.bilateral_compat != 0:
+        features = _features(image, params.bilateral_sxy, params.bilateral_srgb)
+        kernels.append(_normalised_kernel(features, params.bilateral_compat))
     logits = -unary
     q = torch.softmax(logits, dim=1)
     for _ in range(params.iterations):
-        energy = logits.clone()
+        energy = logits
         for kernel in kernels:
-            energy += kernel(q)
+            energy = kernel(q).add_(energy)  # a fresh tensor each time: logits stay intact
         q = torch.softmax(energy, dim=1)
     return q.T.reshape(num_labels, height, width)
 
