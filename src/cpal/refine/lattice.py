@@ -48,8 +48,9 @@ class PermutohedralLattice:
     """
 
     def __init__(self, features: Tensor) -> None:
-        if features.ndim != 2 or features.shape[1] < 1:
-            raise ValueError(f"features must be (N, d) with d >= 1, got {tuple(features.shape)}")
+        if features.ndim != 2 or min(features.shape) < 1:
+            raise ValueError(f"features must be (N, d) with N, d >= 1, got "
+                             f"{tuple(features.shape)}")
         if not torch.is_floating_point(features):
             raise ValueError(f"features must be floating point, got dtype {features.dtype}")
         if not bool(torch.isfinite(features).all()):
