@@ -25,23 +25,6 @@ VARIANTS = ("cam", "sipe", "cpal-mean", "cpal-topk", "cpal")
 
 
 @dataclass(frozen=True)
-class Sweep:
-    """One `--sweep`: `method=cpal` with `key` set to each value, plus `fixed` overrides."""
-
-    key: str
-    values: tuple[Any, ...]
-    fixed: tuple[str, ...] = ()
-
-
-SWEEPS: dict[str, Sweep] = {
-    # With unit prototypes (the default) dot and cosine give identical runs and l2 ranks the
-    # same, so the score sweep uses raw prototypes, whose norms make the scores differ.
-    "score": Sweep("awareness.score", ("dot", "cosine", "l2"), ("prototype.normalize=false",)),
-    "k": Sweep("awareness.top_k", (1, 3, 5, 10)),
-}
-
-
-@dataclass(frozen=True)
 class Arm:
     """One row of the table: a name and the overrides that make it."""
 
@@ -49,16 +32,69 @@ class Arm:
     overrides: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """One `--sweep` over a key: `method=cpal` with `key` set to each value, plus `fixed`."""
+
+    key: str
+    values: tuple[Any, ...]
+    fixed: tuple[str, ...] = ()
+
+    def arms(self) -> list[Arm]:
+        fixed = " ".join(o.split(".")[-1] for o in self.fixed)
+        prefix = f"cpal {fixed} " if fixed else "cpal "
+        return [Arm(f"{prefix}{self.key.split('.')[-1]}={v}",
+                    ("method=cpal", *self.fixed, f"{self.key}={v}")) for v in self.values]
+
+
+@dataclass(frozen=True)
+class Choices:
+    """One `--sweep` of named alternatives, each switched alone on top of `method`."""
+
+    method: str
+    choices: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def arms(self) -> list[Arm]:
+        return [Arm(f"{self.method}: {name}", (f"method={self.method}", *overrides))
+                for name, overrides in self.choices]
+
+
+SWEEPS: dict[str, Sweep | Choices] = {
+    # With unit prototypes (the default) dot and cosine give identical runs and l2 ranks the
+    # same, so the score sweep uses raw prototypes, whose norms make the scores differ.
+    "score": Sweep("awareness.score", ("dot", "cosine", "l2"), ("prototype.normalize=false",)),
+    "k": Sweep("awareness.top_k", (1, 3, 5, 10)),
+    # What each earlier choice of this library costs on the faithful SIPE, one at a time.
+    "earlier": Choices("sipe", (
+        ("seeds = CAM > 0.5 regions", ("prototype.region=threshold",)),
+        ("empty seed -> CAM-weighted prototype", ("prototype.empty_region=cam",)),
+        ("background from present classes", ("prototype.background_from=present",)),
+        ("L_self over present channels", ("loss.self_average=present",)),
+        ("no gradient clipping", ("train.grad_clip=null",)),
+        ("projection 256 + Kaiming init", ("prototype.projection=256",
+                                           "prototype.head_init=kaiming")),
+        ("prototype head at 1x lr", ("prototype.lr_mult=1.0",)),
+        ("side features align_corners", ("prototype.align_corners=true",)),
+        ("trunk BN and layer1-2 trained", ("model.frozen_bn=false", "model.frozen_stages=0")),
+        ("crop padding counts as image", ("prototype.mask_padding=false",)),
+        ("inference: per-scale maps, backbone flip, layer4 seeds",
+         ("infer.prototype_maps=per_scale", "infer.flip_fusion=backbone",
+          "prototype.infer_seed_features=layer4")),
+    )),
+    # SFC's additions (by CPAL's authors), each alone on the faithful SIPE.
+    "sfc": Choices("sipe", (
+        ("SFC PCM seeds (bg x 0.3)", ("prototype.seed_source=pcm", "prototype.bg_factor=0.3")),
+        ("seed background x 0.3", ("prototype.bg_factor=0.3",)),
+        ("fused CAM + PACAM map", ("infer.map=fused",)),
+    )),
+}
+
+
 def arms(sweeps: Sequence[str] = (), *, variants: bool = True) -> list[Arm]:
     """The main ladder (unless `variants` is false), then each sweep's arms."""
     rows = [Arm(v, (f"method={v}",)) for v in VARIANTS] if variants else []
     for name in sweeps:
-        sweep = SWEEPS[name]
-        fixed = " ".join(o.split(".")[-1] for o in sweep.fixed)
-        prefix = f"cpal {fixed} " if fixed else "cpal "
-        rows += [Arm(f"{prefix}{sweep.key.split('.')[-1]}={v}",
-                     ("method=cpal", *sweep.fixed, f"{sweep.key}={v}"))
-                 for v in sweep.values]
+        rows += SWEEPS[name].arms()
     return rows
 
 
@@ -118,6 +154,7 @@ def _row(cfg: Config, metrics: dict[str, Any]) -> dict[str, Any]:
         "maps_fg_precision": maps.get("foreground_precision"),
         "maps_fg_recall": maps.get("foreground_recall"),
         "maps_own_background": metrics["maps"][split].get("own_background", {}).get("miou"),
+        "seeds": metrics["maps"][split].get("seeds", {}).get("miou"),
         "pseudo": pseudo["miou"],
         "pseudo_threshold": metrics["threshold"]["value"],
         "pseudo_protocol": pseudo["protocol"]["description"],
@@ -149,15 +186,15 @@ def format_tables(
         f"| variant | map | maps mIoU, {split} (ORACLE threshold) | "
         f"pseudo labels mIoU, {split} (threshold tuned on {tune} GT, held-out) | "
         f"maps object precision / recall | maps mIoU, {split} (own background, no threshold) "
-        "| thresholds (oracle / tuned) |"
+        f"| seeds mIoU, {split} (diagnostic) | thresholds (oracle / tuned) |"
     )
-    lines = [header, "|---|---|---:|---:|---:|---:|---|"]
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---|"]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["variant", "map", "seeds", "maps_oracle_mean", "maps_oracle_std",
                      "pseudo_mean", "pseudo_std", "pseudo_values", "maps_values",
                      "maps_fg_precision_mean", "maps_fg_recall_mean", "maps_own_background_mean",
-                     "maps_own_background_std"])
+                     "maps_own_background_std", "seeds_mean", "seeds_std"])
     for name, rows in results.items():
         maps = [r["maps_oracle"] for r in rows]
         pseudo = [r["pseudo"] for r in rows]
@@ -170,9 +207,11 @@ def format_tables(
         pr = "-" if precision is None or recall is None else f"{precision[0]:.1f} / {recall[0]:.1f}"
         own = _mean_std_or_none([r.get("maps_own_background") for r in rows])
         own_text = "-" if own is None else f"{own[0]:.1f} ± {own[1]:.1f}"
+        seeds_ms = _mean_std_or_none([r.get("seeds") for r in rows])
+        seeds_text = "-" if seeds_ms is None else f"{seeds_ms[0]:.1f} ± {seeds_ms[1]:.1f}"
         lines.append(
             f"| {name} | {rows[0]['map']} | {mm:.1f} ± {ms:.1f} | {pm:.1f} ± {ps:.1f} | "
-            f"{pr} | {own_text} | {thresholds} |"
+            f"{pr} | {own_text} | {seeds_text} | {thresholds} |"
         )
         writer.writerow([name, rows[0]["map"], len(rows), f"{mm:.2f}", f"{ms:.2f}",
                          f"{pm:.2f}", f"{ps:.2f}", " ".join(f"{v:.2f}" for v in pseudo),
@@ -180,7 +219,9 @@ def format_tables(
                          "" if precision is None else f"{precision[0]:.2f}",
                          "" if recall is None else f"{recall[0]:.2f}",
                          "" if own is None else f"{own[0]:.2f}",
-                         "" if own is None else f"{own[1]:.2f}"])
+                         "" if own is None else f"{own[1]:.2f}",
+                         "" if seeds_ms is None else f"{seeds_ms[0]:.2f}",
+                         "" if seeds_ms is None else f"{seeds_ms[1]:.2f}"])
     example = next(iter(results.values()))[0]["pseudo_protocol"]
     notes = [
         "",
@@ -195,6 +236,8 @@ def format_tables(
         "Own-background column: maps with a background channel of their own (PACAM's "
         "background prototype) labelled by argmax over it and the classes, as SIPE scores "
         "its IS-CAM: no threshold, no GT used; '-' for CAMs.",
+        "Seeds column: the regions prototypes were pooled from (SIPE's seed rule at scale 1) "
+        "scored as labels, unseeded pixels as background: a diagnostic, not a result.",
         f"Pseudo-label column: threshold chosen on {tune} GT, then applied to {split}; "
         f"e.g. `{example}`.",
     ]

@@ -63,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--seeds", type=int, default=1, help="seeds per variant (default 1)")
     ablate.add_argument("--sweeps-only", action="store_true",
                         help="run only the --sweep arms, not the five variants")
-    ablate.add_argument("--sweep", action="append", default=[], choices=["score", "k"],
+    ablate.add_argument("--sweep", action="append", default=[],
+                        choices=["score", "k", "earlier", "sfc"],
                         help="also sweep the positiveness score (dot/cosine/l2, on raw "
-                        "prototypes: prototype.normalize=false) or K")
+                        "prototypes: prototype.normalize=false), K, this library's earlier "
+                        "choices on the faithful sipe (one at a time), or SFC's additions")
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     gen = data_sub.add_parser("generate", help="generate the built-in dataset; print its root")

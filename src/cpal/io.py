@@ -110,11 +110,14 @@ class MapRecord:
     maps: float array (len(classes), H, W) at full image resolution, values in [0, 1].
     background: the map's own background score (H, W) in [0, 1] when the method has one
       (PACAM's background-prototype channel); None for CAMs, which are thresholded.
+    seeds: the prototype seeds (H, W) uint8 as dataset class indices, 255 where no seed
+      (prototype methods, a diagnostic: what the prototypes were pooled from at scale 1).
     """
 
     classes: np.ndarray
     maps: np.ndarray
     background: np.ndarray | None = None
+    seeds: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.maps.ndim != 3 or self.maps.shape[0] != len(self.classes):
@@ -125,6 +128,8 @@ class MapRecord:
             raise ValueError(
                 f"background shape {self.background.shape} != maps shape {self.maps.shape[1:]}"
             )
+        if self.seeds is not None and self.seeds.shape != self.maps.shape[1:]:
+            raise ValueError(f"seeds shape {self.seeds.shape} != maps shape {self.maps.shape[1:]}")
 
 
 def save_maps(path: str | os.PathLike[str], record: MapRecord) -> None:
@@ -136,11 +141,13 @@ def save_maps(path: str | os.PathLike[str], record: MapRecord) -> None:
             maps=record.maps.astype(np.float16),
             **({} if record.background is None
                else {"background": record.background.astype(np.float16)}),
+            **({} if record.seeds is None else {"seeds": record.seeds.astype(np.uint8)}),
         )
 
 
 def load_maps(path: str | os.PathLike[str]) -> MapRecord:
     with np.load(path) as data:
         background = data["background"].astype(np.float32) if "background" in data else None
+        seeds = data.get("seeds")
         return MapRecord(classes=data["classes"], maps=data["maps"].astype(np.float32),
-                         background=background)
+                         background=background, seeds=seeds)

@@ -154,6 +154,7 @@ class SplitScores:
     sweep: ThresholdSweep
     identity: dict[str, Any]
     own_background: np.ndarray | None  # confusion matrix, None if the maps have no bg
+    seeds: np.ndarray | None = None  # confusion matrix of the prototype seeds, if recorded
 
 
 def sweep_split(
@@ -165,6 +166,7 @@ def sweep_split(
     pairs, identity = _map_paths(config, layout, split)
     k = layout.num_classes
     own: np.ndarray | None = np.zeros((k, k), dtype=np.int64) if own_background else None
+    seeds: np.ndarray | None = np.zeros((k, k), dtype=np.int64) if own_background else None
     for image_id, path in pairs:
         try:
             record, gt = load_maps(path), layout.load_mask(image_id)
@@ -173,9 +175,15 @@ def sweep_split(
                 own = None
             elif own is not None:
                 own += confusion_matrix(gt, labels_with_own_background(record), k)
+            if record.seeds is None:
+                seeds = None
+            elif seeds is not None:
+                # An unseeded pixel counts as background, as a 255 in a label file.
+                seeded = np.where(record.seeds == IGNORE_INDEX, 0, record.seeds)
+                seeds += confusion_matrix(gt, seeded.astype(np.int64), k)
         except ValueError as exc:
             raise DatasetError(f"{path} vs {layout.mask_path(image_id)}: {exc}") from exc
-    return SplitScores(sweep, identity, own if pairs else None)
+    return SplitScores(sweep, identity, own if pairs else None, seeds if pairs else None)
 
 
 def stage_evaluate(config: Config) -> dict[str, Any]:
@@ -221,6 +229,17 @@ def stage_evaluate(config: Config) -> dict[str, Any]:
                 **SegmentationScores.from_confusion(scores.own_background).to_dict(
                     layout.class_names),
                 "protocol": own.to_dict(),
+            }
+        if scores.seeds is not None:
+            seed_protocol = Protocol(
+                split=split, num_images=len(ids), threshold=None, threshold_choice="none",
+                source=_source("seeds", identity) + " at scale 1 (a diagnostic: the regions "
+                "prototypes are pooled from; unseeded pixels count as background)",
+                inference=identity["inference"],
+            )
+            results[split]["seeds"] = {
+                **SegmentationScores.from_confusion(scores.seeds).to_dict(layout.class_names),
+                "protocol": seed_protocol.to_dict(),
             }
     _update_json(paths.metrics, "maps", results)
     _record_stage(paths, "evaluate", time.perf_counter() - start)

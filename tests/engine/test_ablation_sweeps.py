@@ -65,3 +65,16 @@ def test_sweeps_only_without_a_sweep_is_a_one_line_error(tmp_path, capsys):
     config.write_text("{}\n")
     assert main(["ablate", str(config), "--sweeps-only"]) == 2
     assert "--sweeps-only needs at least one --sweep" in capsys.readouterr().err
+
+
+def test_earlier_and_sfc_sweeps_switch_one_choice_on_sipe():
+    earlier = arms(["earlier", "sfc"], variants=False)
+    assert all(a.overrides[0] == "method=sipe" and a.name.startswith("sipe: ") for a in earlier)
+    for arm in earlier:
+        cfg = load_config(None, list(arm.overrides))  # every override is a valid key
+        assert cfg.method == "sipe"
+    by_name = {a.name: a.overrides[1:] for a in earlier}
+    assert by_name["sipe: L_self over present channels"] == ("loss.self_average=present",)
+    assert by_name["sipe: SFC PCM seeds (bg x 0.3)"] == (
+        "prototype.seed_source=pcm", "prototype.bg_factor=0.3")
+    assert len({a.name for a in earlier}) == len(earlier)

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +36,11 @@ def test_cpal_run_writes_pacam_maps_and_comparison_figure(tiny_dataset, tmp_path
     assert not own["protocol"]["gt_used_for_tuning"]
     record = load_maps(next(paths.maps("train").glob("*.npz")))
     assert record.background is not None and record.background.shape == record.maps.shape[1:]
+    # The seeds are recorded as class indices of the image (or 255: no seed) and scored.
+    assert record.seeds is not None and record.seeds.shape == record.maps.shape[1:]
+    assert set(np.unique(record.seeds)) <= {0, 255, *record.classes.tolist()}
+    seeds = metrics["maps"]["train"]["seeds"]
+    assert seeds["protocol"]["threshold_choice"] == "none" and seeds["miou"] is not None
     assert (paths.figures / "cam_vs_pacam_train.png").stat().st_size > 10_000
     ckpt = load_checkpoint(latest_checkpoint(paths.checkpoints))
     bank_keys = [k for k in ckpt.model if k.startswith("cpal.bank.")]

@@ -43,7 +43,7 @@ from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import autocast, check_precision, setup
 from cpal.engine.train import changed_keys, load_final_checkpoint
 from cpal.errors import ConfigError, DatasetError
-from cpal.io import MapRecord, read_json, save_maps, write_json_atomic
+from cpal.io import IGNORE_INDEX, MapRecord, read_json, save_maps, write_json_atomic
 from cpal.models.cam_net import CAMNet, CAMOutput, build_network, normalized_cam
 from cpal.prototypes.module import CPALOutput
 
@@ -165,7 +165,8 @@ def multiscale_maps(
     proto: PrototypeInference = PrototypeInference(),
 ) -> dict[str, Tensor]:
     """Sums over scales of relu CAMs and/or prototype maps at the input's resolution,
-    (B, C, H, W) each (foreground classes; pacam adds `pacam_background` (B, 1, H, W)).
+    (B, C, H, W) each (foreground classes; pacam adds `pacam_background` (B, 1, H, W) and,
+    when a scale is 1.0 and the seeds are SIPE's, the one-hot `pacam_seeds` (B, C+1, H, W)).
 
     Per scale the image and its flip share one forward pass. CAMs are summed over the flip
     and aligned on the stride grid (IRN). Prototype maps follow SIPE's inference: the
@@ -203,6 +204,10 @@ def multiscale_maps(
             if model.cpal is None or labels is None:
                 raise ValueError("PACAM needs a network with the CPAL module and image labels")
             res = _prototype_scale(model, out, x, labels, flip, proto)
+            if res.seeds is not None and "pacam_seeds" not in totals and scale == 1.0:
+                # The seeds the prototypes of the image's own scale were pooled from.
+                totals["pacam_seeds"] = F.interpolate(res.seeds.float(), size=(height, width),
+                                                      mode="nearest")
             if proto.maps == "sipe":
                 assert res.similarity is not None
                 add("pacam", res.similarity[:, 1:], grid_aligned=False)
@@ -225,24 +230,37 @@ def normalised_maps(
     """Multi-scale maps of each kind (cam, pacam; pacam brings pacam_background), each
     channel max-normalised to [0, 1] once, after the sum over scales."""
     sums = multiscale_maps(model, images, scales, flip, labels, kinds, proto)
-    return {kind: normalized_cam(value) for kind, value in sums.items()}
+    return {kind: value if kind.endswith("_seeds") else normalized_cam(value)
+            for kind, value in sums.items()}
+
+
+@dataclass
+class Localisation:
+    """What `infer` writes per image batch: maps of the present classes' kind in [0, 1],
+    the map's own background channel where it has one, and the prototype seeds (one-hot
+    (B, C+1, H, W)) where the method has them."""
+
+    maps: Tensor
+    background: Tensor | None = None
+    seeds: Tensor | None = None
 
 
 def localisation_maps(
     model: CAMNet, images: Tensor, labels: Tensor, scales: Sequence[float], flip: bool,
     kind: str, proto: PrototypeInference = PrototypeInference(),
-) -> tuple[Tensor, Tensor | None]:
-    """The map of kind cam, pacam or fused (the mean of the two), values in [0, 1], and
+) -> Localisation:
+    """The map of kind cam, pacam or fused (the mean of the two), values in [0, 1], with
     its own background channel (B, 1, H, W) where it has one (pacam: the background
     prototype's map; fused: the mean of that and the CAM's 1 - max)."""
     needed = ("cam", "pacam") if kind == "fused" else (kind,)
     normed = normalised_maps(model, images, labels, scales, flip, needed, proto)
+    seeds = normed.get("pacam_seeds")
     if kind == "fused":
         present = labels[:, :, None, None].to(normed["cam"].dtype)
         cam_bg = 1.0 - (normed["cam"] * present).amax(dim=1, keepdim=True)
-        return ((normed["cam"] + normed["pacam"]) / 2,
-                (cam_bg + normed["pacam_background"]) / 2)
-    return normed[kind], normed.get(f"{kind}_background")
+        return Localisation((normed["cam"] + normed["pacam"]) / 2,
+                            (cam_bg + normed["pacam_background"]) / 2, seeds)
+    return Localisation(normed[kind], normed.get(f"{kind}_background"), seeds)
 
 
 def pending_maps(
@@ -287,13 +305,12 @@ def infer_split(
         if config.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            maps, background = localisation_maps(
+            loc = localisation_maps(
                 model, images, labels, config.infer.scales, config.infer.flip, config.map_kind,
                 PrototypeInference.of(config),
             )
         for i, (label, image_id) in enumerate(zip(batch["label"], batch["id"], strict=True)):
-            _write_record(out_dir / f"{image_id}.npz", maps[i], label,
-                          None if background is None else background[i, 0])
+            _write_record(out_dir / f"{image_id}.npz", loc, i, label)
         bar.update(len(batch["id"]))
     bar.close()
     return len(pending)
@@ -350,16 +367,20 @@ def _remove_stale_temporaries(directory: Path, owned: set[str]) -> None:
                 tmp.unlink()
 
 
-def _write_record(path: Path, maps: Tensor, label: Tensor, background: Tensor | None) -> None:
-    """Keep the present classes' (already normalised) maps, and the background map if any."""
+def _write_record(path: Path, loc: Localisation, i: int, label: Tensor) -> None:
+    """Keep image i's present-class (already normalised) maps, its background map and
+    seeds (as class indices, 255 where no seed) when the method has them."""
     present = torch.nonzero(label > 0.5).flatten()
-    maps = maps[present.to(maps.device)]
-    save_maps(
-        path,
-        MapRecord(classes=(present + 1).cpu().numpy().astype(np.int64),
-                  maps=maps.float().cpu().numpy(),
-                  background=None if background is None else background.float().cpu().numpy()),
-    )
+    maps = loc.maps[i, present.to(loc.maps.device)]
+    background = None if loc.background is None else loc.background[i, 0].float().cpu().numpy()
+    seeds = None
+    if loc.seeds is not None:
+        onehot = loc.seeds[i]
+        seeds = torch.where(onehot.sum(0) > 0, onehot.argmax(0), IGNORE_INDEX)
+        seeds = seeds.to(torch.uint8).cpu().numpy()
+    save_maps(path, MapRecord(classes=(present + 1).cpu().numpy().astype(np.int64),
+                              maps=maps.float().cpu().numpy(), background=background,
+                              seeds=seeds))
 
 
 @distributed.collective
