@@ -263,6 +263,8 @@ class EvalConfig:
         default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)]
     )
     """Background thresholds swept when evaluating maps."""
+    diagnostic_images: int = 64
+    """Images per split for the prototype-separation diagnostic (prototype methods; 0 off)."""
 
 
 @dataclass
@@ -512,6 +514,7 @@ def _check_values(config: Config) -> None:
     need(config.alignment.loss_weight >= 0, "alignment.loss_weight", "must be >= 0")
     need(config.loss.self_weight >= 0, "loss.self_weight", "must be >= 0")
     need(bool(config.eval.thresholds), "eval.thresholds", "must not be empty")
+    need(config.eval.diagnostic_images >= 0, "eval.diagnostic_images", "must be >= 0")
     need(
         all(0 <= x <= 1 for x in config.eval.thresholds), "eval.thresholds", "must lie in [0, 1]"
     )

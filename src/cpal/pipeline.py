@@ -37,6 +37,7 @@ from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import resolve_device
 from cpal.engine.train import load_final_checkpoint, train
 from cpal.errors import ConfigError, DatasetError
+from cpal.evaluation.diagnostics import BorderShare, prototype_separation
 from cpal.evaluation.metrics import (
     SegmentationScores,
     ThresholdSweep,
@@ -242,8 +243,26 @@ def stage_evaluate(config: Config) -> dict[str, Any]:
                 "protocol": seed_protocol.to_dict(),
             }
     _update_json(paths.metrics, "maps", results)
+    if config.method != "cam" and config.eval.diagnostic_images > 0:
+        _update_json(paths.metrics, "diagnostics", {
+            split: {"prototype_separation": _separation(config, layout, split)}
+            for split in config.infer.splits
+        })
     _record_stage(paths, "evaluate", time.perf_counter() - start)
     return results
+
+
+def _separation(config: Config, layout: VOCLayout, split: str) -> dict[str, Any]:
+    """The prototype-separation diagnostic on the first `eval.diagnostic_images` images."""
+    device = resolve_device(config.device)
+    _, ckpt = load_final_checkpoint(config)
+    model = load_trained_model(ckpt, config, layout.num_foreground, device)
+    ids = layout.split_ids(split)[: config.eval.diagnostic_images]
+    images = [normalize(layout.load_image(i)).to(device) for i in ids]
+    labels = torch.from_numpy(layout.image_labels(ids)).to(device)
+    result = prototype_separation(model, images, list(labels), PrototypeInference.of(config))
+    return {**result.to_dict(), "protocol": f"{split}, first {len(ids)} images, scale 1 + "
+            "flip, instance prototypes as inference makes them (no GT used)"}
 
 
 def choose_threshold(config: Config, layout: VOCLayout) -> dict[str, Any]:
@@ -290,7 +309,11 @@ def stage_labels(config: Config, *, progress: bool = True) -> dict[str, Any]:
                               "dir": str(out_dir), "miou": None}
     ids = [i for i, _ in pairs]
     if layout.has_masks(ids):
-        scores = score_label_dir(layout, ids, out_dir)
+        scores, border = score_label_dir(layout, ids, out_dir), BorderShare()
+        for image_id in ids:
+            border.update(load_mask(out_dir / f"{image_id}.png", layout.num_classes),
+                          layout.load_mask(image_id))
+        result["border"] = border.to_dict()
         protocol = Protocol(
             split=split, num_images=len(ids), source=_source("labels", identity),
             threshold=threshold["value"],

@@ -1,0 +1,112 @@
+"""Diagnostics that test explanations of a result, not results themselves.
+
+- Prototype separation: how far apart (cosine) an image's background prototype lies from
+  its class prototypes, and how alike the prototypes of one class are across images
+  compared with those of different classes. Prototype maps can only separate an object
+  from the background that its prototypes separate.
+- Border: the share of predicted object pixels that lie in a band along the image border,
+  against the ground truth's share, to catch maps that learned the frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cpal.engine.infer import PrototypeInference, _prototype_scale
+from cpal.models.cam_net import CAMNet
+
+BORDER_FRACTION = 1 / 8
+"""Width of the border band as a fraction of the image's shorter side."""
+
+
+@dataclass
+class PrototypeSeparation:
+    """Means over images (and class pairs) of prototype cosines at scale 1."""
+
+    bg_vs_class: float  # cos(p_bg, p_c) of an image, c present with a seed
+    same_class: float  # cos(p_c(image i), p_c(image j)), i != j
+    other_class: float  # cos(p_c(image i), p_d(image j)), c != d
+    images: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"cos_background_vs_class": round(self.bg_vs_class, 4),
+                "cos_same_class_across_images": round(self.same_class, 4),
+                "cos_other_class_across_images": round(self.other_class, 4),
+                "images": self.images}
+
+
+@torch.inference_mode()
+def prototype_separation(
+    model: CAMNet, images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
+    proto: PrototypeInference,
+) -> PrototypeSeparation:
+    """Instance prototypes of each image at scale 1 with its flip, as inference makes them."""
+    assert model.cpal is not None
+    bg_cos: list[float] = []
+    protos: list[tuple[int, torch.Tensor]] = []
+    for image, label in zip(images, labels, strict=True):
+        x = image[None]
+        out = model(torch.cat([x, x.flip(-1)]))
+        res = _prototype_scale(model, out, x, label[None], True, proto)
+        p = F.normalize(res.prototypes[0].float(), dim=-1, eps=1e-8)
+        filled = p.norm(dim=-1) > 0.5
+        for c in torch.nonzero(label > 0.5).flatten().tolist():
+            if filled[c + 1]:
+                protos.append((c, p[c + 1]))
+                if filled[0]:
+                    bg_cos.append(float(p[0] @ p[c + 1]))
+    same, other = [], []
+    if len(protos) > 1:
+        classes = torch.tensor([c for c, _ in protos])
+        table = torch.stack([v for _, v in protos])
+        cos = table @ table.T
+        off = ~torch.eye(len(protos), dtype=torch.bool)
+        equal = classes[:, None] == classes[None, :]
+        same, other = cos[equal & off].tolist(), cos[~equal].tolist()
+
+    def mean(values: list[float]) -> float:
+        return float(np.mean(values)) if values else float("nan")
+
+    return PrototypeSeparation(mean(bg_cos), mean(same), mean(other), len(images))
+
+
+def border_band(shape: tuple[int, int], fraction: float = BORDER_FRACTION) -> np.ndarray:
+    """Boolean (H, W): pixels within fraction x min(H, W) of the image border."""
+    h, w = shape
+    width = max(1, round(fraction * min(h, w)))
+    band = np.zeros((h, w), dtype=bool)
+    band[:width], band[-width:], band[:, :width], band[:, -width:] = True, True, True, True
+    return band
+
+
+@dataclass
+class BorderShare:
+    """Object pixels in the border band, summed over images."""
+
+    predicted_in_band: int = 0
+    predicted: int = 0
+    gt_in_band: int = 0
+    gt: int = 0
+
+    def update(self, prediction: np.ndarray, gt: np.ndarray, ignore_index: int = 255) -> None:
+        valid = gt != ignore_index
+        band = border_band(gt.shape)
+        pred_obj = (prediction > 0) & (prediction != ignore_index) & valid
+        gt_obj = (gt > 0) & valid
+        self.predicted += int(pred_obj.sum())
+        self.predicted_in_band += int((pred_obj & band).sum())
+        self.gt += int(gt_obj.sum())
+        self.gt_in_band += int((gt_obj & band).sum())
+
+    def to_dict(self) -> dict[str, float | None]:
+        def share(a: int, b: int) -> float | None:
+            return None if b == 0 else round(100 * a / b, 2)
+
+        return {"predicted_object_in_border_band": share(self.predicted_in_band, self.predicted),
+                "gt_object_in_border_band": share(self.gt_in_band, self.gt),
+                "band_fraction_of_short_side": BORDER_FRACTION}
