@@ -19,6 +19,7 @@ def test_defaults_and_overrides_are_typed(tmp_path):
     cfg = load_config(path, ["train.lr=1e-3", "infer.scales=[1.0, 0.5]", "model.width=0.5",
                              "labels.threshold=null", "output_dir=out"])
     assert cfg.train.epochs == 3 and cfg.model.arch == "resnet18"
+    # approx: 1e-3 parsed from text is exact up to float repr.
     assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
     assert cfg.infer.scales == [1.0, 0.5]
     assert cfg.labels.threshold is None

@@ -86,7 +86,7 @@ def assert_loaded(model: ResNet, state: dict) -> None:
     own = model.state_dict()
     for key, value in state.items():
         if not key.startswith("fc."):
-            torch.testing.assert_close(own[key], value, rtol=0, atol=0, msg=key)
+            torch.testing.assert_close(own[key], value, rtol=0, atol=0, msg=key)  # copies: exact
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "resnet101"])
@@ -418,4 +418,5 @@ def test_a_cpal_training_checkpoint_initialises_the_trunk_only(tmp_path):
         report = load_backbone_weights(fresh, json_path.with_suffix(".safetensors"))
     assert report.loaded == len(fresh.state_dict()) and not report.leaks
     for key, value in fresh.state_dict().items():
+        # Loading copies tensors: exact, no arithmetic.
         torch.testing.assert_close(value, trained.backbone.state_dict()[key], rtol=0, atol=0)

@@ -26,7 +26,7 @@ def test_cam_with_background_zeroes_absent_and_forms_bg() -> None:
     labels = torch.tensor([[1.0, 0.0, 1.0]])
     m = cam_with_background(cam, labels, eps=1e-6)
     assert m.shape == (1, 4, 1, 2)
-    close = {"atol": 1e-5, "rtol": 0}
+    close = {"atol": 1e-5, "rtol": 0}  # hand values / (max + eps 1e-6): off by ~5e-7
     torch.testing.assert_close(m[0, 1, 0], torch.tensor([1.0, 0.5]), **close)
     torch.testing.assert_close(m[0, 2], torch.zeros(1, 2))  # absent class zeroed
     torch.testing.assert_close(m[0, 3], torch.zeros(1, 2))  # relu -> 0 everywhere
@@ -49,6 +49,7 @@ def test_threshold_region_and_validity() -> None:
     )
     assert valid.tolist() == [[True, True, False]]
     # class a: single pixel (0, 1) above tau -> the prototype is that pixel's embedding.
+    # Normalised (weighted) means of unit vectors: float32 rounding ~1e-7 (measured 6e-8).
     torch.testing.assert_close(protos[0, 1], z[0, :, 0, 1], atol=1e-4, rtol=0)
     # background: pixels (0,0) and (1,1) -> normalised mean.
     bg = torch.nn.functional.normalize(z[0, :, 0, 0] + z[0, :, 1, 1], dim=0)
@@ -65,6 +66,7 @@ def test_empty_region_falls_back_to_cam_weighting() -> None:
     z = torch.nn.functional.normalize(torch.randn(1, 4, 2, 2), dim=1)
     protos, _ = instance_prototypes(z, cam, labels, tau=0.9, tau_bg=0.5, region="threshold")
     expected = (z[0] * cam[0, 1]).sum((1, 2))
+    # The same weighted sum in another order: float32 rounding ~1e-7 (measured 6e-8).
     torch.testing.assert_close(
         protos[0, 1], torch.nn.functional.normalize(expected, dim=0), atol=1e-4, rtol=0
     )
@@ -97,7 +99,7 @@ def test_raw_prototype_norm_measures_region_consistency() -> None:
     kw = {"tau": 0.5, "tau_bg": 0.5, "region": "threshold"}
     raw, valid = instance_prototypes(z, cam, torch.tensor([[1.0]]), normalize=False, **kw)
     assert valid.tolist() == [[True, True]]
-    close = {"atol": 1e-4, "rtol": 0}
+    close = {"atol": 1e-4, "rtol": 0}  # weights are CAMs / (max + 1e-5): off by <= 1e-5
     torch.testing.assert_close(raw[0, 1], torch.tensor([0.5, 0.5]), **close)
     torch.testing.assert_close(raw[0, 1].norm(), torch.tensor(0.5**0.5), **close)  # 0.7071
     torch.testing.assert_close(raw[0, 0], torch.tensor([1.0, 0.0]), **close)  # consistent: 1
