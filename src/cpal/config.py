@@ -229,6 +229,10 @@ class VizConfig:
 @dataclass
 class Config:
     output_dir: str = "runs/default"
+    output_dir_force: bool = False
+    """Write into an output_dir that holds files of something other than a cpal run (the
+    `--force` option); cpal files there such as config.yaml, metrics.json and figures/
+    are overwritten. false: such a folder is refused, so that no user file is lost."""
     seed: int = 0
     deterministic: bool = False
     """torch deterministic algorithms, for exact reproduction (slower on GPU)."""

@@ -32,6 +32,7 @@ from cpal.engine.infer import (
     normalised_maps,
     read_maps_identity,
 )
+from cpal.engine.output_dir import claim_output_dir, claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import resolve_device
 from cpal.engine.train import load_final_checkpoint, train
@@ -179,6 +180,7 @@ def sweep_split(
 
 def stage_evaluate(config: Config) -> dict[str, Any]:
     """Score the maps of every inferred split that has GT masks, over all thresholds."""
+    claim_output_dir(config)
     start = time.perf_counter()
     paths = RunPaths(config.output_path)
     layout = open_dataset(config.data)
@@ -244,6 +246,7 @@ def choose_threshold(config: Config, layout: VOCLayout) -> dict[str, Any]:
 
 def stage_labels(config: Config, *, progress: bool = True) -> dict[str, Any]:
     """Export pseudo labels as palette PNGs and score them against GT where it exists."""
+    claim_output_dir(config)
     start = time.perf_counter()
     paths = RunPaths(config.output_path)
     layout = open_dataset(config.data)
@@ -321,6 +324,7 @@ def evaluate_label_dir(config: Config, label_dir: Path, split: str) -> dict[str,
 
 def stage_figures(config: Config) -> list[Path]:
     """Overlay grid, threshold-sweep curve and per-class IoU chart, as PNGs."""
+    claim_output_dir(config)
     start = time.perf_counter()
     paths = RunPaths(config.output_path)
     layout = open_dataset(config.data)
@@ -484,6 +488,7 @@ def run(config: Config, *, progress: bool = True,
     if not main:
         log = _quiet
     log(f"cpal run: output in {paths.root}")
+    claim_output_dir_everywhere(config)  # before any training step
     stage_train(config, progress=progress)
     log("stage train: done")
     stage_infer(config, progress=progress)  # returns once every process has written its maps

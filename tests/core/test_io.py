@@ -64,3 +64,46 @@ def test_atomic_files_get_default_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~mask
+
+
+@pytest.mark.parametrize(("code", "advice"), [
+    (28, "free space and rerun the same command"),  # ENOSPC
+    (13, "make {parent} writable or choose another output_dir"),  # EACCES
+    (30, "make {parent} writable or choose another output_dir"),  # EROFS
+])
+def test_a_failed_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, code,
+                                                           advice):
+    import os
+
+    from cpal.errors import OutputError
+    from cpal.io import write_text_atomic
+
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+
+    def failing_replace(src, dst):
+        raise OSError(code, os.strerror(code), str(dst))
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OutputError) as info:
+        write_text_atomic(target, "new")
+    message = str(info.value)
+    assert message.startswith(f"{target}: cannot write ({os.strerror(code)}); ")
+    assert advice.format(parent=tmp_path) in message and "\n" not in message
+    monkeypatch.undo()
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_other_os_errors_are_not_disguised(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from cpal.io import write_text_atomic
+
+    def broken_replace(src, dst):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_text_atomic(tmp_path / "x.txt", "new")
+

@@ -10,16 +10,18 @@ and resume ignores it. Checkpoints are ordered by optimizer step.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cpal.errors import CheckpointError
-from cpal.io import atomic_path, write_json_atomic
+from cpal.io import atomic_path, output_error, write_json_atomic
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^(?:epoch_\d{3,}|step_\d{8,})\.json$")
@@ -45,7 +47,13 @@ def save_checkpoint(
     stem: str | None = None,
 ) -> Path:
     """Write tensors, then the JSON marker; `stem` defaults to `epoch_NNN`."""
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        error = output_error(directory / "checkpoint", exc)
+        if error is None:
+            raise
+        raise error from exc
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     optim_meta = None
     if optimizer is not None:
@@ -63,7 +71,7 @@ def save_checkpoint(
         raise ValueError(f"checkpoint stem {stem!r} is not epoch_NNN or step_NNNNNNNN")
     tensor_path = directory / f"{stem}.safetensors"
     with atomic_path(tensor_path) as tmp:
-        save_file(tensors, str(tmp))
+        _save_tensors(tensors, tmp)
     record = {
         "format": FORMAT_VERSION,
         "epoch": epoch,
@@ -76,6 +84,24 @@ def save_checkpoint(
     json_path = directory / f"{stem}.json"
     write_json_atomic(json_path, record)
     return json_path
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, its I/O failures (a full disk) raised as the OSError they
+    are, so that `atomic_path` reports them like every other write."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(path)) from exc
+
+
+def is_checkpoint_marker(path: Path) -> bool:
+    """Whether `path` is named like a checkpoint's JSON marker (epoch_NNN, step_NNNNNNNN)."""
+    return bool(_NAME.match(path.name))
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -154,5 +180,6 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
     for tensor_path in directory.glob("*.safetensors"):
         if tensor_path.stem not in kept and not tensor_path.with_suffix(".json").exists():
             tensor_path.unlink(missing_ok=True)
-    for tmp in directory.glob(".*.tmp"):
+    # Ours (.NAME.XXXX.tmp) and those of safetensors' own write-then-rename (.tmpXXXXXX).
+    for tmp in [*directory.glob(".*.tmp"), *directory.glob(".tmp*")]:
         tmp.unlink(missing_ok=True)

@@ -38,6 +38,7 @@ from cpal.data.source import open_dataset
 from cpal.data.voc import VOCLayout
 from cpal.engine import distributed
 from cpal.engine.checkpoint import Checkpoint, latest_checkpoint
+from cpal.engine.output_dir import claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import autocast, check_precision, setup
 from cpal.engine.train import changed_keys, load_final_checkpoint
@@ -301,6 +302,7 @@ def infer(config: Config, splits: Sequence[str] | None = None, *, progress: bool
     """Generate this process's part of the maps of `infer.shard` for the configured splits;
     return {split: images written by this process}."""
     device = setup(config)
+    claim_output_dir_everywhere(config)
     # Named even when null (following train.precision): it is the key to change.
     check_precision(config, device, "infer.precision", inference_precision(config))
     with distributed.main_first():  # rank 0 fills the dataset cache; the others reuse it

@@ -40,10 +40,11 @@ from cpal.engine.checkpoint import (
     save_checkpoint,
 )
 from cpal.engine.distributed import Ranks, unwrap
+from cpal.engine.output_dir import claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import autocast, check_precision, setup
 from cpal.errors import CheckpointError, ConfigError, DatasetError
-from cpal.io import write_text_atomic
+from cpal.io import append_lines, write_text_atomic
 from cpal.models.cam_net import CAMNet, build_network, classification_loss
 from cpal.prototypes.pacam import self_supervision_loss
 
@@ -266,6 +267,7 @@ def train(config: Config, *, progress: bool = True) -> Path:
     """
     paths = RunPaths(config.output_path)
     device = setup(config)
+    claim_output_dir_everywhere(config)
     ranks = distributed.ranks()
     t = config.train
     check_precision(config, device, "train.precision", t.precision)
@@ -509,9 +511,7 @@ def _save(run: _Run, position: Position, stem: str | None = None) -> Path:
 def _flush_log(run: _Run) -> None:
     """Append the rows collected since the last flush (rank 0; the others drop theirs)."""
     if run.log_rows and run.ranks.is_main:
-        run.paths.train_log.parent.mkdir(parents=True, exist_ok=True)
-        with run.paths.train_log.open("a", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in run.log_rows)
+        append_lines(run.paths.train_log, [json.dumps(row) for row in run.log_rows])
     run.log_rows.clear()
 
 
