@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,8 +202,62 @@ def save_maps(path: str | os.PathLike[str], record: MapRecord) -> None:
         )
 
 
+_MAP_ARRAYS = ("classes.npy", "maps.npy")
+
+
+def map_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why a map file is damaged, or None if it looks whole, from its zip directory alone
+    (no decoding, so every finished file can be checked on each resume): an empty or
+    truncated `.npz` has lost the directory that ends a zip, or members reach past its end.
+    Our own writes are atomic; this is damage from elsewhere (a copy, a disk)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        return "empty file" if path.exists() and path.stat().st_size == 0 else _one_line(exc)
+    names = {m.filename for m in members}
+    missing = [n for n in _MAP_ARRAYS if n not in names]
+    if missing:
+        return f"no {missing[0]} inside"
+    if any(m.header_offset + m.compress_size > size for m in members):
+        return "truncated"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def load_maps(path: str | os.PathLike[str]) -> MapRecord:
-    with np.load(path) as data:
-        background = data["background"].astype(np.float32) if "background" in data else None
-        return MapRecord(classes=data["classes"], maps=data["maps"].astype(np.float32),
-                         background=background)
+    """Read a map file; a damaged one (truncated, empty, not a map file) is a DatasetError
+    naming it. A missing one raises FileNotFoundError (callers check for those first)."""
+    try:
+        with np.load(path) as data:
+            background = data["background"].astype(np.float32) if "background" in data else None
+            return MapRecord(classes=data["classes"], maps=data["maps"].astype(np.float32),
+                             background=background)
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        problem = "empty file" if Path(path).stat().st_size == 0 else _one_line(exc)
+        raise DatasetError(
+            f"{path}: damaged map file ({problem}); rerun `cpal infer`, which redoes it"
+        ) from exc
+
+
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def png_complete(path: str | os.PathLike[str]) -> bool:
+    """Whether a PNG file ends with its IEND chunk (a truncated or empty one does not)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() < len(_PNG_END):
+                return False
+            handle.seek(-len(_PNG_END), os.SEEK_END)
+            return handle.read() == _PNG_END
+    except OSError:
+        return False

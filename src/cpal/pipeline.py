@@ -36,7 +36,7 @@ from cpal.engine.output_dir import claim_output_dir, claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import resolve_device
 from cpal.engine.train import load_final_checkpoint, train
-from cpal.errors import ConfigError, DatasetError
+from cpal.errors import ConfigError, DatasetError, warn
 from cpal.evaluation.metrics import (
     SegmentationScores,
     ThresholdSweep,
@@ -45,7 +45,14 @@ from cpal.evaluation.metrics import (
     labels_with_own_background,
 )
 from cpal.evaluation.protocol import Protocol, results_table
-from cpal.io import IGNORE_INDEX, load_maps, read_json, save_label_png, write_json_atomic
+from cpal.io import (
+    IGNORE_INDEX,
+    load_maps,
+    png_complete,
+    read_json,
+    save_label_png,
+    write_json_atomic,
+)
 from cpal.models.cam_net import CAMNet
 from cpal.viz.figures import (
     ContextPanel,
@@ -265,7 +272,9 @@ def stage_labels(config: Config, *, progress: bool = True) -> dict[str, Any]:
                                    leave=False, dynamic_ncols=True):
         target = out_dir / f"{image_id}.png"
         if reuse and target.exists():
-            continue
+            if png_complete(target):
+                continue
+            warn(f"{target}: damaged label file (truncated PNG); redoing it")
         save_label_png(target, labels_from_maps(load_maps(map_path), threshold["value"]))
     write_json_atomic(meta_path, meta)
 

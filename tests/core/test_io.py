@@ -107,3 +107,19 @@ def test_other_os_errors_are_not_disguised(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="Input/output error"):
         write_text_atomic(tmp_path / "x.txt", "new")
 
+
+def test_damaged_map_files_are_named(tmp_path):
+    from cpal.errors import DatasetError
+    from cpal.io import map_file_problem
+
+    path = tmp_path / "a.npz"
+    save_maps(path, MapRecord(classes=np.array([1]), maps=np.zeros((1, 4, 4), np.float32)))
+    assert map_file_problem(path) is None
+    whole = path.read_bytes()
+    for damaged, problem in ((b"", "empty file"), (whole[: len(whole) // 2], None),
+                             (whole[:-30], None)):
+        path.write_bytes(damaged)
+        found = map_file_problem(path)
+        assert found is not None and (problem is None or found == problem)
+        with pytest.raises(DatasetError, match=r"a\.npz: damaged map file \(.*rerun `cpal infer`"):
+            load_maps(path)

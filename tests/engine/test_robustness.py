@@ -1,5 +1,6 @@
-"""Output folders that are full, unwritable or not a cpal run: each ends in one line naming
-the file or key and exit 2, and nothing already written is lost."""
+"""Damaged artefacts, and output folders that are full, unwritable or not a cpal run: each
+ends in one line naming the file or key and exit 2, or is repaired and reported, and
+nothing already written is lost."""
 
 from __future__ import annotations
 
@@ -20,16 +21,19 @@ import cpal.io as io_module
 from cpal.cli import main
 from cpal.config import load_config
 from cpal.engine.checkpoint import (
+    damaged_since,
     latest_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
+    scan_checkpoints,
 )
 from cpal.engine.output_dir import RUN_MARKER, is_run_folder
 from cpal.engine.paths import RunPaths
-from cpal.errors import OutputError
+from cpal.errors import CheckpointError, OutputError
 from cpal.io import append_lines, load_maps
-from cpal.pipeline import stage_infer, stage_train
-from tests.conftest import tiny_overrides
+from cpal.pipeline import stage_infer, stage_labels, stage_train
+from tests.conftest import killed_in_second_epoch, tiny_overrides
 
 
 def _cli(capsys: pytest.CaptureFixture[str], command: str, config: Path,
@@ -86,6 +90,63 @@ def _copy(finished: Path, tmp_path: Path) -> Path:
 # ------------------------------------------------------------------------- checkpoints
 
 
+def test_truncated_checkpoint_is_named_by_infer_and_redone_by_train(
+    finished, tiny_dataset, tmp_path, config_file, capsys
+):
+    out = _copy(finished, tmp_path)
+    shutil.rmtree(out / "maps")
+    overrides = tiny_overrides(tiny_dataset, out)
+    tensors = out / "checkpoints/epoch_002.safetensors"
+    size = tensors.stat().st_size
+    tensors.write_bytes(tensors.read_bytes()[: size // 2])
+    code, err = _cli(capsys, "infer", config_file, *overrides)
+    assert code == 2
+    assert _error(err) == (
+        f"cpal: error: {tensors}: damaged checkpoint (truncated: {size // 2} bytes, "
+        f"epoch_002.json records {size}); run `cpal train` to redo it (from epoch_001.json)"
+    )
+    # Training falls back to the checkpoint before it, and says so.
+    code, err = _cli(capsys, "train", config_file, *overrides)
+    assert code == 0, err
+    assert _warnings(err) == [
+        f"cpal: warning: {tensors}: damaged checkpoint (truncated: {size // 2} bytes, "
+        "epoch_002.json records " f"{size}); training continues from epoch_001.json and "
+        "redoes the steps after it"
+    ]
+    _assert_same_weights(_weights(out), _weights(finished))  # redone exactly
+    assert scan_checkpoints(out / "checkpoints")[1] == []
+    code, err = _cli(capsys, "infer", config_file, *overrides)
+    assert code == 0, err
+
+
+def test_damaged_checkpoints_are_told_from_kill_leftovers(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    for epoch, step, stem in [(1, 4, None), (2, 8, None), (2, 6, "step_00000006")]:
+        save_checkpoint(tmp_path, epoch=epoch, step=step, model=model, optimizer=None,
+                        meta={}, stem=stem)
+    (tmp_path / "epoch_002.safetensors").unlink()  # a marker without its tensors
+    (tmp_path / "step_00000006.json").write_text('{"epoch": 2, "st')  # a damaged marker
+    (tmp_path / "epoch_003.safetensors").write_bytes(b"half")  # a kill's leftover: ignored
+    complete, damaged = scan_checkpoints(tmp_path)
+    assert [p.name for p in complete] == ["epoch_001.json"]
+    assert [(d.culprit.name, d.step, d.epoch) for d in damaged] == [
+        ("epoch_002.safetensors", 8, 2), ("step_00000006.json", 6, None)]
+    assert damaged[0].problem.startswith("missing; epoch_002.json expects")
+    assert damaged[1].problem.startswith("marker is not a checkpoint record")
+    assert damaged_since(tmp_path, complete[-1]) == damaged
+    # The right size but unreadable content: named, never loaded.
+    first = tmp_path / "epoch_001.safetensors"
+    first.write_bytes(b"\0" * first.stat().st_size)
+    with pytest.raises(CheckpointError, match=r"epoch_001\.safetensors: damaged checkpoint"):
+        load_checkpoint(tmp_path / "epoch_001.json")
+    # Once a complete checkpoint is as far as them, pruning removes the damaged ones.
+    save_checkpoint(tmp_path, epoch=2, step=8, model=model, optimizer=None, meta={})
+    prune_checkpoints(tmp_path, keep=2)
+    assert scan_checkpoints(tmp_path)[1] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "epoch_001.json", "epoch_001.safetensors", "epoch_002.json", "epoch_002.safetensors"]
+
+
 def test_checkpoint_files_follow_the_umask(tmp_path, monkeypatch):
     model = torch.nn.Linear(2, 2)
     for umask in (0o022, 0o027):
@@ -95,6 +156,107 @@ def test_checkpoint_files_follow_the_umask(tmp_path, monkeypatch):
         modes = {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()}
         assert modes == {"epoch_001.json": 0o666 & ~umask,
                          "epoch_001.safetensors": 0o666 & ~umask}
+
+
+# ---------------------------------------------------------------------------------- maps
+
+
+def test_damaged_map_files_are_named_and_redone(finished, tiny_dataset, tmp_path,
+                                                config_file, capsys):
+    out = _copy(finished, tmp_path)
+    overrides = tiny_overrides(tiny_dataset, out)
+    truncated = sorted((out / "maps/train").glob("*.npz"))[3]
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    empty = sorted((out / "maps/val").glob("*.npz"))[1]
+    empty.write_bytes(b"")
+    code, err = _cli(capsys, "evaluate", config_file, *overrides)
+    assert code == 2
+    line = _error(err)
+    assert f"{truncated}: damaged map file (" in line and "rerun `cpal infer`" in line
+    code, err = _cli(capsys, "infer", config_file, *overrides)
+    assert code == 0, err
+    warned = _warnings(err)
+    assert len(warned) == 2
+    assert warned[0].startswith(f"cpal: warning: {truncated}: damaged map file (")
+    assert warned[1] == f"cpal: warning: {empty}: damaged map file (empty file); redoing it"
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages["infer"]["written"] == {"train": 1, "val": 1}
+    for path in (truncated, empty):
+        again, original = load_maps(path), load_maps(finished / path.relative_to(out))
+        assert np.array_equal(again.classes, original.classes)
+        # Float16 storage: another batch may round to the neighbouring value (2 ulps near 1).
+        np.testing.assert_allclose(again.maps, original.maps, atol=2e-3)
+    code, err = _cli(capsys, "evaluate", config_file, *overrides)
+    assert code == 0, err
+
+
+def test_damaged_label_file_is_redone(finished, tiny_dataset, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    cfg = load_config(None, [*tiny_overrides(tiny_dataset, out), "labels.threshold=0.3"])
+    first = stage_labels(cfg, progress=False)["miou"]
+    capsys.readouterr()
+    victim = sorted((out / "labels/train").glob("*.png"))[2]
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[: len(whole) // 2])
+    assert stage_labels(cfg, progress=False)["miou"] == first
+    assert _warnings(capsys.readouterr().err) == [
+        f"cpal: warning: {victim}: damaged label file (truncated PNG); redoing it"]
+    assert victim.read_bytes() == whole
+
+
+# ------------------------------------------------------------------------- training log
+
+
+def test_torn_last_log_line_is_dropped_and_redone(finished, tiny_dataset, tmp_path, capsys):
+    cfg = load_config(None, tiny_overrides(tiny_dataset, tmp_path / "run"))
+    with killed_in_second_epoch(), pytest.raises(KeyboardInterrupt):
+        stage_train(cfg, progress=False)
+    log = RunPaths(cfg.output_path).train_log
+    rows = log.read_text().splitlines()
+    with log.open("a") as handle:  # a kill (or a full disk) during the next append
+        handle.write('{"epoch": 2, "step": 4, "lo')
+    capsys.readouterr()
+    stage_train(cfg, progress=False)
+    assert _warnings(capsys.readouterr().err) == [
+        f"cpal: warning: {log} line {len(rows) + 1}: torn last row dropped (not JSON); "
+        "training continues from epoch_001.json"]
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 3, 4, 5, 6, 6]
+    _assert_same_weights(_weights(cfg.output_path), _weights(finished))
+
+
+def test_damaged_log_row_before_the_checkpoint_is_dropped_with_a_warning(tmp_path, capsys):
+    from cpal.engine.train import _truncate_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1}\nnot json\n{"step": 2}\n{"step": 3}\n')
+    _truncate_log(log, 2, "epoch_001.json")
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert _warnings(capsys.readouterr().err) == [
+        f"cpal: warning: {log} line 2: damaged row dropped (not JSON); training continues "
+        "from epoch_001.json"]
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_its_log(tiny_dataset, tmp_path,
+                                                                   monkeypatch):
+    """Killed while writing its first checkpoint (the log rows before it are flushed
+    first): the rerun starts over, and so does the log, instead of appending a second
+    copy of the same steps."""
+    cfg = load_config(None, tiny_overrides(tiny_dataset, tmp_path / "run"))
+
+    def killed(tensors, filename):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint_module, "save_file", killed)
+        with pytest.raises(KeyboardInterrupt):
+            stage_train(cfg, progress=False)
+    log = RunPaths(cfg.output_path).train_log
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3, 3]
+    assert latest_checkpoint(RunPaths(cfg.output_path).checkpoints) is None
+    stage_train(cfg, progress=False)
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [
+        1, 2, 3, 3, 4, 5, 6, 6]
 
 
 # ---------------------------------------------------------------------- full disk, rights
