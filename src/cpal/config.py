@@ -218,6 +218,10 @@ class LabelsConfig:
     tune_split: str = "val"
     """Split whose GT picks the threshold when `threshold` is null. Using the export
     split itself is allowed but reported as an oracle."""
+    allow_split_overlap: bool = False
+    """Accept a tune_split that shares images with `split`: the threshold is then reported
+    as tuned but NOT held out (with the shared count), and a warning is printed. false: such
+    an overlap is refused before training, since a number labelled held out must be."""
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""Damaged artefacts, and output folders that are full, unwritable or not a cpal run: each
-ends in one line naming the file or key and exit 2, or is repaired and reported, and
-nothing already written is lost."""
+"""Damaged artefacts, output folders that are full, unwritable or not a cpal run, and the
+checks `cpal run` makes before training: each ends in one line naming the file or key and
+exit 2, or is repaired and reported, and nothing already written is lost."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import SafetensorError
 
 import cpal.engine.checkpoint as checkpoint_module
@@ -408,3 +409,70 @@ def test_a_folder_that_is_not_a_cpal_run_is_refused_unless_forced(
     code, err = _cli(capsys, "train", config_file, *tiny_overrides(tiny_dataset, plain))
     assert code == 2
     assert _error(err) == f"cpal: error: 'output_dir': {plain} is a file, not a folder"
+
+
+# ------------------------------------------------------------ checks before training
+
+
+def _broken_copy(tiny_dataset: Path, tmp_path: Path, breakage: str) -> tuple[Path, str]:
+    """A copy of the dataset with one problem in the val split; returns the root and the
+    text the error must contain."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset, root)
+    val = root / "ImageSets/Segmentation/val.txt"
+    first = val.read_text().split()[0]
+    if breakage == "empty val list":
+        val.write_text("")
+        return root, f"split file {val} lists no image ids"
+    if breakage == "missing val list":
+        val.unlink()
+        return root, f"split file not found: {val}"
+    if breakage == "unknown class":
+        labels = json.loads((root / "image_labels.json").read_text())
+        labels[first] = [*labels[first], "unicorn"]
+        (root / "image_labels.json").write_text(json.dumps(labels))
+        return root, f"image id '{first}' has unknown class 'unicorn'"
+    mask_path = root / "SegmentationClass" / f"{first}.png"
+    mask = np.asarray(Image.open(mask_path)).copy()
+    mask[0, 0] = 77
+    Image.fromarray(mask, mode="L").save(mask_path)
+    return root, f"mask {mask_path} has value(s) 77"
+
+
+@pytest.mark.parametrize("breakage", ["empty val list", "missing val list", "unknown class",
+                                      "mask value out of range"])
+def test_run_checks_every_split_before_training(breakage, tiny_dataset, tmp_path,
+                                                config_file, capsys):
+    root, expected = _broken_copy(tiny_dataset, tmp_path, breakage)
+    out = tmp_path / "run"
+    code, err = _cli(capsys, "run", config_file, *tiny_overrides(root, out))
+    assert code == 2
+    assert expected in _error(err)
+    assert not (out / "checkpoints").exists() and not (out / "train_log.jsonl").exists()
+
+
+def test_train_ids_in_the_tuning_split_are_refused_or_labelled(tiny_dataset, tmp_path,
+                                                               config_file, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset, root)
+    lists = root / "ImageSets/Segmentation"
+    shared = (lists / "train.txt").read_text().split()[:2]
+    with (lists / "val.txt").open("a") as handle:
+        handle.write("".join(f"{i}\n" for i in shared))
+    out = tmp_path / "run"
+    overrides = [*tiny_overrides(root, out), "train.epochs=1"]
+    code, err = _cli(capsys, "run", config_file, *overrides)
+    assert code == 2
+    assert _error(err) == (
+        f"cpal: error: 'labels.tune_split': {lists / 'val.txt'} shares 2 image(s) with "
+        f"{lists / 'train.txt'} (e.g. '{shared[0]}'): a threshold tuned on 'val' would not be "
+        "held out; remove them from one list, set labels.threshold, or set "
+        "labels.allow_split_overlap=true to report the threshold as not held out")
+    assert not (out / "checkpoints").exists()
+    code, err = _cli(capsys, "run", config_file, *overrides, "labels.allow_split_overlap=true")
+    assert code == 0, err
+    assert any("reported as NOT held out" in line for line in _warnings(err))
+    protocol = json.loads((out / "metrics.json").read_text())["pseudo_labels"]["protocol"]
+    assert protocol["threshold_choice"] == "tuned" and protocol["tuning_overlap"] == 2
+    assert "tuned on val GT (NOT held out: 2 of its images are also in train)" in (
+        protocol["description"])
