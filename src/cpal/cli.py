@@ -8,6 +8,7 @@ with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -34,6 +35,9 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="override config keys, e.g. train.epochs=2 output_dir=runs/x")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--force", action="store_true",
+                        help="write into an output_dir that holds other files than a cpal "
+                             "run (same as output_dir_force=true)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,6 +242,10 @@ def _cmd_data_prepare(args: argparse.Namespace) -> None:
     return None
 
 
+# OSError numbers a user fixes (space, quota, permissions), not bugs.
+_USER_FIXABLE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM,
+                 errno.EROFS}
+
 _COMMANDS: dict[str, Callable[[Config, argparse.Namespace], Any]] = {
     "run": _cmd_run,
     "train": _cmd_train,
@@ -262,11 +270,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *rest]
     if getattr(args, "shard", None) is not None:
         args.overrides = [*args.overrides, f"infer.shard={args.shard}"]
+    if getattr(args, "force", False):
+        args.overrides = [*args.overrides, "output_dir_force=true"]
     try:
         cfg = load_config(args.config, list(args.overrides))
         result = _COMMANDS[args.command](cfg, args)
     except CpalError as exc:
         print(f"cpal: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A full disk or a folder that cannot be written, met where no stage names it
+        # better: still one line naming the file.
+        if exc.errno not in _USER_FIXABLE:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cpal: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cpal: interrupted; rerun the same command to resume", file=sys.stderr)

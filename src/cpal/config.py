@@ -276,6 +276,10 @@ class LabelsConfig:
     tune_split: str = "val"
     """Split whose GT picks the threshold when `threshold` is null. Using the export
     split itself is allowed but reported as an oracle."""
+    allow_split_overlap: bool = False
+    """Accept a tune_split that shares images with `split`: the threshold is then reported
+    as tuned but NOT held out (with the shared count), and a warning is printed. false: such
+    an overlap is refused before training, since a number labelled held out must be."""
 
 
 @dataclass
@@ -287,6 +291,10 @@ class VizConfig:
 @dataclass
 class Config:
     output_dir: str = "runs/default"
+    output_dir_force: bool = False
+    """Write into an output_dir that holds files of something other than a cpal run (the
+    `--force` option); cpal files there such as config.yaml, metrics.json and figures/
+    are overwritten. false: such a folder is refused, so that no user file is lost."""
     seed: int = 0
     deterministic: bool = False
     """torch deterministic algorithms, for exact reproduction (slower on GPU)."""
@@ -337,13 +345,18 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) 
     if path is not None:
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
         try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML ({exc})".replace("\n", " ")) from exc
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise ConfigError(
+                f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                "save the config as UTF-8"
+            ) from exc
+        loaded = parse_yaml(text, str(path))
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -353,10 +366,61 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) 
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form KEY=VALUE")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        parsed = parse_yaml(value, f"override '{item}'") if value.strip() else None
+        _set_dotted(raw, key.strip(), parsed)
     config = _build(Config, raw, prefix="")
     _check_values(config)
     return _resolve_paths(config)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML as `yaml.safe_load` reads it, except that a key given twice in one mapping is an
+    error (safe_load silently keeps the last one, so `train:` twice would drop a section).
+    `where` (a file, or an override) starts every error message, which is one line."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML ({_one_line(exc)})") from exc
+    if node is None:
+        return None
+    _refuse_duplicate_keys(node, where, "")
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: invalid YAML ({_one_line(exc)})") from exc
+    finally:
+        loader.dispose()
+
+
+def _one_line(exc: yaml.YAMLError) -> str:
+    """PyYAML's message without its multi-line source excerpt: problem and position."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        what = " ".join(x for x in (exc.context, exc.problem) if x)
+        return f"{what} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
+
+
+def _refuse_duplicate_keys(node: yaml.Node, where: str, prefix: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge":  # `<<: *base` overrides on purpose
+                continue
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            line = key.start_mark.line + 1
+            if name is not None and name in first:
+                raise ConfigError(
+                    f"{where} line {line}: key '{prefix}{name}' given twice (first on line "
+                    f"{first[name]}); keep one"
+                )
+            if name is not None:
+                first[name] = line
+            _refuse_duplicate_keys(value, where, f"{prefix}{name}." if name else prefix)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, where, prefix)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

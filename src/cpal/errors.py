@@ -1,4 +1,7 @@
-"""Exceptions that the command line turns into one clear line and a non-zero exit."""
+"""Exceptions that the command line turns into one clear line and a non-zero exit, and
+the one-line warning for problems cpal repairs itself but must still report."""
+
+import sys
 
 
 class CpalError(Exception):
@@ -15,3 +18,15 @@ class DatasetError(CpalError):
 
 class CheckpointError(CpalError):
     """A checkpoint or weight file cannot be used."""
+
+
+class OutputError(CpalError):
+    """An output file cannot be written: permissions, a read-only folder, a full disk."""
+
+
+def warn(message: str) -> None:
+    """Print `cpal: warning: MESSAGE` on stderr, above any progress bar: for damage that is
+    repaired (a file redone, a fall-back to an older checkpoint), never silently."""
+    from tqdm import tqdm
+
+    tqdm.write(f"cpal: warning: {message}", file=sys.stderr)

@@ -7,19 +7,21 @@ the old file or the new one, never a truncated file that a resumed run would tru
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from PIL import Image
 
-from cpal.errors import DatasetError
+from cpal.errors import DatasetError, OutputError
 
 IGNORE_INDEX = 255
 
@@ -34,22 +36,83 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+# Why an output cannot be written that the user can fix: space, quota, permissions.
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def output_error(path: str | os.PathLike[str], exc: OSError) -> OutputError | None:
+    """The one-line error for a write of `path` that failed with `exc`, or None when the
+    failure is not about the output location (a bug, a vanished device: re-raised)."""
+    path = Path(path)
+    reason = exc.strerror or os.strerror(exc.errno or 0)
+    if exc.errno in _FULL:
+        return OutputError(
+            f"{path}: cannot write ({reason}); free space and rerun the same command: "
+            "finished files are kept and unfinished ones are redone"
+        )
+    if exc.errno in _DENIED:
+        return OutputError(
+            f"{path}: cannot write ({reason}); make {path.parent} writable or choose "
+            "another output_dir"
+        )
+    return None
+
+
+def _reraise_as_output_error(path: Path, exc: OSError) -> NoReturn:
+    error = output_error(path, exc)
+    if error is None:
+        raise exc
+    raise error from exc
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only on success."""
+    """Yield a temporary path beside `path`; rename it over `path` only on success.
+
+    A full disk or a folder that cannot be written is an `OutputError` naming `path`
+    (the previous file, if any, is left as it was)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        _reraise_as_output_error(path, exc)
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-    os.chmod(tmp_path, 0o666 & ~_UMASK)
     try:
         yield tmp_path
+        # The permissions a plain open() would give, set after the write: mkstemp creates
+        # 0600 files, and some writers (safetensors) replace the file with their own 0600
+        # temporary.
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        _reraise_as_output_error(path, exc)
     finally:
-        if tmp_path.exists():
+        with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+
+
+def append_lines(path: str | os.PathLike[str], lines: list[str]) -> None:
+    """Append whole lines to a text file. A write that fails (a full disk) is cut back to
+    where it began, so the file never ends in a torn line, and is an `OutputError`."""
+    path = Path(path)
+    data = "".join(line + "\n" for line in lines).encode("utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab", buffering=0) as handle:
+            start = handle.seek(0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[handle.write(view) or 0 :]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    handle.truncate(start)
+                raise
+    except OSError as exc:
+        _reraise_as_output_error(path, exc)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -145,9 +208,62 @@ def save_maps(path: str | os.PathLike[str], record: MapRecord) -> None:
         )
 
 
+_MAP_ARRAYS = ("classes.npy", "maps.npy")
+
+
+def map_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why a map file is damaged, or None if it looks whole, from its zip directory alone
+    (no decoding, so every finished file can be checked on each resume): an empty or
+    truncated `.npz` has lost the directory that ends a zip, or members reach past its end.
+    Our own writes are atomic; this is damage from elsewhere (a copy, a disk)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        return "empty file" if path.exists() and path.stat().st_size == 0 else _one_line(exc)
+    names = {m.filename for m in members}
+    missing = [n for n in _MAP_ARRAYS if n not in names]
+    if missing:
+        return f"no {missing[0]} inside"
+    if any(m.header_offset + m.compress_size > size for m in members):
+        return "truncated"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def load_maps(path: str | os.PathLike[str]) -> MapRecord:
-    with np.load(path) as data:
-        background = data["background"].astype(np.float32) if "background" in data else None
-        seeds = data.get("seeds")
-        return MapRecord(classes=data["classes"], maps=data["maps"].astype(np.float32),
-                         background=background, seeds=seeds)
+    """Read a map file; a damaged one (truncated, empty, not a map file) is a DatasetError
+    naming it. A missing one raises FileNotFoundError (callers check for those first)."""
+    try:
+        with np.load(path) as data:
+            background = data["background"].astype(np.float32) if "background" in data else None
+            return MapRecord(classes=data["classes"], maps=data["maps"].astype(np.float32),
+                             background=background, seeds=data.get("seeds"))
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        problem = "empty file" if Path(path).stat().st_size == 0 else _one_line(exc)
+        raise DatasetError(
+            f"{path}: damaged map file ({problem}); rerun `cpal infer`, which redoes it"
+        ) from exc
+
+
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def png_complete(path: str | os.PathLike[str]) -> bool:
+    """Whether a PNG file ends with its IEND chunk (a truncated or empty one does not)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() < len(_PNG_END):
+                return False
+            handle.seek(-len(_PNG_END), os.SEEK_END)
+            return handle.read() == _PNG_END
+    except OSError:
+        return False

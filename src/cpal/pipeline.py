@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from cpal.config import Config
-from cpal.data.images import load_mask
+from cpal.data.images import image_size, load_mask
 from cpal.data.source import open_dataset
 from cpal.data.transforms import normalize
 from cpal.data.voc import VOCLayout
@@ -33,10 +33,11 @@ from cpal.engine.infer import (
     normalised_maps,
     read_maps_identity,
 )
+from cpal.engine.output_dir import claim_output_dir, claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import resolve_device
 from cpal.engine.train import load_final_checkpoint, train
-from cpal.errors import ConfigError, DatasetError
+from cpal.errors import ConfigError, CpalError, DatasetError, warn
 from cpal.evaluation.diagnostics import BorderShare, prototype_separation
 from cpal.evaluation.metrics import (
     SegmentationScores,
@@ -46,7 +47,14 @@ from cpal.evaluation.metrics import (
     labels_with_own_background,
 )
 from cpal.evaluation.protocol import Protocol, results_table
-from cpal.io import IGNORE_INDEX, load_maps, read_json, save_label_png, write_json_atomic
+from cpal.io import (
+    IGNORE_INDEX,
+    load_maps,
+    png_complete,
+    read_json,
+    save_label_png,
+    write_json_atomic,
+)
 from cpal.models.cam_net import CAMNet
 from cpal.viz.figures import (
     ContextPanel,
@@ -189,6 +197,7 @@ def sweep_split(
 
 def stage_evaluate(config: Config) -> dict[str, Any]:
     """Score the maps of every inferred split that has GT masks, over all thresholds."""
+    claim_output_dir(config)
     start = time.perf_counter()
     paths = RunPaths(config.output_path)
     layout = open_dataset(config.data)
@@ -265,6 +274,34 @@ def _separation(config: Config, layout: VOCLayout, split: str) -> dict[str, Any]
             "flip, instance prototypes as inference makes them (no GT used)"}
 
 
+def tuning_overlap(config: Config, layout: VOCLayout, *, report: bool = True) -> int:
+    """How many images `labels.tune_split` shares with `labels.split` (0 when the threshold
+    is fixed, or tuned on the export split itself: an oracle, labelled as such).
+
+    A threshold tuned on a split is reported as held out, so sharing images with the
+    exported split is refused (DatasetError naming both lists and an id), unless
+    `labels.allow_split_overlap` accepts it: then the protocol says 'NOT held out' with
+    the count, and a warning is printed (`report`)."""
+    lc = config.labels
+    if lc.threshold is not None or lc.tune_split == lc.split:
+        return 0
+    exported = set(layout.split_ids(lc.split))
+    shared = [i for i in layout.split_ids(lc.tune_split) if i in exported]
+    if not shared:
+        return 0
+    tune_file, split_file = layout.split_file(lc.tune_split), layout.split_file(lc.split)
+    what = (f"{tune_file} shares {len(shared)} image(s) with {split_file} (e.g. "
+            f"'{shared[0]}'): a threshold tuned on '{lc.tune_split}' would not be held out")
+    if not lc.allow_split_overlap:
+        raise DatasetError(
+            f"'labels.tune_split': {what}; remove them from one list, set labels.threshold, "
+            "or set labels.allow_split_overlap=true to report the threshold as not held out"
+        )
+    if report:
+        warn(f"{what}; labels.allow_split_overlap=true: reported as NOT held out")
+    return len(shared)
+
+
 def choose_threshold(config: Config, layout: VOCLayout) -> dict[str, Any]:
     """The background threshold for pseudo labels, and how it was chosen."""
     lc = config.labels
@@ -276,13 +313,18 @@ def choose_threshold(config: Config, layout: VOCLayout) -> dict[str, Any]:
             f"'labels.tune_split': split '{lc.tune_split}' has no GT masks to tune on; "
             "set labels.threshold to a fixed value"
         )
+    overlap = tuning_overlap(config, layout)
     value, _ = sweep_split(config, layout, lc.tune_split, own_background=False).sweep.best()
     choice = "oracle" if lc.tune_split == lc.split else "tuned"
-    return {"value": value, "choice": choice, "tuned_on": lc.tune_split}
+    chosen = {"value": value, "choice": choice, "tuned_on": lc.tune_split}
+    if overlap:
+        chosen["tuning_overlap"] = overlap
+    return chosen
 
 
 def stage_labels(config: Config, *, progress: bool = True) -> dict[str, Any]:
     """Export pseudo labels as palette PNGs and score them against GT where it exists."""
+    claim_output_dir(config)
     start = time.perf_counter()
     paths = RunPaths(config.output_path)
     layout = open_dataset(config.data)
@@ -301,7 +343,9 @@ def stage_labels(config: Config, *, progress: bool = True) -> dict[str, Any]:
                                    leave=False, dynamic_ncols=True):
         target = out_dir / f"{image_id}.png"
         if reuse and target.exists():
-            continue
+            if png_complete(target):
+                continue
+            warn(f"{target}: damaged label file (truncated PNG); redoing it")
         save_label_png(target, labels_from_maps(load_maps(map_path), threshold["value"]))
     write_json_atomic(meta_path, meta)
 
@@ -318,7 +362,7 @@ def stage_labels(config: Config, *, progress: bool = True) -> dict[str, Any]:
             split=split, num_images=len(ids), source=_source("labels", identity),
             threshold=threshold["value"],
             threshold_choice=threshold["choice"], tuned_on=threshold["tuned_on"],
-            inference=identity["inference"],
+            inference=identity["inference"], tuning_overlap=threshold.get("tuning_overlap", 0),
         )
         result.update(scores.to_dict(layout.class_names))
         result["protocol"] = protocol.to_dict()
@@ -364,6 +408,7 @@ def evaluate_label_dir(config: Config, label_dir: Path, split: str) -> dict[str,
 
 def stage_figures(config: Config) -> list[Path]:
     """Overlay grid, threshold-sweep curve and per-class IoU chart, as PNGs."""
+    claim_output_dir(config)
     start = time.perf_counter()
     paths = RunPaths(config.output_path)
     layout = open_dataset(config.data)
@@ -495,6 +540,41 @@ def _fractions(percents: Iterable[float | None]) -> list[float | None]:
 # The whole chain
 
 
+def check_run_inputs(config: Config, *, progress: bool = True) -> None:
+    """Check every split `cpal run` will read before its first training step, not hours
+    later: lists (present, not empty), images present and labels known for the training
+    split and every inferred one; GT masks decoded (values in range, image size) for the
+    splits that will be scored, the tuning split's masks present, and the tuning split
+    held out (`tuning_overlap`). Every problem is one DatasetError naming the file."""
+    layout = open_dataset(config.data)
+    splits = list(dict.fromkeys([config.data.train_split, *config.infer.splits]))
+    for split in splits:
+        layout.check(split)
+    lc = config.labels
+    if lc.threshold is None and not layout.has_masks(layout.split_ids(lc.tune_split)):
+        raise ConfigError(
+            f"'labels.tune_split': split '{lc.tune_split}' has no GT masks to tune on "
+            f"({_no_masks_note(layout, layout.split_ids(lc.tune_split))}); set "
+            "labels.threshold to a fixed value"
+        )
+    tuning_overlap(config, layout)
+    scored = []  # (split, id) of the splits stage_evaluate will score (every mask present)
+    for split in dict.fromkeys(config.infer.splits):
+        ids = layout.split_ids(split)
+        if layout.has_masks(ids):
+            scored += [(split, i) for i in ids]
+    for split, image_id in tqdm(scored, desc="checking masks", disable=not progress,
+                                leave=False, dynamic_ncols=True):
+        mask = layout.load_mask(image_id)  # values checked against the class count
+        height, width = image_size(layout.image_path(image_id))
+        if mask.shape != (height, width):
+            raise DatasetError(
+                f"mask {layout.mask_path(image_id)} is {mask.shape[1]}x{mask.shape[0]} but "
+                f"its image {layout.image_path(image_id)} is {width}x{height} (width x "
+                f"height; split '{split}')"
+            )
+
+
 def summary_table(config: Config) -> str:
     """The results table of a run: every number beside its protocol."""
     metrics = _read_json(RunPaths(config.output_path).metrics)
@@ -527,6 +607,18 @@ def run(config: Config, *, progress: bool = True,
     if not main:
         log = _quiet
     log(f"cpal run: output in {paths.root}")
+    # Before any training step; rank 0 checks, every process gets its verdict (when their
+    # group is up: otherwise the others stop when rank 0 does, as after any failure).
+    claim_output_dir_everywhere(config)
+    problem: CpalError | None = None
+    if main:
+        try:
+            check_run_inputs(config, progress=progress)
+        except CpalError as exc:
+            problem = exc
+    problem = distributed.main_value(problem)
+    if problem is not None:
+        raise problem
     stage_train(config, progress=progress)
     log("stage train: done")
     stage_infer(config, progress=progress)  # returns once every process has written its maps

@@ -19,6 +19,7 @@ def test_defaults_and_overrides_are_typed(tmp_path):
     cfg = load_config(path, ["train.lr=1e-3", "infer.scales=[1.0, 0.5]", "model.width=0.5",
                              "labels.threshold=null", "output_dir=out"])
     assert cfg.train.epochs == 3 and cfg.model.arch == "resnet18"
+    # approx: 1e-3 parsed from text is exact up to float repr.
     assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
     assert cfg.infer.scales == [1.0, 0.5]
     assert cfg.labels.threshold is None
@@ -79,3 +80,50 @@ def test_round_trip_through_yaml():
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / name)
     assert isinstance(cfg, Config)
+
+
+def _cli_error(argv: list[str], capsys) -> str:
+    """Run the CLI, expect exit 2, return its one-line error."""
+    from cpal.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cpal: error: ") and "\n" not in err, err
+    return err
+
+
+def test_unparsable_override_value_names_the_override(tmp_path, capsys):
+    path = _write(tmp_path, "seed: 1\n")
+    err = _cli_error(["config", str(path), "infer.scales=[1.0,"], capsys)
+    assert "override 'infer.scales=[1.0,': invalid YAML" in err and "line 1, column 6" in err
+
+
+def test_config_that_is_not_utf8_names_file_and_line(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("seed: 1\n# caf\u00e9 au lait\n".encode("latin-1"))
+    err = _cli_error(["config", str(path)], capsys)
+    assert f"{path} line 2: not UTF-8 text (byte 0xe9)" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train:\n  epochs: 1\nseed: 2\ntrain:\n  lr: 0.1\n",
+         r"line 4: key 'train' given twice \(first on line 1\)"),
+        ("train:\n  epochs: 1\n  epochs: 2\n",
+         r"line 3: key 'train\.epochs' given twice \(first on line 2\)"),
+        ("infer:\n  splits: [train, val]\n  scales: [1.0]\n  splits: [val]\n",
+         r"line 4: key 'infer\.splits' given twice"),
+    ],
+)
+def test_a_key_given_twice_is_an_error_naming_key_and_line(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=r"c\.yaml " + message):
+        load_config(_write(tmp_path, text))
+
+
+def test_yaml_merge_keys_still_override():
+    from cpal.config import parse_yaml
+
+    # `<<: *anchor` then one of the anchor's keys is a deliberate override, not a duplicate.
+    text = "base: &b {a: 1, b: 2}\nx:\n  <<: *b\n  a: 3\n"
+    assert parse_yaml(text, "t") == {"base": {"a": 1, "b": 2}, "x": {"a": 3, "b": 2}}

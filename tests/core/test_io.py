@@ -37,6 +37,7 @@ def test_maps_round_trip_float16(tmp_path):
     save_maps(tmp_path / "m.npz", MapRecord(classes=np.array([3, 9]), maps=maps))
     record = load_maps(tmp_path / "m.npz")
     assert record.classes.tolist() == [3, 9]
+    # float16 storage: half an ulp is <= 2.4e-4 on [0, 1] (no kernel involved).
     np.testing.assert_allclose(record.maps, maps, atol=1e-3)
     with pytest.raises(ValueError, match="does not match"):
         MapRecord(classes=np.array([1]), maps=maps)
@@ -47,6 +48,7 @@ def test_maps_background_round_trip(tmp_path):
     rng = np.random.default_rng(1)
     maps, bg = rng.random((2, 5, 7)).astype(np.float32), rng.random((5, 7)).astype(np.float32)
     save_maps(tmp_path / "m.npz", MapRecord(np.array([3, 9]), maps, background=bg))
+    # float16 storage, as above.
     np.testing.assert_allclose(load_maps(tmp_path / "m.npz").background, bg, atol=1e-3)
     with pytest.raises(ValueError, match="background shape"):
         MapRecord(np.array([3, 9]), maps, background=bg[:4])
@@ -62,3 +64,62 @@ def test_atomic_files_get_default_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~mask
+
+
+@pytest.mark.parametrize(("code", "advice"), [
+    (28, "free space and rerun the same command"),  # ENOSPC
+    (13, "make {parent} writable or choose another output_dir"),  # EACCES
+    (30, "make {parent} writable or choose another output_dir"),  # EROFS
+])
+def test_a_failed_write_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, code,
+                                                           advice):
+    import os
+
+    from cpal.errors import OutputError
+    from cpal.io import write_text_atomic
+
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+
+    def failing_replace(src, dst):
+        raise OSError(code, os.strerror(code), str(dst))
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OutputError) as info:
+        write_text_atomic(target, "new")
+    message = str(info.value)
+    assert message.startswith(f"{target}: cannot write ({os.strerror(code)}); ")
+    assert advice.format(parent=tmp_path) in message and "\n" not in message
+    monkeypatch.undo()
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_other_os_errors_are_not_disguised(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from cpal.io import write_text_atomic
+
+    def broken_replace(src, dst):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_text_atomic(tmp_path / "x.txt", "new")
+
+
+def test_damaged_map_files_are_named(tmp_path):
+    from cpal.errors import DatasetError
+    from cpal.io import map_file_problem
+
+    path = tmp_path / "a.npz"
+    save_maps(path, MapRecord(classes=np.array([1]), maps=np.zeros((1, 4, 4), np.float32)))
+    assert map_file_problem(path) is None
+    whole = path.read_bytes()
+    for damaged, problem in ((b"", "empty file"), (whole[: len(whole) // 2], None),
+                             (whole[:-30], None)):
+        path.write_bytes(damaged)
+        found = map_file_problem(path)
+        assert found is not None and (problem is None or found == problem)
+        with pytest.raises(DatasetError, match=r"a\.npz: damaged map file \(.*rerun `cpal infer`"):
+            load_maps(path)

@@ -217,6 +217,7 @@ def test_every_part_lies_inside_its_body_and_the_crop() -> None:
                 inside = np.count_nonzero((part >= 0.5) & (obj.body >= 0.5))
                 assert inside >= 0.97 * np.count_nonzero(part >= 0.5), (spec.name, mode.name)
                 area = synthetic._part_area(mode, radius)
+                # Pixel-grid discretisation of an analytic area (numpy only, no kernel).
                 assert math.isclose(np.count_nonzero(part >= 0.5), area, rel_tol=0.05)
                 edges = (obj.body[0], obj.body[-1], obj.body[:, 0], obj.body[:, -1])
                 assert max(edge.max() for edge in edges) == 0, (spec.name, mode.name)

@@ -37,7 +37,10 @@ def test_batched_multiscale_equals_reference_loop():
     with torch.no_grad():
         for i in range(3):
             expected = _reference(model, images[i : i + 1], scales)
-            torch.testing.assert_close(batched[i : i + 1], expected, atol=1e-4, rtol=1e-4)
+            # Another batch size picks other kernel blocking (summation order); rounding is
+            # relative to the maps' scale (sums up to ~300), so atol follows their max.
+            torch.testing.assert_close(batched[i : i + 1], expected, rtol=1e-4,
+                                       atol=1e-6 * float(expected.abs().max()))
 
 
 def test_flip_makes_maps_mirror_symmetric_for_mirrored_input():
@@ -46,9 +49,10 @@ def test_flip_makes_maps_mirror_symmetric_for_mirrored_input():
     image = torch.randn(1, 3, 64, 64)
     a = multiscale_cam(model, image, [1.0], flip=True)
     b = multiscale_cam(model, image.flip(-1), [1.0], flip=True)
-    torch.testing.assert_close(a, b.flip(-1), atol=1e-4, rtol=1e-4)
+    # Equal up to the batch's summation order (image and flip swap places), as above.
+    torch.testing.assert_close(a, b.flip(-1), rtol=1e-4, atol=1e-6 * float(a.abs().max()))
 
 
 @pytest.mark.parametrize(("step", "expected"), [(0, 0.1), (50, 0.1 * 0.5**0.9), (100, 0.0)])
 def test_poly_lr(step, expected):
-    assert poly_lr(0.1, step, 100, 0.9) == pytest.approx(expected)
+    assert poly_lr(0.1, step, 100, 0.9) == pytest.approx(expected)  # float64 closed form

@@ -145,5 +145,7 @@ def test_self_detach_cam_keeps_l_self_out_of_the_cam():
         net.zero_grad()
         classification_loss(net(images).logits, labels).backward()
         grads[f"cls{detach}"] = net.classifier.weight.grad.clone()
+    # Default tolerance: the same classifier ops either way (measured bit-equal), while
+    # the undetached gradient differs by O(10 %) of its largest entry, far beyond it.
     torch.testing.assert_close(grads[True], grads["clsTrue"])
     assert not torch.allclose(grads[False], grads["clsFalse"])

@@ -28,6 +28,7 @@ from cpal.engine.infer import MAPS_META, _claim_folder, _create_exclusive
 from cpal.engine.paths import RunPaths
 from cpal.engine.train import epoch_order
 from cpal.errors import ConfigError, DatasetError
+from cpal.evaluation.metrics import labels_from_maps
 from cpal.io import load_maps
 from cpal.pipeline import run, stage_evaluate, stage_infer, stage_train
 from tests.conftest import tiny_overrides
@@ -107,6 +108,7 @@ def test_mid_epoch_checkpoints_resume_exactly(tiny_dataset, tmp_path, uninterrup
     # The epoch's mean loss counts the batches before the kill too (saved with the step).
     summary = [r for r in log if "mean_loss" in r][-1]
     rows = [r["loss"] for r in log if r.get("epoch") == 2 and "loss" in r]
+    # Log rows are rounded to 6 decimals, the summary is not: abs 1e-5 (no kernel involved).
     assert summary["mean_loss"] == pytest.approx(sum(rows) / 3, abs=1e-5)
 
 
@@ -252,6 +254,8 @@ def _assert_same_maps(a: Path, b: Path) -> None:
     for name in names:
         x, y = load_maps(a / name), load_maps(b / name)
         assert np.array_equal(x.classes, y.classes)
+        # 2 float16 ulps near 1: a resumed or sharded run batches other images together
+        # (other kernel blocking), which may round to the neighbouring float16 (measured: equal).
         np.testing.assert_allclose(x.maps, y.maps, atol=2e-3)
 
 
@@ -364,12 +368,30 @@ def test_bf16_maps_record_their_precision(trained, tiny_dataset, tmp_path):
     assert identity["precision"] == "bf16" and identity["inference"].endswith(", bf16")
     fp32 = json.loads((trained / "maps/train" / MAPS_META).read_text())
     assert "precision" not in fp32  # fp32 folders keep the record they had before the key
+    # What bf16 guarantees on any processor, not one processor's rounding: bf16 rounds every
+    # activation to 8 significant bits (unit roundoff u = 2^-8), and how those roundings add
+    # up depends on the CPU's kernels (AVX-512 bf16 or AVX2 emulation, blocking), so single
+    # pixels may move by several u (0.04 to 0.08 measured between oneDNN ISAs). Asserted:
+    # the same classes, finite values in [0, 1], a mean difference of at most 5u over all
+    # pixels (measured: 0.0017 to 0.0022, about u / 2), and the same pseudo label on at
+    # least 95 % of pixels (measured: 98.5 to 98.8 %; only pixels within that error of the
+    # threshold or of another class's map can change).
+    bound_u = 2.0**-8
+    differences, same, pixels = [], 0, 0
     for name in ("train", "val"):
         ours, theirs = tmp_path / "run/maps" / name, trained / "maps" / name
         for path in ours.glob("*.npz"):
-            # bf16 keeps 8 bits of mantissa: maps in [0, 1] agree to a few hundredths.
-            np.testing.assert_allclose(load_maps(path).maps, load_maps(theirs / path.name).maps,
-                                       atol=0.06)
+            bf16, ref = load_maps(path), load_maps(theirs / path.name)
+            assert np.array_equal(bf16.classes, ref.classes), path.name
+            for got, want in ((bf16.maps, ref.maps), (bf16.background, ref.background)):
+                if got is None:  # a map kind without its own background channel
+                    continue
+                assert np.isfinite(got).all() and got.min() >= 0 and got.max() <= 1, path.name
+                differences.append(np.abs(got - want).ravel())
+            same += int((labels_from_maps(bf16, 0.25) == labels_from_maps(ref, 0.25)).sum())
+            pixels += bf16.maps.shape[1] * bf16.maps.shape[2]
+    assert float(np.concatenate(differences).mean()) <= 5 * bound_u
+    assert same >= 0.95 * pixels
     # fp32 maps are not reused for bf16 ones: the folder's record differs.
     shutil.copytree(trained / "maps", tmp_path / "mixed/maps")
     mixed = _copy_run(trained, tiny_dataset, tmp_path / "mixed", "infer.precision=bf16")

@@ -74,6 +74,7 @@ def test_scores_hand_computed() -> None:
     # class 1: tp 20, gt 30, pred 30 -> IoU 20/40, precision 20/30, recall 20/30
     # class 2: tp 0, gt 0, pred 5  -> IoU 0/5 = 0, precision 0, recall undefined
     # class 3: union 0 -> everything undefined, excluded from mIoU
+    # Default tolerances here and below: ratios of integer counts in float64 (no kernel).
     np.testing.assert_allclose(scores.iou[:3], [50 / 65, 0.5, 0.0])
     np.testing.assert_allclose(scores.precision[:3], [50 / 55, 20 / 30, 0.0])
     np.testing.assert_allclose(scores.recall[:2], [50 / 60, 20 / 30])
@@ -232,6 +233,7 @@ def test_sweep_best_ties_go_to_lowest_threshold() -> None:
     assert threshold == 0.2
     assert scores.miou == 1.0
     mious = [s.miou for s in sweep.scores()]
+    # approx: a float64 ratio of integer pixel counts; no kernel or summation order involved.
     assert mious == [pytest.approx(0.25), 1.0, 1.0, 1.0]  # 0.7: IoU bg 1/2, fg 0
 
 

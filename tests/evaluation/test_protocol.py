@@ -133,3 +133,17 @@ def test_from_dict_round_trip():
     p = Protocol(split="train", num_images=5, source="labels:cam", threshold=0.3,
                  threshold_choice="tuned", tuned_on="val", inference="scales 1 + flip")
     assert Protocol.from_dict(p.to_dict()) == p
+
+
+def test_a_tuning_split_that_shares_images_is_not_called_held_out():
+    tuned = Protocol(split="train", num_images=24, source="labels:cam", threshold=0.3,
+                     threshold_choice="tuned", tuned_on="val", tuning_overlap=2)
+    assert "tuned on val GT (NOT held out: 2 of its images are also in train)" in (
+        tuned.describe())
+    assert Protocol.from_dict(tuned.to_dict()) == tuned
+    held_out = Protocol(split="train", num_images=24, source="labels:cam", threshold=0.3,
+                        threshold_choice="tuned", tuned_on="val")
+    assert "tuned on val GT (held-out)" in held_out.describe()
+    with pytest.raises(ValueError, match="tuning_overlap"):
+        Protocol(split="train", num_images=24, source="labels:cam", threshold=0.3,
+                 threshold_choice="fixed", tuning_overlap=1)

@@ -22,6 +22,7 @@ from cpal.models.weights import (
     read_state_dict,
     read_weight_file,
 )
+from tests.conftest import tiny_overrides
 
 WIDTH = 0.125  # real key sets, small tensors
 DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
@@ -86,7 +87,7 @@ def assert_loaded(model: ResNet, state: dict) -> None:
     own = model.state_dict()
     for key, value in state.items():
         if not key.startswith("fc."):
-            torch.testing.assert_close(own[key], value, rtol=0, atol=0, msg=key)
+            torch.testing.assert_close(own[key], value, rtol=0, atol=0, msg=key)  # copies: exact
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "resnet101"])
@@ -417,4 +418,38 @@ def test_a_cpal_training_checkpoint_initialises_the_trunk_only(tmp_path):
         report = load_backbone_weights(fresh, json_path.with_suffix(".safetensors"))
     assert report.loaded == len(fresh.state_dict()) and not report.leaks
     for key, value in fresh.state_dict().items():
+        # Loading copies tensors: exact, no arithmetic.
         torch.testing.assert_close(value, trained.backbone.state_dict()[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"conv1.weight 0.1 0.2\nfc.bias 0.0\n", "a text file ('conv1.weight 0.1 0.2'...)"),
+        (b"# my notes about resnet50\n", "a text file ("),
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n",
+         "a Git LFS pointer, not the weights"),
+        (b"\x80\x02}q\x00.", "cannot read weights (Invalid magic number"),
+    ],
+)
+def test_a_text_file_as_pretrained_never_suggests_weights_only_false(tmp_path, capsys,
+                                                                     tiny_dataset, content,
+                                                                     expected):
+    """torch.load on a text file raises a KeyError or a page recommending
+    weights_only=False (which would run code from the file): cpal names what the file is."""
+    from cpal.cli import main
+
+    path = tmp_path / "resnet50.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and expected in message, message
+    assert "weights_only" not in message and "\n" not in message
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    assert main(["train", str(config), *tiny_overrides(tiny_dataset, tmp_path / "run"),
+                 f"model.pretrained={path}", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"cpal: error: {path}: ") and "weights_only" not in err
+    assert "\n" not in err

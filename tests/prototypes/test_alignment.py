@@ -43,6 +43,7 @@ def test_closed_form_shifted_pacam_matches_explicit() -> None:
     explicit = torch.stack(
         [shift_features(z, cam[:, c], delta[:, c], 0.7) for c in range(k)], dim=1
     )
+    # Two algebraically equal forms (terms reordered) on unit-scale values: ~1e-7 rounding.
     torch.testing.assert_close(
         shifted_prototype_cam(z, cam, delta, 0.7, p, valid),
         prototype_cam(explicit, p, valid),

@@ -74,6 +74,7 @@ def test_warm_up_then_context_changes_prototypes() -> None:
     assert bool(torch.all(diff[:, ready] > 1e-4))
     assert bool(torch.all(diff[:, ~ready] == 0))  # class 3 still warming up (1 entry)
     z = m.head(batch(1)[0])
+    # Differs by construction (the prototypes differ by > 1e-4, asserted above).
     assert not torch.allclose(out.pacam, prototype_cam(z, out.context_prototypes, out.valid))
 
 
@@ -168,6 +169,8 @@ def test_raw_prototypes_make_dot_and_cosine_rank_differently() -> None:
     for score in ("dot", "cosine", "l2"):
         with torch.no_grad():
             out = _controlled(score, normalize=False)(*_controlled_batch())
+        # A masked mean of 4 hand-set pixels: off by the CAM normalisation's 1e-5 eps
+        # (measured 4e-6), float32 rounding is ~1e-7.
         torch.testing.assert_close(
             out.prototypes[0, 1], torch.tensor([0.8, 0.4]), atol=1e-4, rtol=0
         )

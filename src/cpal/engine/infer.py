@@ -38,16 +38,25 @@ from cpal.data.datasets import InferenceDataset, SameSizeBatchSampler
 from cpal.data.source import open_dataset
 from cpal.data.voc import VOCLayout
 from cpal.engine import distributed
-from cpal.engine.checkpoint import Checkpoint, latest_checkpoint
+from cpal.engine.checkpoint import Checkpoint
+from cpal.engine.output_dir import claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import autocast, check_precision, setup
-from cpal.engine.train import changed_keys, load_final_checkpoint
-from cpal.errors import ConfigError, DatasetError
-from cpal.io import IGNORE_INDEX, MapRecord, read_json, save_maps, write_json_atomic
+from cpal.engine.train import changed_keys, load_final_checkpoint, resume_point
+from cpal.errors import ConfigError, DatasetError, warn
+from cpal.io import (
+    IGNORE_INDEX,
+    MapRecord,
+    map_file_problem,
+    read_json,
+    save_maps,
+    write_json_atomic,
+)
 from cpal.models.cam_net import CAMNet, CAMOutput, build_network, normalized_cam
 from cpal.prototypes.module import CPALOutput
 
 MAPS_META = "_maps.json"
+_NAMED = 10  # damaged files named one per line; the rest are counted
 
 
 def describe_inference(scales: Sequence[float], flip: bool) -> str:
@@ -275,7 +284,20 @@ def pending_maps(
     _claim_folder(out_dir, identity)
     ids = every_nth(layout.split_ids(split), *shard)
     _remove_stale_temporaries(out_dir, set(ids))
-    return [i for i in ids if not (out_dir / f"{i}.npz").exists()]
+    pending, damaged = [], []
+    for image_id in ids:
+        path = out_dir / f"{image_id}.npz"
+        problem = map_file_problem(path) if path.exists() else "missing"
+        if problem is not None:
+            pending.append(image_id)
+            if problem != "missing":
+                damaged.append(f"{path}: damaged map file ({problem}); redoing it")
+    # Each damaged file named (never counted as done), the first few in full.
+    for line in damaged[:_NAMED]:
+        warn(line)
+    if len(damaged) > _NAMED:
+        warn(f"{out_dir}: {len(damaged) - _NAMED} more damaged map files; redoing them")
+    return pending
 
 
 def infer_split(
@@ -388,6 +410,7 @@ def infer(config: Config, splits: Sequence[str] | None = None, *, progress: bool
     """Generate this process's part of the maps of `infer.shard` for the configured splits;
     return {split: images written by this process}."""
     device = setup(config)
+    claim_output_dir_everywhere(config)
     # Named even when null (following train.precision): it is the key to change.
     check_precision(config, device, "infer.precision", inference_precision(config))
     with distributed.main_first():  # rank 0 fills the dataset cache; the others reuse it
@@ -396,7 +419,7 @@ def infer(config: Config, splits: Sequence[str] | None = None, *, progress: bool
     for split in splits:
         layout.check(split)  # fail before any work, not halfway through
     # Every process makes maps from the checkpoint rank 0 found (the folders record it).
-    newest = latest_checkpoint(RunPaths(config.output_path).checkpoints)
+    newest = resume_point(RunPaths(config.output_path).checkpoints)
     checkpoint, ckpt = load_final_checkpoint(config, distributed.main_value(newest))
     model = load_trained_model(ckpt, config, layout.num_foreground, device)
     identity = maps_identity(config, checkpoint, ckpt)

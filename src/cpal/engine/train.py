@@ -37,16 +37,19 @@ from cpal.data.transforms import TrainTransform
 from cpal.engine import distributed
 from cpal.engine.checkpoint import (
     Checkpoint,
+    Damaged,
+    damaged_since,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
 )
 from cpal.engine.distributed import Ranks, unwrap
+from cpal.engine.output_dir import claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import autocast, check_precision, setup
-from cpal.errors import CheckpointError, ConfigError, DatasetError
-from cpal.io import write_text_atomic
+from cpal.errors import CheckpointError, ConfigError, DatasetError, warn
+from cpal.io import append_lines, write_text_atomic
 from cpal.models.cam_net import CAMNet, build_network, classification_loss
 from cpal.prototypes.pacam import self_supervision_loss
 
@@ -154,13 +157,20 @@ def load_shared_checkpoint(path: Path) -> Checkpoint:
     return load_checkpoint(path)
 
 
-def load_final_checkpoint(config: Config, latest: Path | None = None) -> tuple[Path, Checkpoint]:
+def load_final_checkpoint(
+    config: Config, newest: tuple[Path | None, list[Damaged]] | None = None
+) -> tuple[Path, Checkpoint]:
     """The finished training run of this config, for inference: refuses a checkpoint made
-    with other settings or one from an unfinished run. `latest`: the newest checkpoint as
-    rank 0 saw it (default: looked up here)."""
+    with other settings or one from an unfinished run, and names a damaged newest one
+    (never falling back to an older checkpoint). `newest`: the `resume_point` (newest
+    complete checkpoint, damaged newer ones) as rank 0 saw it (default: looked up here)."""
     directory = RunPaths(config.output_path).checkpoints
-    if latest is None:
-        latest = latest_checkpoint(directory)
+    latest, damaged = resume_point(directory) if newest is None else newest
+    if damaged:
+        redo = f"from {latest.name}" if latest is not None else "from the start"
+        raise CheckpointError(
+            f"{damaged[-1].describe()}; run `cpal train` to redo it ({redo})"
+        )
     if latest is None:
         raise CheckpointError(f"{directory}: no checkpoint; run `cpal train` first")
     ckpt = load_shared_checkpoint(latest)
@@ -299,6 +309,7 @@ def train(config: Config, *, progress: bool = True) -> Path:
     """
     paths = RunPaths(config.output_path)
     device = setup(config)
+    claim_output_dir_everywhere(config)
     ranks = distributed.ranks()
     t = config.train
     check_precision(config, device, "train.precision", t.precision)
@@ -344,19 +355,24 @@ def train(config: Config, *, progress: bool = True) -> Path:
     position = Position()
     # Rank 0 picks the checkpoint for everyone: processes resuming from different ones
     # would run different numbers of steps and wait for each other forever.
-    latest = distributed.main_value(latest_checkpoint(paths.checkpoints))
+    latest, damaged = distributed.main_value(resume_point(paths.checkpoints))
+    if (latest is not None or damaged) and not t.resume:
+        raise CheckpointError(
+            f"{paths.checkpoints}: holds checkpoints of an earlier run; set "
+            "train.resume=true to continue it or choose another output_dir"
+        )
     if latest is not None:
-        if not t.resume:
-            raise CheckpointError(
-                f"{paths.checkpoints}: holds checkpoints of an earlier run; set "
-                "train.resume=true to continue it or choose another output_dir"
-            )
         position = _restore(latest, fingerprint, net, optimizer, scaler)
-        if ranks.is_main:
-            _truncate_log(paths.train_log, position.step)
-            if position.epoch < epochs:
-                tqdm.write(f"resuming from {latest.name} (epoch {position.epoch}/{epochs}, "
-                           f"step {position.step})")
+    if ranks.is_main:
+        since = latest.name if latest is not None else "the start"
+        for damage in damaged:  # never a silent fall-back to an older checkpoint
+            warn(f"{damage.describe()}; training continues from {since} and redoes the "
+                 "steps after it")
+        # Rows after the resume point are redone (all of them when starting over).
+        _truncate_log(paths.train_log, position.step, since)
+        if latest is not None and position.epoch < epochs:
+            tqdm.write(f"resuming from {latest.name} (epoch {position.epoch}/{epochs}, "
+                       f"step {position.step})")
     if ranks.is_main:
         write_text_atomic(paths.config, config.to_yaml())
     if position.epoch >= epochs:
@@ -555,19 +571,45 @@ def _save(run: _Run, position: Position, stem: str | None = None) -> Path:
 def _flush_log(run: _Run) -> None:
     """Append the rows collected since the last flush (rank 0; the others drop theirs)."""
     if run.log_rows and run.ranks.is_main:
-        run.paths.train_log.parent.mkdir(parents=True, exist_ok=True)
-        with run.paths.train_log.open("a", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in run.log_rows)
+        append_lines(run.paths.train_log, [json.dumps(row) for row in run.log_rows])
     run.log_rows.clear()
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows after the checkpoint we resume from (those steps will be rerun)."""
+def resume_point(directory: Path) -> tuple[Path | None, list[Damaged]]:
+    """The newest complete checkpoint, and the damaged ones newer than it (which a resume
+    from it falls back over, and must name)."""
+    latest = latest_checkpoint(directory)
+    return latest, damaged_since(directory, latest)
+
+
+def _truncate_log(path: Path, step: int, since: str) -> None:
+    """Drop log rows after `step` (the resume point `since`: those steps are redone), and
+    rows that do not parse, naming them: a torn last line is what a kill or a full disk
+    during an append leaves (its steps are after the resume point, so they are redone)."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(rows):
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
+    kept, dropped = [], False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            what = "torn last row" if number == last else "damaged row"
+            warn(f"{path} line {number}: {what} dropped (not JSON); training continues "
+                 f"from {since}")
+            dropped = True
+            continue
+        row_step = row.get("step", 0)
+        if isinstance(row_step, int) and row_step > step:
+            dropped = True
+            continue
+        kept.append(line)
+    if dropped:
         write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 

@@ -46,6 +46,10 @@ class Protocol:
     image_labels: str = "ground truth"
     inference: str = ""
     refinement: str = "none"
+    tuning_overlap: int = 0
+    """Images the tuning split shares with the evaluated one (threshold_choice 'tuned'):
+    0 for a held-out split; more, accepted with labels.allow_split_overlap, is reported as
+    not held out."""
 
     def __post_init__(self) -> None:
         if not self.split:
@@ -96,6 +100,15 @@ class Protocol:
                 f"threshold_choice {choice!r} involves no tuning, but tuned_on="
                 f"{self.tuned_on!r} was given"
             )
+        overlap = self.tuning_overlap
+        if isinstance(overlap, bool) or not isinstance(overlap, Integral) or overlap < 0:
+            raise ValueError(f"Protocol.tuning_overlap must be an int >= 0, got {overlap!r}")
+        object.__setattr__(self, "tuning_overlap", int(overlap))
+        if overlap and choice != "tuned":
+            raise ValueError(
+                f"tuning_overlap counts images shared with a tuning split; threshold_choice "
+                f"{choice!r} has none"
+            )
 
     @property
     def gt_used_for_tuning(self) -> bool:
@@ -110,6 +123,9 @@ class Protocol:
         if self.threshold_choice == "fixed":
             return f"{text} fixed in advance"
         if self.threshold_choice == "tuned":
+            if self.tuning_overlap:
+                shared = f"{self.tuning_overlap} of its images are also in {self.split}"
+                return f"{text} tuned on {self.tuned_on} GT (NOT held out: {shared})"
             return f"{text} tuned on {self.tuned_on} GT (held-out)"
         return f"{text} ORACLE: tuned on {self.split} GT (the evaluated split)"
 

@@ -110,6 +110,8 @@ def read_weight_file(path: str | Path) -> WeightFile:
     if not path.is_file():
         raise CheckpointError(f"{path}: weight file not found")
     metadata: dict[str, Any] = {}
+    if path.suffix != ".safetensors":
+        _refuse_non_torch_file(path)
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as handle:
@@ -119,9 +121,8 @@ def read_weight_file(path: str | Path) -> WeightFile:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: refused, {_unpickling_reason(exc)}") from exc
-    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot read weights ({detail})") from exc
+    except (OSError, RuntimeError, ValueError, EOFError, KeyError, SafetensorError) as exc:
+        raise CheckpointError(f"{path}: cannot read weights ({_first_line(exc)})") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     state = _cpal_trunk(state, metadata)
@@ -162,8 +163,53 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return read_weight_file(path).tensors
 
 
+# How torch files begin: a zip archive (torch >= 1.6) or a pickle (protocol 2+: 0x80).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def _refuse_non_torch_file(path: Path) -> None:
+    """A file that is neither a zip nor a pickle is not a torch file: say what it is (text,
+    a Git LFS pointer) instead of passing it to torch.load, whose errors on such files are
+    a KeyError or a page that recommends weights_only=False."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(512)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read weights ({exc.strerror})") from exc
+    if not head:
+        raise CheckpointError(f"{path}: cannot read weights (the file is empty)")
+    if head.startswith(_TORCH_MAGIC):
+        return
+    if head.startswith(_LFS_POINTER):
+        raise CheckpointError(
+            f"{path}: a Git LFS pointer, not the weights; fetch them (git lfs pull)"
+        )
+    try:
+        text: str | None = head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # text cut inside a character by the 512 bytes?
+        text = head[: exc.start].decode("utf-8") if exc.start > len(head) - 4 else None
+    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text):
+        first = _clean(text.strip().splitlines()[0][:40]) if text.strip() else ""
+        raise CheckpointError(
+            f"{path}: a text file ({first!r}...), not a torch or safetensors weight file"
+        )
+    raise CheckpointError(
+        f"{path}: not a torch (zip or pickle) or safetensors weight file (it starts with "
+        f"bytes {head[:4].hex(' ')})"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error, never torch's advice to load with weights_only=False."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line for line in lines if "weights_only" not in line]
+    return lines[0] if lines else type(exc).__name__
+
+
 def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
-    """torch's weights_only message is a page long; keep the one fact that matters."""
+    """torch's weights_only message is a page long and recommends weights_only=False (which
+    would run code from the file); keep the one fact that matters, never that advice."""
     text = str(exc)
     match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if match:
@@ -171,8 +217,8 @@ def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
             f"the file holds pickled Python objects ({match.group(1)}), not plain tensors; "
             "cpal never unpickles"
         )
-    match = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-    detail = match.group(1).strip() if match else (text.splitlines() or ["unreadable"])[0]
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    detail = match.group(1).strip() if match else _first_line(exc)
     return f"not a readable weight file ({detail}); cpal reads only plain tensors"
 
 
