@@ -46,6 +46,12 @@ class DataConfig:
     """Refuse a null `root` (paper configs): a null root selects the synthetic dataset,
     which a run meant for VOC or COCO must never train on silently."""
     train_split: str = "train"
+    min_long_side: int | None = None
+    """Upscale small images: when the training images' median long side is below this,
+    every image is enlarged by one factor (this / that median) in training (the auto crop
+    and resize_long follow) and at inference (infer.scales are multiplied by it), so that
+    the trunk's stem and receptive field leave room to localise (docs/results.md, "Recipe
+    check"). null: images at their own size."""
     num_workers: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -593,6 +599,8 @@ def _check_values(config: Config) -> None:
     need(s.num_train >= 1 and s.num_val >= 1, "data.synthetic", "needs >= 1 image per split")
     need(s.image_size >= 32, "data.synthetic.image_size", "must be >= 32")
     need(config.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(config.data.min_long_side is None or config.data.min_long_side >= 16,
+         "data.min_long_side", "must be >= 16 or null")
     dev = config.device
     need(
         dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"),

@@ -28,6 +28,7 @@ from cpal.engine import distributed
 from cpal.engine.infer import (
     PrototypeInference,
     infer,
+    inference_scales,
     load_trained_model,
     missing_maps,
     normalised_maps,
@@ -487,7 +488,8 @@ def _comparison_figure(
     for row in rows:
         image = normalize(layout.load_image(row.image_id))[None].to(device)
         labels = torch.from_numpy(layout.image_labels([row.image_id])).to(device)
-        maps = normalised_maps(model, image, labels, config.infer.scales, config.infer.flip,
+        maps = normalised_maps(model, image, labels, inference_scales(config, ckpt),
+                               config.infer.flip,
                                ("cam", "pacam"), PrototypeInference.of(config))
         present = torch.nonzero(labels[0] > 0.5).flatten()
 

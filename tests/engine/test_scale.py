@@ -319,3 +319,23 @@ def test_steps_schedule_and_auto_crop_train_and_resume(tiny_dataset, tmp_path):
 
     _, ckpt = load_final_checkpoint(cfg)  # finished by its own epoch count, not train.epochs
     assert ckpt.meta["epochs"] == 3 and ckpt.epoch == 3
+
+
+def test_min_long_side_upscales_training_and_inference_alike(tiny_dataset, tmp_path):
+    from cpal.engine.train import image_scale
+    from cpal.io import load_maps
+
+    assert image_scale(None, [64]) == 1.0 and image_scale(96, [64, 64, 80]) == 1.5
+    assert image_scale(48, [64]) == 1.0  # never shrinks
+    cfg = load_config(None, [*tiny_overrides(tiny_dataset, tmp_path / "run"), "train.epochs=1",
+                             "data.min_long_side=96", "train.crop_size=auto",
+                             "train.resize_long=auto", "infer.splits=[train]",
+                             "labels.threshold=0.3", "viz.split=train"])
+    stage_train(cfg, progress=False)
+    ckpt = load_checkpoint(latest_checkpoint(RunPaths(cfg.output_path).checkpoints))
+    assert ckpt.meta["image_scale"] == 1.5  # the tiny images are 64 px
+    stage_infer(cfg, progress=False)
+    identity = json.loads((RunPaths(cfg.output_path).maps("train") / "_maps.json").read_text())
+    assert identity["scales"] == [1.5, 0.75]  # infer.scales [1.0, 0.5] x 1.5
+    record = load_maps(next(RunPaths(cfg.output_path).maps("train").glob("*.npz")))
+    assert record.maps.shape[1:] == (64, 64)  # maps stay at the image's own size

@@ -68,6 +68,13 @@ def inference_precision(config: Config) -> str:
     return config.infer.precision or config.train.precision
 
 
+def inference_scales(config: Config, ckpt: Checkpoint) -> list[float]:
+    """`infer.scales` times the dataset's upscaling factor that training recorded
+    (`data.min_long_side`; 1 when none), so maps see images as training did."""
+    factor = float(ckpt.meta.get("image_scale", 1.0))
+    return [round(float(s) * factor, 6) for s in config.infer.scales]
+
+
 def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[str, Any]:
     """What made a folder of maps: stored beside them, compared before any reuse, and
     the source of the inference text in every protocol computed from them. The same for
@@ -80,9 +87,9 @@ def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[st
         "training_fingerprint": digest,
         "method": config.method,
         "map": config.map_kind,
-        "scales": [float(x) for x in config.infer.scales],
+        "scales": inference_scales(config, ckpt),
         "flip": config.infer.flip,
-        "inference": describe_inference(config.infer.scales, config.infer.flip),
+        "inference": describe_inference(inference_scales(config, ckpt), config.infer.flip),
     }
     if config.map_kind != "cam":
         proto = PrototypeInference.of(config)
@@ -304,6 +311,7 @@ def infer_split(
     config: Config, layout: VOCLayout, model: CAMNet, split: str, device: torch.device,
     identity: dict[str, Any], *, shard: tuple[int, int] = (0, 1), progress: bool = True,
 ) -> int:
+    # identity["scales"] are the effective scales (infer.scales x the training upscale).
     """Write maps for every image of `split` in `shard` not yet done (this process's deal
     of them under torchrun); return how many this process wrote."""
     ranks = distributed.ranks()
@@ -328,7 +336,7 @@ def infer_split(
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             loc = localisation_maps(
-                model, images, labels, config.infer.scales, config.infer.flip, config.map_kind,
+                model, images, labels, identity["scales"], config.infer.flip, config.map_kind,
                 PrototypeInference.of(config),
             )
         for i, (label, image_id) in enumerate(zip(batch["label"], batch["id"], strict=True)):

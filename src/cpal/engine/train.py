@@ -195,11 +195,21 @@ def run_epochs(train: TrainConfig, steps_per_epoch: int) -> int:
     return max(1, math.ceil(train.steps / steps_per_epoch))
 
 
-def crop_geometry(train: TrainConfig, long_sides: Sequence[int]) -> tuple[int, tuple[int, int]]:
+def image_scale(min_long_side: int | None, long_sides: Sequence[int]) -> float:
+    """The dataset-wide upscaling factor of `data.min_long_side` (1.0: none)."""
+    if min_long_side is None or not len(long_sides):
+        return 1.0
+    return max(1.0, min_long_side / float(np.median(np.asarray(long_sides))))
+
+
+def crop_geometry(
+    train: TrainConfig, long_sides: Sequence[int], scale: float = 1.0
+) -> tuple[int, tuple[int, int]]:
     """(crop size, resize_long range) with "auto" resolved from the training images' long
-    sides: the crop is their median rounded up to a multiple of 16, the range
-    [0.875, 1.25] x the median (a 128-px dataset gets [112, 160] and 128)."""
-    median = float(np.median(np.asarray(long_sides))) if len(long_sides) else 0.0
+    sides (times `scale`, the dataset's upscaling): the crop is their median rounded up to
+    a multiple of 16, the range [0.875, 1.25] x the median (a 128-px dataset gets
+    [112, 160] and 128)."""
+    median = float(np.median(np.asarray(long_sides))) * scale if len(long_sides) else 0.0
     if train.crop_size == "auto":
         crop = max(16, int(math.ceil(median / 16) * 16))
     else:
@@ -324,9 +334,10 @@ def train(config: Config, *, progress: bool = True) -> Path:
         )
     plan = BatchPlan(t.batch_size, ranks.world_size, t.grad_accum)
     ids = layout.split_ids(config.data.train_split)
-    auto = "auto" in (t.crop_size, t.resize_long)
+    auto = "auto" in (t.crop_size, t.resize_long) or config.data.min_long_side is not None
     sides = [max(image_size(layout.image_path(i))) for i in ids] if auto else []
-    crop, resize = crop_geometry(t, sides)
+    scale = image_scale(config.data.min_long_side, sides)
+    crop, resize = crop_geometry(t, sides, scale)
     transform = TrainTransform(crop, resize, t.hflip)
     dataset = ClassificationDataset(layout, config.data.train_split, transform, config.seed)
     _check_same_dataset(dataset, layout.root, config.data.train_split)
@@ -338,7 +349,8 @@ def train(config: Config, *, progress: bool = True) -> Path:
         )
     epochs = run_epochs(t, steps_per_epoch)
     if ranks.is_main and (auto or t.steps is not None):
-        tqdm.write(f"train: crop {crop}, resize_long {list(resize)}, {epochs} epochs of "
+        tqdm.write(f"train: images x{scale:.3g}, crop {crop}, resize_long {list(resize)}, "
+                   f"{epochs} epochs of "
                    f"{steps_per_epoch} steps (split '{config.data.train_split}', "
                    f"{len(dataset)} images)")
 
@@ -388,7 +400,7 @@ def train(config: Config, *, progress: bool = True) -> Path:
         optimizer=optimizer, scaler=scaler, dataset=dataset, plan=plan, ranks=ranks,
         device=device,
         meta={"fingerprint": fingerprint, "class_names": list(layout.class_names),
-              "epochs": epochs},
+              "epochs": epochs, "image_scale": scale},
         total_steps=steps_per_epoch * epochs, epochs=epochs,
         show_progress=progress and ranks.is_main,
     )
