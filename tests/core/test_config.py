@@ -4,8 +4,7 @@ import pytest
 
 from cpal.config import Config, config_from_dict, load_config
 from cpal.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def _write(tmp_path, text):

@@ -13,7 +13,7 @@ from cpal.engine.infer import load_trained_model
 from cpal.engine.paths import RunPaths
 from cpal.io import load_maps
 from cpal.pipeline import run, stage_infer, stage_train
-from tests.conftest import killed_in_second_epoch, tiny_overrides
+from tests.helpers import killed_in_second_epoch, tiny_overrides
 
 PROTO = ["bank.size=16", "bank.clusters=3", "bank.recluster_every=2",
          "awareness.top_k=2"]
@@ -23,6 +23,7 @@ def _cfg(tiny_dataset, out, *extra):
     return load_config(None, [*tiny_overrides(tiny_dataset, out), *PROTO, *extra])
 
 
+@pytest.mark.slow
 def test_cpal_run_writes_pacam_maps_and_comparison_figure(tiny_dataset, tmp_path):
     cfg = _cfg(tiny_dataset, tmp_path / "run", "method=cpal")
     metrics = run(cfg, progress=False)
@@ -93,6 +94,7 @@ def test_cam_method_rejects_pacam_map():
         load_config(None, ["method=cam", "infer.map=pacam"])
 
 
+@pytest.mark.slow
 def test_ablate_runs_every_variant_and_writes_tables(tiny_dataset, tmp_path):
     overrides = [*tiny_overrides(tiny_dataset, tmp_path / "abl"), *PROTO, "train.epochs=1",
                  "infer.scales=[1.0]", "viz.num_images=1"]

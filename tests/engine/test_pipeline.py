@@ -16,9 +16,10 @@ from cpal.engine.paths import RunPaths
 from cpal.errors import CheckpointError, ConfigError, DatasetError
 from cpal.io import load_maps
 from cpal.pipeline import run, stage_infer, stage_labels, stage_train
-from tests.conftest import killed_in_second_epoch, tiny_overrides
+from tests.helpers import killed_in_second_epoch, tiny_overrides
 
 
+@pytest.mark.slow
 def test_run_writes_every_artifact(tiny_config):
     metrics = run(tiny_config, progress=False)
     paths = RunPaths(tiny_config.output_path)

@@ -31,9 +31,8 @@ from cpal.errors import ConfigError, DatasetError
 from cpal.evaluation.metrics import labels_from_maps
 from cpal.io import load_maps
 from cpal.pipeline import run, stage_evaluate, stage_infer, stage_train
-from tests.conftest import tiny_overrides
+from tests.helpers import REPO, tiny_overrides
 
-REPO = Path(__file__).resolve().parents[2]
 # checkpoint_every_steps=2 with 3 steps per epoch: step_00000002, epoch_001 (step 3),
 # step_00000004, epoch_002 (step 6).
 MID = ["train.checkpoint_every_steps=2", "train.keep_checkpoints=5"]
@@ -169,6 +168,7 @@ def _die_in_child(tmp_path: Path, stage: str, overrides: list[str], target: str,
     assert done.returncode == 3, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["tensors", "marker"])
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(
     target, tiny_dataset, tmp_path, uninterrupted
@@ -259,6 +259,7 @@ def _assert_same_maps(a: Path, b: Path) -> None:
         np.testing.assert_allclose(x.maps, y.maps, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_map_generation_killed_halfway_resumes_without_truncated_files(
     trained, tiny_dataset, tmp_path
 ):
@@ -327,6 +328,7 @@ def test_maps_folder_identity_is_claimed_once(tmp_path):
     assert not (foreign / MAPS_META).exists()
 
 
+@pytest.mark.distributed
 def test_torchrun_processes_split_a_shard_between_them(trained, tiny_dataset, tmp_path):
     """The real launcher: `torchrun --nproc_per_node=2 -m cpal infer --shard 1/2` writes
     shard 1 of 2 of every split (the images `cpal infer --shard 1/2` would), half of it
@@ -345,6 +347,7 @@ def test_torchrun_processes_split_a_shard_between_them(trained, tiny_dataset, tm
     assert stages["infer"]["missing"] == {"train": 12, "val": 4}
 
 
+@pytest.mark.distributed
 def test_one_failing_torchrun_process_ends_the_job(tiny_dataset, tmp_path):
     """A corrupt image in process 1's first micro-batch: process 1 stops with the one-line
     error while process 0 waits for it in the gradient all-reduce; torchrun then stops

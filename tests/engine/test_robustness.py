@@ -34,7 +34,7 @@ from cpal.engine.paths import RunPaths
 from cpal.errors import CheckpointError, OutputError
 from cpal.io import append_lines, load_maps
 from cpal.pipeline import stage_infer, stage_labels, stage_train
-from tests.conftest import killed_in_second_epoch, tiny_overrides
+from tests.helpers import killed_in_second_epoch, tiny_overrides
 
 
 def _cli(capsys: pytest.CaptureFixture[str], command: str, config: Path,
@@ -451,6 +451,7 @@ def test_run_checks_every_split_before_training(breakage, tiny_dataset, tmp_path
     assert not (out / "checkpoints").exists() and not (out / "train_log.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_train_ids_in_the_tuning_split_are_refused_or_labelled(tiny_dataset, tmp_path,
                                                                config_file, capsys):
     root = tmp_path / "data"

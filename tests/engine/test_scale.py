@@ -23,7 +23,7 @@ from cpal.errors import CheckpointError, ConfigError
 from cpal.models.cam_net import build_network
 from cpal.pipeline import stage_infer, stage_train
 from cpal.prototypes.module import CPALModule
-from tests.conftest import killed_in_second_epoch, tiny_overrides
+from tests.helpers import killed_in_second_epoch, tiny_overrides
 
 PROTO = ["method=cpal", "bank.size=16", "bank.clusters=3",
          "bank.recluster_every=2", "awareness.top_k=2"]

@@ -22,7 +22,7 @@ from cpal.models.weights import (
     read_state_dict,
     read_weight_file,
 )
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 WIDTH = 0.125  # real key sets, small tensors
 DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}

@@ -13,7 +13,7 @@ from cpal.config import load_config
 from cpal.data.source import open_dataset
 from cpal.pipeline import stage_train
 from cpal.viz.figures import OverlayRow
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 # empty_region=cam: a tiny net's seeds can miss a class, and an unseeded class gets no
 # context; the CAM fallback gives every present class a prototype to select context for.

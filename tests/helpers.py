@@ -1,0 +1,53 @@
+"""Helpers shared by test modules (fixtures stay in conftest.py, which is not imported)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import cpal.engine.train as train_module
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(data_root: Path, output_dir: Path) -> list[str]:
+    """A CPU-sized run on `data_root` (the `tiny_dataset` fixture: 24 train images, so
+    3 steps per epoch at batch 8)."""
+    return [
+        f"data.root={data_root}",
+        f"output_dir={output_dir}",
+        "model.arch=resnet18",
+        "model.width=0.125",
+        "model.frozen_bn=false",
+        "train.epochs=2",
+        "train.batch_size=8",
+        "train.crop_size=48",
+        "train.resize_long=[48, 72]",
+        "train.lr=0.05",
+        "train.momentum=0.9",
+        "train.head_lr_mult=1.0",
+        "train.log_every=1",
+        "infer.scales=[1.0, 0.5]",
+        "infer.batch_size=4",
+        "viz.num_images=3",
+        "threads=1",
+    ]
+
+
+@contextlib.contextmanager
+def killed_in_second_epoch() -> Iterator[None]:
+    """Training raises KeyboardInterrupt as its second epoch starts, as a kill would."""
+    real, calls = train_module._run_epoch, {"n": 0}
+
+    def dies(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    train_module._run_epoch = dies
+    try:
+        yield
+    finally:
+        train_module._run_epoch = real
