@@ -17,7 +17,10 @@ from typing import Any
 
 from cpal import __version__
 from cpal.config import Config, load_config
-from cpal.errors import ConfigError, CpalError, DatasetError
+from cpal.errors import ConfigError, CpalError, DatasetError, warn
+from cpal.log import get_logger
+
+_log = get_logger(__name__)
 
 _STAGE_HELP = {
     "run": "train -> maps -> evaluation -> pseudo labels -> figures",
@@ -128,9 +131,10 @@ def _add_prepare_parsers(data_sub: Any) -> None:
 
 
 def _cmd_run(cfg: Config, args: argparse.Namespace) -> Any:
-    from cpal.pipeline import run
+    from cpal.pipeline import run, summary_table
 
-    run(cfg, progress=not args.no_progress)
+    if run(cfg, progress=not args.no_progress):  # {} on processes other than rank 0
+        print(summary_table(cfg))
 
 
 def _cmd_train(cfg: Config, args: argparse.Namespace) -> Any:
@@ -179,6 +183,7 @@ def _cmd_ablate(cfg: Config, args: argparse.Namespace) -> Any:
     path = ablate(args.config, list(args.overrides), seeds=args.seeds, sweeps=args.sweep,
                   variants=not args.sweeps_only,
                   progress=not args.no_progress)
+    print(path.read_text(encoding="utf-8"))
     return {"table": str(path)}
 
 
@@ -233,7 +238,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> None:
         manifest = prepare_coco(root, workers=workers, progress=progress, link=args.link,
                                 checksum_images=args.checksum_images)
     for warning in manifest["warnings"]:
-        print(f"cpal: warning: {warning}", file=sys.stderr)
+        warn(warning)
     for split, entry in manifest["splits"].items():
         standard = f" (standard {entry['standard']:,})" if entry["standard"] else ""
         masks = f"masks in {manifest['mask_dir']}" if entry["masks"] else "no masks"
@@ -276,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, list(args.overrides))
         result = _COMMANDS[args.command](cfg, args)
     except CpalError as exc:
-        print(f"cpal: error: {exc}", file=sys.stderr)
+        _log.error("%s", exc)
         return 2
     except OSError as exc:
         # A full disk or a folder that cannot be written, met where no stage names it
@@ -284,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.errno not in _USER_FIXABLE:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"cpal: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        _log.error("%s%s", where, exc.strerror or exc)
         return 2
     except KeyboardInterrupt:
         print("cpal: interrupted; rerun the same command to resume", file=sys.stderr)

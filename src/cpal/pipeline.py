@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cpal.config import Config
 from cpal.data.images import image_size, load_mask
@@ -55,6 +54,7 @@ from cpal.io import (
     save_label_png,
     write_json_atomic,
 )
+from cpal.log import get_logger, iterate
 from cpal.models.cam_net import CAMNet
 from cpal.viz.figures import (
     ContextPanel,
@@ -65,6 +65,7 @@ from cpal.viz.figures import (
 )
 
 STAGES = ("train", "infer", "evaluate", "labels", "figures")
+_log = get_logger(__name__)
 _LABELS_META = "_labels.json"
 
 
@@ -339,8 +340,7 @@ def stage_labels(config: Config, *, progress: bool = True) -> dict[str, Any]:
     # marker is removed while writing, so a killed run never passes for a finished one.
     reuse = _read_json(meta_path) == meta
     meta_path.unlink(missing_ok=True)
-    for image_id, map_path in tqdm(pairs, desc=f"labels {split}", disable=not progress,
-                                   leave=False, dynamic_ncols=True):
+    for image_id, map_path in iterate(pairs, f"labels {split}", enabled=progress):
         target = out_dir / f"{image_id}.png"
         if reuse and target.exists():
             if png_complete(target):
@@ -527,10 +527,6 @@ def _context_panel(
     return ContextPanel(label=layout.class_names[channel], thumbnails=thumbnails)
 
 
-def _quiet(_: str) -> None:
-    """The log of processes other than rank 0."""
-
-
 def _fractions(percents: Iterable[float | None]) -> list[float | None]:
     """metrics.json holds percent; the figure functions take fractions."""
     return [None if p is None else p / 100 for p in percents]
@@ -563,8 +559,7 @@ def check_run_inputs(config: Config, *, progress: bool = True) -> None:
         ids = layout.split_ids(split)
         if layout.has_masks(ids):
             scored += [(split, i) for i in ids]
-    for split, image_id in tqdm(scored, desc="checking masks", disable=not progress,
-                                leave=False, dynamic_ncols=True):
+    for split, image_id in iterate(scored, "checking masks", enabled=progress):
         mask = layout.load_mask(image_id)  # values checked against the class count
         height, width = image_size(layout.image_path(image_id))
         if mask.shape != (height, width):
@@ -591,8 +586,7 @@ def summary_table(config: Config) -> str:
     return results_table(rows)
 
 
-def run(config: Config, *, progress: bool = True,
-        log: Callable[[str], None] = tqdm.write) -> dict[str, Any]:
+def run(config: Config, *, progress: bool = True) -> dict[str, Any]:
     """train -> maps -> evaluation -> pseudo labels -> figures; returns metrics.json.
 
     Under torchrun every process trains and writes its share of the maps; rank 0 alone
@@ -604,9 +598,7 @@ def run(config: Config, *, progress: bool = True,
         )
     paths = RunPaths(config.output_path)
     main = distributed.ranks().is_main
-    if not main:
-        log = _quiet
-    log(f"cpal run: output in {paths.root}")
+    _log.info("cpal run: output in %s", paths.root)
     # Before any training step; rank 0 checks, every process gets its verdict (when their
     # group is up: otherwise the others stop when rank 0 does, as after any failure).
     claim_output_dir_everywhere(config)
@@ -620,16 +612,15 @@ def run(config: Config, *, progress: bool = True,
     if problem is not None:
         raise problem
     stage_train(config, progress=progress)
-    log("stage train: done")
+    _log.info("stage train: done")
     stage_infer(config, progress=progress)  # returns once every process has written its maps
-    log("stage infer: done")
+    _log.info("stage infer: done")
     if not main:
         return {}
     stage_evaluate(config)
-    log("stage evaluate: done")
+    _log.info("stage evaluate: done")
     stage_labels(config, progress=progress)
-    log("stage labels: done")
+    _log.info("stage labels: done")
     figures = stage_figures(config)
-    log("stage figures: " + ", ".join(str(p) for p in figures))
-    log("\n" + summary_table(config))
+    _log.info("stage figures: %s", ", ".join(str(p) for p in figures))
     return _read_json(paths.metrics)

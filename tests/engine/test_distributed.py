@@ -105,7 +105,6 @@ def _assert_same_training(ddp: dict, single: dict) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.filterwarnings("ignore:model.frozen_bn")
 def test_two_processes_train_like_one_with_the_same_global_batch(ddp_runs, tiny_dataset,
                                                                  tmp_path):
     root, runs = ddp_runs
@@ -123,7 +122,6 @@ def test_two_processes_train_like_one_with_the_same_global_batch(ddp_runs, tiny_
 
 
 @pytest.mark.distributed
-@pytest.mark.filterwarnings("ignore:model.frozen_bn")
 def test_two_processes_with_accumulation_fill_the_bank_like_one(ddp_runs, tiny_dataset, tmp_path):
     root, runs = ddp_runs
     single = _single(tiny_dataset, tmp_path / "single", runs["cpal"])

@@ -98,7 +98,7 @@ def test_cam_method_rejects_pacam_map():
 def test_ablate_runs_every_variant_and_writes_tables(tiny_dataset, tmp_path):
     overrides = [*tiny_overrides(tiny_dataset, tmp_path / "abl"), *PROTO, "train.epochs=1",
                  "infer.scales=[1.0]", "viz.num_images=1"]
-    md_path = ablate(None, overrides, seeds=1, progress=False, log=lambda _: None)
+    md_path = ablate(None, overrides, seeds=1, progress=False)
     md = md_path.read_text()
     for variant in VARIANTS:
         assert f"| {variant} |" in md

@@ -31,7 +31,6 @@ PROTO = ["method=cpal", "bank.size=16", "bank.clusters=3",
 # global batch comparable with the whole one.
 EXACT = ["model.frozen_bn=true", "train.lr=0.001"]
 
-pytestmark = pytest.mark.filterwarnings("ignore:model.frozen_bn")
 
 
 def _final(cfg) -> dict[str, torch.Tensor]:

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from cpal.config import Config
 from cpal.data.datasets import InferenceDataset, SameSizeBatchSampler
@@ -52,6 +51,7 @@ from cpal.io import (
     save_maps,
     write_json_atomic,
 )
+from cpal.log import Progress
 from cpal.models.cam_net import CAMNet, CAMOutput, build_network, normalized_cam
 from cpal.prototypes.module import CPALOutput
 
@@ -318,8 +318,7 @@ def infer_split(
         dataset, batch_sampler=sampler, num_workers=config.data.num_workers,
         pin_memory=device.type == "cuda",
     )
-    bar = tqdm(total=len(pending), desc=f"maps {split}", disable=not progress, leave=False,
-               dynamic_ncols=True)
+    bar = Progress(len(pending), f"maps {split}", enabled=progress)
     precision = inference_precision(config)
     for batch in loader:
         labels = batch["label"].to(device)

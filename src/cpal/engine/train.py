@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from cpal.config import Config, TrainConfig
 from cpal.data.datasets import ClassificationDataset
@@ -50,8 +48,11 @@ from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import autocast, check_precision, setup
 from cpal.errors import CheckpointError, ConfigError, DatasetError, warn
 from cpal.io import append_lines, write_text_atomic
+from cpal.log import Progress, get_logger
 from cpal.models.cam_net import CAMNet, build_network, classification_loss
 from cpal.prototypes.pacam import self_supervision_loss
+
+_log = get_logger(__name__)
 
 # Settings that do not change the maths of training, left out of the fingerprint: a run
 # may resume under other values (e.g. on 2 GPUs instead of 1 with grad_accum halved).
@@ -317,11 +318,8 @@ def train(config: Config, *, progress: bool = True) -> Path:
         layout = open_dataset(config.data)
     layout.check(config.data.train_split)  # every image present: fail now, not mid-epoch
     if config.model.frozen_bn and not config.model.pretrained and ranks.is_main:
-        warnings.warn(
-            "model.frozen_bn=true without model.pretrained: BatchNorm keeps its initial "
-            "statistics (an identity); set model.frozen_bn=false to train from scratch",
-            stacklevel=2,
-        )
+        warn("model.frozen_bn=true without model.pretrained: BatchNorm keeps its initial "
+             "statistics (an identity); set model.frozen_bn=false to train from scratch")
     plan = BatchPlan(t.batch_size, ranks.world_size, t.grad_accum)
     ids = layout.split_ids(config.data.train_split)
     auto = "auto" in (t.crop_size, t.resize_long)
@@ -338,13 +336,13 @@ def train(config: Config, *, progress: bool = True) -> Path:
         )
     epochs = run_epochs(t, steps_per_epoch)
     if ranks.is_main and (auto or t.steps is not None):
-        tqdm.write(f"train: crop {crop}, resize_long {list(resize)}, {epochs} epochs of "
-                   f"{steps_per_epoch} steps (split '{config.data.train_split}', "
-                   f"{len(dataset)} images)")
+        _log.info("train: crop %d, resize_long %s, %d epochs of %d steps (split '%s', %d "
+                  "images)", crop, list(resize), epochs, steps_per_epoch,
+                  config.data.train_split, len(dataset))
 
     net, report = build_network(config, layout.num_foreground)
     if report is not None and ranks.is_main:
-        tqdm.write(f"pretrained: {report.summary()}")
+        _log.info("pretrained: %s", report.summary())
     net.to(device)
     if t.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -371,8 +369,8 @@ def train(config: Config, *, progress: bool = True) -> Path:
         # Rows after the resume point are redone (all of them when starting over).
         _truncate_log(paths.train_log, position.step, since)
         if latest is not None and position.epoch < epochs:
-            tqdm.write(f"resuming from {latest.name} (epoch {position.epoch}/{epochs}, "
-                       f"step {position.step})")
+            _log.info("resuming from %s (epoch %d/%d, step %d)", latest.name, position.epoch,
+                      epochs, position.step)
     if ranks.is_main:
         write_text_atomic(paths.config, config.to_yaml())
     if position.epoch >= epochs:
@@ -451,8 +449,9 @@ def _run_epoch(run: _Run, epoch: int, position: Position) -> Position:
         pin_memory=run.device.type == "cuda",
     )
     run.model.train()
-    bar = tqdm(total=len(batches), initial=position.batch, disable=not run.show_progress,
-               desc=f"train epoch {epoch + 1}/{run.epochs}", leave=False, dynamic_ncols=True)
+    # No summary line: the epoch's own line below says more.
+    bar = Progress(len(batches), f"train epoch {epoch + 1}/{run.epochs}",
+                   enabled=run.show_progress, initial=position.batch, summary=False)
     every = t.checkpoint_every_steps
     seen, start = 0, time.perf_counter()
     micro: list[dict[str, Any]] = []
@@ -491,11 +490,8 @@ def _run_epoch(run: _Run, epoch: int, position: Position) -> Position:
         summary["skipped_steps"] = position.skipped
     run.log_rows.append(summary)
     _flush_log(run)
-    if run.ranks.is_main:
-        tqdm.write(
-            f"epoch {epoch + 1}/{run.epochs}: loss {summary['mean_loss']:.4f}, "
-            f"{summary['images_per_s']:.1f} images/s"
-        )
+    _log.info("epoch %d/%d: loss %.4f, %.1f images/s", epoch + 1, run.epochs,
+              summary["mean_loss"], summary["images_per_s"])
     return Position(epoch=epoch + 1, step=position.step)
 
 
