@@ -24,18 +24,18 @@ from cpal.data.source import open_dataset
 from cpal.data.transforms import normalize
 from cpal.data.voc import VOCLayout
 from cpal.engine import distributed
+from cpal.engine.identity import load_final_checkpoint, read_maps_identity
 from cpal.engine.infer import (
     PrototypeInference,
     infer,
     load_trained_model,
     missing_maps,
     normalised_maps,
-    read_maps_identity,
 )
 from cpal.engine.output_dir import claim_output_dir, claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import resolve_device
-from cpal.engine.train import load_final_checkpoint, train
+from cpal.engine.train import train
 from cpal.errors import ConfigError, CpalError, DatasetError, warn
 from cpal.evaluation.diagnostics import BorderShare, prototype_separation
 from cpal.evaluation.metrics import (

@@ -249,7 +249,7 @@ def test_a_failed_collective_stage_aborts_an_nccl_group_at_exit(backend, monkeyp
 
 def test_resuming_needs_the_checkpoint_rank_zero_chose(tmp_path):
     from cpal.engine import distributed
-    from cpal.engine.train import load_shared_checkpoint
+    from cpal.engine.identity import load_shared_checkpoint
     from cpal.errors import CheckpointError
 
     assert distributed.main_value(["a", 1]) == ["a", 1]  # one process: its own value

@@ -24,7 +24,8 @@ from cpal.engine.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from cpal.engine.infer import MAPS_META, _claim_folder, _create_exclusive
+from cpal.engine.identity import MAPS_FORMAT, MAPS_META
+from cpal.engine.infer import _claim_folder, _create_exclusive
 from cpal.engine.paths import RunPaths
 from cpal.engine.train import epoch_order
 from cpal.errors import ConfigError, DatasetError
@@ -311,8 +312,8 @@ def test_two_shards_write_disjoint_halves_whose_union_is_the_split(
 
 
 def test_maps_folder_identity_is_claimed_once(tmp_path):
-    ours = {"checkpoint": "epoch_001.json", "scales": [1.0]}
-    theirs = {"checkpoint": "epoch_001.json", "scales": [1.0, 0.5]}
+    ours = {"format": MAPS_FORMAT, "checkpoint": "epoch_001.json", "scales": [1.0]}
+    theirs = {"format": MAPS_FORMAT, "checkpoint": "epoch_001.json", "scales": [1.0, 0.5]}
     _create_exclusive(tmp_path / MAPS_META, ours)
     _create_exclusive(tmp_path / MAPS_META, theirs)  # loses: the first record stays
     assert json.loads((tmp_path / MAPS_META).read_text()) == ours
@@ -370,7 +371,7 @@ def test_bf16_maps_record_their_precision(trained, tiny_dataset, tmp_path):
     identity = json.loads((tmp_path / "run/maps/train" / MAPS_META).read_text())
     assert identity["precision"] == "bf16" and identity["inference"].endswith(", bf16")
     fp32 = json.loads((trained / "maps/train" / MAPS_META).read_text())
-    assert "precision" not in fp32  # fp32 folders keep the record they had before the key
+    assert fp32["precision"] == "fp32" and not fp32["inference"].endswith("fp32")
     # What bf16 guarantees on any processor, not one processor's rounding: bf16 rounds every
     # activation to 8 significant bits (unit roundoff u = 2^-8), and how those roundings add
     # up depends on the CPU's kernels (AVX-512 bf16 or AVX2 emulation, blocking), so single

@@ -9,6 +9,7 @@ import torch
 
 from cpal.config import AlignmentConfig, AwarenessConfig, BankConfig, PrototypeConfig, load_config
 from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
+from cpal.engine.identity import training_fingerprint
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import check_precision
 from cpal.engine.train import (
@@ -17,7 +18,6 @@ from cpal.engine.train import (
     channel_count,
     compute_loss,
     epoch_order,
-    training_fingerprint,
 )
 from cpal.errors import CheckpointError, ConfigError
 from cpal.models.cam_net import build_network
@@ -203,11 +203,10 @@ def test_fingerprint_ignores_process_layout_but_not_precision(tiny_dataset, tmp_
     same = load_config(None, [*base, "train.grad_accum=4", "train.channels_last=true",
                               "train.checkpoint_every_steps=5"])
     assert training_fingerprint(same) == plain
-    assert "precision" not in plain["train"]  # fp32: as checkpoints made before the key
+    assert plain["train"]["precision"] == "fp32"  # every setting that shapes training
     bf16 = training_fingerprint(load_config(None, [*base, "train.precision=bf16"]))
     assert bf16["train"]["precision"] == "bf16"
-    # prototype.normalize came later too: its old behaviour (true) is left implicit.
-    assert "normalize" not in plain["prototype"]
+    assert plain["prototype"]["normalize"] is True
     raw = training_fingerprint(load_config(None, [*base, "prototype.normalize=false"]))
     assert raw["prototype"]["normalize"] is False
 
@@ -314,7 +313,7 @@ def test_steps_schedule_and_auto_crop_train_and_resume(tiny_dataset, tmp_path):
     log = [r for r in _log(cfg) if "mean_loss" in r]
     assert [r["epoch"] for r in log] == [1, 2, 3]  # 24 images / 8 = 3 steps per epoch
     assert log[-1]["step"] == 9
-    from cpal.engine.train import load_final_checkpoint
+    from cpal.engine.identity import load_final_checkpoint
 
     _, ckpt = load_final_checkpoint(cfg)  # finished by its own epoch count, not train.epochs
     assert ckpt.meta["epochs"] == 3 and ckpt.epoch == 3

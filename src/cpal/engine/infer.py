@@ -38,16 +38,22 @@ from cpal.data.source import open_dataset
 from cpal.data.voc import VOCLayout
 from cpal.engine import distributed
 from cpal.engine.checkpoint import Checkpoint
+from cpal.engine.identity import (
+    MAPS_FORMAT,
+    MAPS_META,
+    changed_keys,
+    load_final_checkpoint,
+    read_maps_identity,
+    resume_point,
+)
 from cpal.engine.output_dir import claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import autocast, check_precision, setup
-from cpal.engine.train import changed_keys, load_final_checkpoint, resume_point
-from cpal.errors import ConfigError, DatasetError, warn
+from cpal.errors import ConfigError, warn
 from cpal.io import (
     IGNORE_INDEX,
     MapRecord,
     map_file_problem,
-    read_json,
     save_maps,
     write_json_atomic,
 )
@@ -55,7 +61,6 @@ from cpal.log import Progress
 from cpal.models.cam_net import CAMNet, CAMOutput, build_network, normalized_cam
 from cpal.prototypes.module import CPALOutput
 
-MAPS_META = "_maps.json"
 _NAMED = 10  # damaged files named one per line; the rest are counted
 
 
@@ -75,7 +80,9 @@ def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[st
     digest = hashlib.sha256(
         json.dumps(ckpt.meta.get("fingerprint"), sort_keys=True).encode()
     ).hexdigest()[:16]
+    precision = inference_precision(config)
     identity = {
+        "format": MAPS_FORMAT,
         "checkpoint": checkpoint.name,
         "training_fingerprint": digest,
         "method": config.method,
@@ -83,6 +90,7 @@ def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[st
         "scales": [float(x) for x in config.infer.scales],
         "flip": config.infer.flip,
         "inference": describe_inference(config.infer.scales, config.infer.flip),
+        "precision": precision,
     }
     if config.map_kind != "cam":
         proto = PrototypeInference.of(config)
@@ -90,9 +98,7 @@ def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[st
             "maps": proto.maps, "flip_fusion": proto.flip_fusion,
             "seed_features": proto.seed_features,
         }
-    precision = inference_precision(config)
-    if precision != "fp32":  # absent = fp32, as in folders made before the setting existed
-        identity["precision"] = precision
+    if precision != "fp32":  # protocols name a reduced precision, fp32 goes without saying
         identity["inference"] += f", {precision}"
     return identity
 
@@ -103,14 +109,6 @@ def every_nth(items: Sequence[str], start: int, step: int) -> list[str]:
     the split alone, so a resumed shard owns the same images) and the round-robin deal of
     a shard's missing maps to the processes running it."""
     return list(items[start::step])
-
-
-def read_maps_identity(directory: Path) -> dict[str, Any]:
-    path = directory / MAPS_META
-    try:
-        return read_json(path)
-    except FileNotFoundError as exc:
-        raise DatasetError(f"{path}: not found; run `cpal infer` first") from exc
 
 
 def load_trained_model(ckpt: Checkpoint, config: Config, num_classes: int,

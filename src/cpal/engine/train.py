@@ -33,16 +33,14 @@ from cpal.data.images import image_size
 from cpal.data.source import open_dataset
 from cpal.data.transforms import TrainTransform
 from cpal.engine import distributed
-from cpal.engine.checkpoint import (
-    Checkpoint,
-    Damaged,
-    damaged_since,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from cpal.engine.checkpoint import Checkpoint, prune_checkpoints, save_checkpoint
 from cpal.engine.distributed import Ranks, unwrap
+from cpal.engine.identity import (
+    check_fingerprint,
+    load_shared_checkpoint,
+    resume_point,
+    training_fingerprint,
+)
 from cpal.engine.output_dir import claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import autocast, check_precision, setup
@@ -53,41 +51,6 @@ from cpal.models.cam_net import CAMNet, build_network, classification_loss
 from cpal.prototypes.pacam import self_supervision_loss
 
 _log = get_logger(__name__)
-
-# Settings that do not change the maths of training, left out of the fingerprint: a run
-# may resume under other values (e.g. on 2 GPUs instead of 1 with grad_accum halved).
-_RUN_INDEPENDENT = {
-    "num_workers", "resume", "log_every", "keep_checkpoints", "checkpoint_every",
-    "checkpoint_every_steps", "grad_accum", "channels_last", "require_root",
-    "pretrained_allow_leak",
-}
-# Settings added after checkpoints existed: left out at the value those runs used, so
-# their checkpoints keep their fingerprint.
-_IMPLICIT: dict[str, Any] = {"precision": "fp32", "normalize": True}
-
-
-def training_fingerprint(config: Config) -> dict[str, Any]:
-    """The settings that shape training (precision included, process count not); a
-    checkpoint made under another fingerprint cannot be resumed or used for maps."""
-
-    def strip(section: Any) -> dict[str, Any]:
-        return {
-            k: v for k, v in asdict(section).items()
-            if k not in _RUN_INDEPENDENT and not (k in _IMPLICIT and _IMPLICIT[k] == v)
-        }
-
-    return {
-        "seed": config.seed,
-        "method": config.method,
-        "data": strip(config.data),
-        "model": strip(config.model),
-        "train": strip(config.train),
-        **{
-            name: strip(getattr(config, name))
-            for name in ("prototype", "bank", "awareness", "alignment", "loss")
-        },
-    }
-
 
 @dataclass(frozen=True)
 class LossShare:
@@ -137,52 +100,6 @@ def channel_count(labels: torch.Tensor) -> int:
     """Background + present-class channels of a batch: what L_self averages over under
     `loss.self_average: present`."""
     return int(labels.shape[0] + (labels > 0.5).sum())
-
-
-def _check_fingerprint(path: Path, ckpt: Checkpoint, fingerprint: dict[str, Any]) -> None:
-    if ckpt.meta.get("fingerprint") != fingerprint:
-        changed = changed_keys(ckpt.meta.get("fingerprint", {}), fingerprint)
-        raise CheckpointError(
-            f"{path}: made with other settings ({', '.join(changed) or 'unknown'}); "
-            "use another output_dir to train with these"
-        )
-
-
-def load_shared_checkpoint(path: Path) -> Checkpoint:
-    """Load the checkpoint rank 0 chose, which every process must see."""
-    if not path.exists():
-        raise CheckpointError(
-            f"{path}: not visible to process {distributed.ranks().rank}; output_dir must be "
-            "on a file system every node shares"
-        )
-    return load_checkpoint(path)
-
-
-def load_final_checkpoint(
-    config: Config, newest: tuple[Path | None, list[Damaged]] | None = None
-) -> tuple[Path, Checkpoint]:
-    """The finished training run of this config, for inference: refuses a checkpoint made
-    with other settings or one from an unfinished run, and names a damaged newest one
-    (never falling back to an older checkpoint). `newest`: the `resume_point` (newest
-    complete checkpoint, damaged newer ones) as rank 0 saw it (default: looked up here)."""
-    directory = RunPaths(config.output_path).checkpoints
-    latest, damaged = resume_point(directory) if newest is None else newest
-    if damaged:
-        redo = f"from {latest.name}" if latest is not None else "from the start"
-        raise CheckpointError(
-            f"{damaged[-1].describe()}; run `cpal train` to redo it ({redo})"
-        )
-    if latest is None:
-        raise CheckpointError(f"{directory}: no checkpoint; run `cpal train` first")
-    ckpt = load_shared_checkpoint(latest)
-    _check_fingerprint(latest, ckpt, training_fingerprint(config))
-    total = int(ckpt.meta.get("epochs", config.train.epochs))
-    if ckpt.epoch < total:
-        raise CheckpointError(
-            f"{latest}: training stopped at epoch {ckpt.epoch} of {total}; "
-            "run `cpal train` to finish it"
-        )
-    return latest, ckpt
 
 
 def poly_lr(base: float, step: int, total: int, power: float) -> float:
@@ -274,10 +191,7 @@ class Position:
 
     @classmethod
     def of(cls, ckpt: Checkpoint) -> Position:
-        saved = ckpt.meta.get("position") or {}  # absent in end-of-epoch checkpoints of v0.1
-        return cls(epoch=ckpt.epoch, step=ckpt.step, batch=int(saved.get("batch", 0)),
-                   loss_sum=float(saved.get("loss_sum", 0.0)), images=int(saved.get("images", 0)),
-                   skipped=int(saved.get("skipped", 0)))
+        return cls(**ckpt.meta["position"])
 
 
 @dataclass
@@ -424,7 +338,7 @@ def _restore(
     """Load checkpoint `path` (made with these settings) into the network, optimizer and
     gradient scaler; return where training stood."""
     ckpt = load_shared_checkpoint(path)
-    _check_fingerprint(path, ckpt, fingerprint)
+    check_fingerprint(path, ckpt, fingerprint)
     net.load_state_dict(ckpt.model)
     if ckpt.optimizer is not None:
         optimizer.load_state_dict(ckpt.optimizer)
@@ -571,13 +485,6 @@ def _flush_log(run: _Run) -> None:
     run.log_rows.clear()
 
 
-def resume_point(directory: Path) -> tuple[Path | None, list[Damaged]]:
-    """The newest complete checkpoint, and the damaged ones newer than it (which a resume
-    from it falls back over, and must name)."""
-    latest = latest_checkpoint(directory)
-    return latest, damaged_since(directory, latest)
-
-
 def _truncate_log(path: Path, step: int, since: str) -> None:
     """Drop log rows after `step` (the resume point `since`: those steps are redone), and
     rows that do not parse, naming them: a torn last line is what a kill or a full disk
@@ -607,15 +514,3 @@ def _truncate_log(path: Path, step: int, since: str) -> None:
         kept.append(line)
     if dropped:
         write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two (nested) settings records."""
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
