@@ -507,7 +507,7 @@ def ddp_two(check: Checker, ws: Workspace) -> None:
         data = ws.root / "broken_data"
         shutil.rmtree(data, ignore_errors=True)
         shutil.copytree(ws.data, data)
-        from cpal.engine.train import epoch_order
+        from cpal.engine.trainer import epoch_order
 
         ids = (data / "ImageSets/Segmentation/train.txt").read_text().split()
         first = epoch_order(len(ids), seed=0, epoch=0)[:8]  # the first global batch

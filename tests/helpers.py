@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
-import cpal.engine.train as train_module
+from cpal.engine.hooks import HookBase, Interrupt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,19 +33,7 @@ def tiny_overrides(data_root: Path, output_dir: Path) -> list[str]:
     ]
 
 
-@contextlib.contextmanager
-def killed_in_second_epoch() -> Iterator[None]:
-    """Training raises KeyboardInterrupt as its second epoch starts, as a kill would."""
-    real, calls = train_module._run_epoch, {"n": 0}
-
-    def dies(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    train_module._run_epoch = dies
-    try:
-        yield
-    finally:
-        train_module._run_epoch = real
+def killed_in_second_epoch() -> list[HookBase]:
+    """Hooks for `stage_train`: training raises KeyboardInterrupt as its second epoch
+    starts (its first checkpoint written), as a kill would."""
+    return [Interrupt(at_epoch=1)]

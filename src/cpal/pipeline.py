@@ -24,6 +24,7 @@ from cpal.data.source import open_dataset
 from cpal.data.transforms import normalize
 from cpal.data.voc import VOCLayout
 from cpal.engine import distributed
+from cpal.engine.hooks import HookBase
 from cpal.engine.identity import load_final_checkpoint, read_maps_identity
 from cpal.engine.infer import (
     PrototypeInference,
@@ -126,9 +127,11 @@ def _map_paths(
 # Stages
 
 
-def stage_train(config: Config, *, progress: bool = True) -> dict[str, Any]:
+def stage_train(config: Config, *, progress: bool = True,
+                hooks: Sequence[HookBase] = ()) -> dict[str, Any]:
+    """Train (or resume); `hooks` run after the standard ones (`cpal.engine.train.train`)."""
     start = time.perf_counter()
-    checkpoint = train(config, progress=progress)
+    checkpoint = train(config, progress=progress, hooks=hooks)
     details = {"checkpoint": checkpoint.name}
     if distributed.ranks().is_main:
         _record_stage(RunPaths(config.output_path), "train", time.perf_counter() - start,

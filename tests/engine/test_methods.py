@@ -69,8 +69,8 @@ def test_resume_is_exact_with_prototypes(method, tiny_dataset, tmp_path):
     straight = _cfg(tiny_dataset, tmp_path / "a", f"method={method}")
     stage_train(straight, progress=False)
     crashed = _cfg(tiny_dataset, tmp_path / "b", f"method={method}")
-    with killed_in_second_epoch(), pytest.raises(KeyboardInterrupt):
-        stage_train(crashed, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        stage_train(crashed, progress=False, hooks=killed_in_second_epoch())
     stage_train(crashed, progress=False)
     a = load_checkpoint(latest_checkpoint(RunPaths(straight.output_path).checkpoints)).model
     b = load_checkpoint(latest_checkpoint(RunPaths(crashed.output_path).checkpoints)).model

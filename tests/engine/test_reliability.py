@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -24,10 +23,11 @@ from cpal.engine.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from cpal.engine.hooks import Interrupt
 from cpal.engine.identity import MAPS_FORMAT, MAPS_META
 from cpal.engine.infer import _claim_folder, _create_exclusive
 from cpal.engine.paths import RunPaths
-from cpal.engine.train import epoch_order
+from cpal.engine.trainer import epoch_order
 from cpal.errors import ConfigError, DatasetError
 from cpal.evaluation.metrics import labels_from_maps
 from cpal.io import load_maps
@@ -53,24 +53,6 @@ def _assert_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-@contextlib.contextmanager
-def killed_at_step(n: int):
-    """Training raises KeyboardInterrupt inside its n-th optimizer step, as a kill would."""
-    real, calls = torch.optim.SGD.step, {"n": 0}
-
-    def dies(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    torch.optim.SGD.step = dies
-    try:
-        yield
-    finally:
-        torch.optim.SGD.step = real
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_dataset, tmp_path_factory):
     cfg = _cfg(tiny_dataset, tmp_path_factory.mktemp("straight") / "run", *MID)
@@ -94,8 +76,8 @@ def _torchrun(tmp_path: Path, command: str, *args: str) -> subprocess.CompletedP
 
 def test_mid_epoch_checkpoints_resume_exactly(tiny_dataset, tmp_path, uninterrupted):
     cfg = _cfg(tiny_dataset, tmp_path / "run", *MID)
-    with killed_at_step(5), pytest.raises(KeyboardInterrupt):
-        stage_train(cfg, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # killed during its 5th step
+        stage_train(cfg, progress=False, hooks=[Interrupt(at_step=4)])
     directory = RunPaths(cfg.output_path).checkpoints
     assert [p.name for p in list_checkpoints(directory)] == [
         "step_00000002.json", "epoch_001.json", "step_00000004.json"]
@@ -222,8 +204,8 @@ def test_fp16_gradient_scaler_state_is_checkpointed(tiny_dataset, tmp_path):
     scaler = load_checkpoint(latest_checkpoint(tmp_path / "a/checkpoints")).meta["grad_scaler"]
     assert scaler["scale"] > 0 and scaler["_growth_tracker"] >= 1
     crashed = _cfg(tiny_dataset, tmp_path / "b", *MID, "train.precision=fp16")
-    with killed_at_step(5), pytest.raises(KeyboardInterrupt):
-        stage_train(crashed, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # killed during its 5th step
+        stage_train(crashed, progress=False, hooks=[Interrupt(at_step=4)])
     stage_train(crashed, progress=False)
     resumed = load_checkpoint(latest_checkpoint(tmp_path / "b/checkpoints")).meta["grad_scaler"]
     # The growth tracker counts steps since the scale last changed: restored, not restarted.

@@ -12,13 +12,8 @@ from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
 from cpal.engine.identity import training_fingerprint
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import check_precision
-from cpal.engine.train import (
-    BatchPlan,
-    LossShare,
-    channel_count,
-    compute_loss,
-    epoch_order,
-)
+from cpal.engine.train import LossShare, channel_count, compute_loss
+from cpal.engine.trainer import BatchPlan, epoch_order
 from cpal.errors import CheckpointError, ConfigError
 from cpal.models.cam_net import build_network
 from cpal.pipeline import stage_infer, stage_train
@@ -210,8 +205,8 @@ def test_fingerprint_ignores_process_layout_but_not_precision(tiny_dataset, tmp_
     raw = training_fingerprint(load_config(None, [*base, "prototype.normalize=false"]))
     assert raw["prototype"]["normalize"] is False
 
-    with killed_in_second_epoch(), pytest.raises(KeyboardInterrupt):
-        stage_train(load_config(None, base), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        stage_train(load_config(None, base), progress=False, hooks=killed_in_second_epoch())
     # Resuming with another accumulation works (1 GPU -> 2 GPUs is the same maths) ...
     stage_train(load_config(None, [*base, "train.grad_accum=2"]), progress=False)
     assert load_checkpoint(latest_checkpoint(tmp_path / "run/checkpoints")).epoch == 2
@@ -291,7 +286,8 @@ def test_fp16_on_cpu_is_refused_for_prototype_methods(tiny_dataset, tmp_path):
 
 def test_crop_geometry_auto_follows_the_images() -> None:
     from cpal.config import TrainConfig
-    from cpal.engine.train import crop_geometry, run_epochs
+    from cpal.engine.train import crop_geometry
+    from cpal.engine.trainer import run_epochs
 
     auto = TrainConfig(crop_size="auto", resize_long="auto")
     assert crop_geometry(auto, [128, 128, 96]) == (128, (112, 160))  # median 128
