@@ -20,9 +20,9 @@ from typing import Any
 from cpal.config import Config, load_config
 from cpal.io import write_text_atomic
 from cpal.log import get_logger
+from cpal.methods import ablation_ladder
 from cpal.pipeline import run
 
-VARIANTS = ("cam", "sipe", "cpal-mean", "cpal-topk", "cpal")
 _log = get_logger(__name__)
 
 
@@ -94,7 +94,7 @@ SWEEPS: dict[str, Sweep | Choices] = {
 
 def arms(sweeps: Sequence[str] = (), *, variants: bool = True) -> list[Arm]:
     """The main ladder (unless `variants` is false), then each sweep's arms."""
-    rows = [Arm(v, (f"method={v}",)) for v in VARIANTS] if variants else []
+    rows = [Arm(v, (f"method={v}",)) for v in ablation_ladder()] if variants else []
     for name in sweeps:
         rows += SWEEPS[name].arms()
     return rows

@@ -19,6 +19,7 @@ from cpal import __version__
 from cpal.config import Config, load_config
 from cpal.errors import ConfigError, CpalError, DatasetError, warn
 from cpal.log import get_logger
+from cpal.methods import ablation_ladder
 
 _log = get_logger(__name__)
 
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                                help="split of the --labels images (default: labels.split)")
     ablate = sub.add_parser(
         "ablate", help="train every variant on the same data and seeds; write a table",
-        description="Runs cam, sipe, cpal-mean, cpal-topk and cpal (and optional sweeps) "
+        description=f"Runs {', '.join(ablation_ladder())} (and optional sweeps) "
         "under OUTPUT_DIR/ablation/ and writes ablation.md and ablation.csv there.",
     )
     _add_config_args(ablate)

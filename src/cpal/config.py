@@ -19,8 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from cpal.errors import ConfigError
-
-Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+from cpal.methods import DEFAULT_METHOD, MAP_KINDS, METHODS, method_spec
 
 
 @dataclass
@@ -52,7 +51,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Arch = "resnet50"
+    arch: str = "resnet50"
+    """A registered backbone (`cpal.models.registry.BACKBONES`: resnet18/34/50/101)."""
     width: float = 1.0
     """Channel multiplier of the backbone (1.0 = torchvision widths; <1 for CPU-sized runs)."""
     output_stride: Literal[8, 16] = 16
@@ -65,9 +65,6 @@ class ModelConfig:
     pretrained_allow_leak: bool = False
     """Acknowledge a `pretrained` file that looks trained on VOC/COCO pixel labels: the
     warning becomes a printed note (results are then not weakly supervised)."""
-
-
-Method = Literal["cam", "sipe", "cpal-mean", "cpal-topk", "cpal"]
 
 
 @dataclass
@@ -224,9 +221,10 @@ class InferConfig:
     batch_size: int = 8
     """Images per forward pass (each with its flip); images are grouped by size."""
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
-    map: Literal["auto", "cam", "pacam", "fused"] = "auto"
-    """Which localisation map to write: auto = pacam for prototype methods, cam for cam;
-    fused = mean of the max-normalised CAM and PACAM."""
+    map: str = "auto"
+    """Which localisation map to write (`cpal.methods.MAP_KINDS`): auto = the method's
+    default (pacam for prototype methods, cam for cam); fused = mean of the
+    max-normalised CAM and PACAM."""
     prototype_maps: Literal["sipe", "per_scale"] = "sipe"
     """sipe: the raw relu-cosine maps of every scale are resized to the image (bilinear,
     align_corners=False), summed and max-normalised once per channel; per_scale (earlier):
@@ -302,8 +300,9 @@ class Config:
     """auto (cuda when available), cpu, cuda or cuda:N."""
     threads: int | None = None
     """torch CPU threads; null keeps torch's default."""
-    method: Method = "cam"
-    """Variant: cam, sipe, cpal-mean, cpal-topk or cpal (the ablation ladder)."""
+    method: str = DEFAULT_METHOD
+    """A registered method (`cpal.methods.METHODS`): cam, sipe, cpal-mean, cpal-topk or
+    cpal (the ablation ladder)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
@@ -329,7 +328,7 @@ class Config:
         """The map `infer` writes: `infer.map`, with auto resolved by the method."""
         if self.infer.map != "auto":
             return self.infer.map
-        return "cam" if self.method == "cam" else "pacam"
+        return method_spec(self.method).default_map
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -527,6 +526,9 @@ def _check_values(config: Config) -> None:
     t, m, i, s = config.train, config.model, config.infer, config.data.synthetic
     need(config.data.root is not None or not config.data.require_root, "data.root",
          "required by this config (data.require_root=true): pass data.root=/path/to/dataset")
+    from cpal.models.registry import BACKBONES  # builds torch modules: imported on use
+
+    m.arch = BACKBONES.check(m.arch, "model.arch")
     need(m.width > 0, "model.width", "must be > 0")
     need(0 <= m.frozen_stages <= 3, "model.frozen_stages", "must be 0, 1, 2 or 3")
     need(t.epochs >= 1, "train.epochs", "must be >= 1")
@@ -558,8 +560,12 @@ def _check_values(config: Config) -> None:
     need(len(i.scales) >= 1 and all(x > 0 for x in i.scales), "infer.scales", "must be > 0")
     need(i.batch_size >= 1, "infer.batch_size", "must be >= 1")
     need(i.shard_spec[1] >= 1, "infer.shard", "needs N >= 1")  # shard_spec checks the form
-    need(config.method != "cam" or i.map in ("auto", "cam"), "infer.map",
-         f"'{i.map}' needs a prototype method (method=cam has no PACAM)")
+    config.method = METHODS.check(config.method, "method")
+    spec = method_spec(config.method)
+    need(i.map == "auto" or i.map in MAP_KINDS, "infer.map",
+         f"invalid value {i.map!r}; choose one of auto, {', '.join(MAP_KINDS)}")
+    need(i.map == "auto" or i.map in spec.maps, "infer.map",
+         f"method {config.method} writes {', '.join(spec.maps)}, not {i.map}")
     pc, bc, ac = config.prototype, config.bank, config.awareness
     need(pc.projection is None or pc.projection >= 1, "prototype.projection",
          "must be >= 1 or null")

@@ -56,6 +56,7 @@ from cpal.io import (
     write_json_atomic,
 )
 from cpal.log import get_logger, iterate
+from cpal.methods import CAM_MAP, PACAM_MAP, method_spec
 from cpal.models.cam_net import CAMNet
 from cpal.viz.figures import (
     ContextPanel,
@@ -256,7 +257,7 @@ def stage_evaluate(config: Config) -> dict[str, Any]:
                 "protocol": seed_protocol.to_dict(),
             }
     _update_json(paths.metrics, "maps", results)
-    if config.method != "cam" and config.eval.diagnostic_images > 0:
+    if method_spec(config.method).has_prototypes and config.eval.diagnostic_images > 0:
         _update_json(paths.metrics, "diagnostics", {
             split: {"prototype_separation": _separation(config, layout, split)}
             for split in config.infer.splits
@@ -441,7 +442,7 @@ def stage_figures(config: Config) -> list[Path]:
     target = paths.figures / f"overlay_{split}.png"
     overlay_grid(rows, target, layout.class_names, heat_title=f"{config.map_kind} heat map")
     written.append(target)
-    if config.method != "cam":
+    if method_spec(config.method).has_prototypes:
         target = paths.figures / f"cam_vs_pacam_{split}.png"
         _comparison_figure(config, layout, rows, target)
         written.append(target)
@@ -491,7 +492,7 @@ def _comparison_figure(
         image = normalize(layout.load_image(row.image_id))[None].to(device)
         labels = torch.from_numpy(layout.image_labels([row.image_id])).to(device)
         maps = normalised_maps(model, image, labels, config.infer.scales, config.infer.flip,
-                               ("cam", "pacam"), PrototypeInference.of(config))
+                               (CAM_MAP, PACAM_MAP), PrototypeInference.of(config))
         present = torch.nonzero(labels[0] > 0.5).flatten()
 
         def heat(kind: str, present: torch.Tensor = present, maps: dict = maps) -> np.ndarray:
@@ -501,8 +502,8 @@ def _comparison_figure(
         context = None
         if selects and len(present):
             context = _context_panel(model, layout, train_ids, image, labels, row, present)
-        compared.append(dataclasses.replace(row, heat=heat("cam"),
-                                            more_heats={"PACAM": heat("pacam")},
+        compared.append(dataclasses.replace(row, heat=heat(CAM_MAP),
+                                            more_heats={"PACAM": heat(PACAM_MAP)},
                                             context=context))
     overlay_grid(compared, target, layout.class_names, heat_title="CAM")
 

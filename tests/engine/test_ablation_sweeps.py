@@ -1,7 +1,10 @@
 """`cpal ablate --sweep`: which runs each sweep adds."""
 
-from cpal.ablation import VARIANTS, arms
+from cpal.ablation import arms
 from cpal.config import load_config
+from cpal.methods import ablation_ladder
+
+VARIANTS = ablation_ladder()
 
 
 def test_score_sweep_uses_raw_prototypes_and_main_arms_do_not():

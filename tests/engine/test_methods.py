@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from cpal.ablation import VARIANTS, ablate, format_tables
+from cpal.ablation import ablate, format_tables
 from cpal.config import load_config
 from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
 from cpal.engine.infer import load_trained_model
 from cpal.engine.paths import RunPaths
 from cpal.io import load_maps
+from cpal.methods import ablation_ladder
 from cpal.pipeline import run, stage_infer, stage_train
 from tests.helpers import killed_in_second_epoch, tiny_overrides
 
@@ -90,8 +91,10 @@ def test_self_loss_is_logged_for_prototype_methods(tiny_dataset, tmp_path):
 def test_cam_method_rejects_pacam_map():
     from cpal.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"'infer\.map'"):
+    with pytest.raises(ConfigError, match=r"'infer\.map': method cam writes cam, not pacam"):
         load_config(None, ["method=cam", "infer.map=pacam"])
+    with pytest.raises(ConfigError, match=r"'infer\.map': invalid value 'pcam'; choose one of"):
+        load_config(None, ["method=sipe", "infer.map=pcam"])
 
 
 @pytest.mark.slow
@@ -100,11 +103,11 @@ def test_ablate_runs_every_variant_and_writes_tables(tiny_dataset, tmp_path):
                  "infer.scales=[1.0]", "viz.num_images=1"]
     md_path = ablate(None, overrides, seeds=1, progress=False)
     md = md_path.read_text()
-    for variant in VARIANTS:
+    for variant in ablation_ladder():
         assert f"| {variant} |" in md
     assert "ORACLE" in md and "held-out" in md
     rows = (md_path.parent / "ablation.csv").read_text().splitlines()
-    assert len(rows) == 1 + len(VARIANTS)
+    assert len(rows) == 1 + len(ablation_ladder())
 
 
 def test_ablation_table_mean_and_std_by_hand():

@@ -15,6 +15,7 @@ from cpal.engine.runtime import check_precision
 from cpal.engine.train import LossShare, channel_count, compute_loss
 from cpal.engine.trainer import BatchPlan, epoch_order
 from cpal.errors import CheckpointError, ConfigError
+from cpal.methods import PrototypeBranch
 from cpal.models.cam_net import build_network
 from cpal.pipeline import stage_infer, stage_train
 from cpal.prototypes.module import CPALModule
@@ -107,7 +108,8 @@ def test_micro_batch_shares_give_the_global_loss_and_gradient():
 def test_deferred_bank_matches_one_forward_over_the_whole_batch():
     def module() -> CPALModule:
         torch.manual_seed(0)
-        return CPALModule((8, 16), 3, "cpal", PrototypeConfig(),
+        return CPALModule((8, 16), 3, PrototypeBranch(bank=True, selection=True,
+                                                      alignment=True), PrototypeConfig(),
                           BankConfig(size=8, clusters=2, recluster_every=1, kmeans_iters=3),
                           AwarenessConfig(top_k=2), AlignmentConfig())
 

@@ -58,6 +58,7 @@ from cpal.io import (
     write_json_atomic,
 )
 from cpal.log import Progress
+from cpal.methods import CAM_MAP, FUSED_MAP, PACAM_MAP
 from cpal.models.cam_net import CAMNet, CAMOutput, build_network, normalized_cam
 from cpal.prototypes.module import CPALOutput
 
@@ -92,7 +93,7 @@ def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[st
         "inference": describe_inference(config.infer.scales, config.infer.flip),
         "precision": precision,
     }
-    if config.map_kind != "cam":
+    if config.map_kind != CAM_MAP:
         proto = PrototypeInference.of(config)
         identity["prototype_inference"] = {
             "maps": proto.maps, "flip_fusion": proto.flip_fusion,
@@ -168,7 +169,7 @@ def _prototype_scale(
 @torch.inference_mode()
 def multiscale_maps(
     model: CAMNet, images: Tensor, scales: Sequence[float], flip: bool,
-    labels: Tensor | None = None, kinds: Sequence[str] = ("cam",),
+    labels: Tensor | None = None, kinds: Sequence[str] = (CAM_MAP,),
     proto: PrototypeInference = PrototypeInference(),
 ) -> dict[str, Tensor]:
     """Sums over scales of relu CAMs and/or prototype maps at the input's resolution,
@@ -204,10 +205,10 @@ def multiscale_maps(
             size = (max(1, round(height * scale)), max(1, round(width * scale)))
             x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         out = model(torch.cat([x, x.flip(-1)]) if flip else x)
-        if "cam" in kinds:
+        if CAM_MAP in kinds:
             cam = F.relu(out.cam)
-            add("cam", _flip_sum(cam, batch) if flip else cam, grid_aligned=True)
-        if "pacam" in kinds:
+            add(CAM_MAP, _flip_sum(cam, batch) if flip else cam, grid_aligned=True)
+        if PACAM_MAP in kinds:
             if model.cpal is None or labels is None:
                 raise ValueError("PACAM needs a network with the CPAL module and image labels")
             res = _prototype_scale(model, out, x, labels, flip, proto)
@@ -217,17 +218,17 @@ def multiscale_maps(
                                                       mode="nearest")
             if proto.maps == "sipe":
                 assert res.similarity is not None
-                add("pacam", res.similarity[:, 1:], grid_aligned=False)
+                add(PACAM_MAP, res.similarity[:, 1:], grid_aligned=False)
                 add("pacam_background", res.similarity[:, :1], grid_aligned=False)
             else:
-                add("pacam", res.pacam[:, 1:], grid_aligned=True)
+                add(PACAM_MAP, res.pacam[:, 1:], grid_aligned=True)
                 add("pacam_background", res.pacam[:, :1], grid_aligned=True)
     return totals
 
 
 def multiscale_cam(model: CAMNet, images: Tensor, scales: Sequence[float], flip: bool) -> Tensor:
     """Sum over scales (and flips) of relu CAMs at the input's resolution: (B, C, H, W)."""
-    return multiscale_maps(model, images, scales, flip)["cam"]
+    return multiscale_maps(model, images, scales, flip)[CAM_MAP]
 
 
 def normalised_maps(
@@ -259,13 +260,13 @@ def localisation_maps(
     """The map of kind cam, pacam or fused (the mean of the two), values in [0, 1], with
     its own background channel (B, 1, H, W) where it has one (pacam: the background
     prototype's map; fused: the mean of that and the CAM's 1 - max)."""
-    needed = ("cam", "pacam") if kind == "fused" else (kind,)
+    needed = (CAM_MAP, PACAM_MAP) if kind == FUSED_MAP else (kind,)
     normed = normalised_maps(model, images, labels, scales, flip, needed, proto)
     seeds = normed.get("pacam_seeds")
-    if kind == "fused":
-        present = labels[:, :, None, None].to(normed["cam"].dtype)
-        cam_bg = 1.0 - (normed["cam"] * present).amax(dim=1, keepdim=True)
-        return Localisation((normed["cam"] + normed["pacam"]) / 2,
+    if kind == FUSED_MAP:
+        present = labels[:, :, None, None].to(normed[CAM_MAP].dtype)
+        cam_bg = 1.0 - (normed[CAM_MAP] * present).amax(dim=1, keepdim=True)
+        return Localisation((normed[CAM_MAP] + normed[PACAM_MAP]) / 2,
                             (cam_bg + normed["pacam_background"]) / 2, seeds)
     return Localisation(normed[kind], normed.get(f"{kind}_background"), seeds)
 
