@@ -151,10 +151,13 @@ def _cmd_infer(cfg: Config, args: argparse.Namespace) -> Any:
 
 
 def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> Any:
-    from cpal.pipeline import evaluate_label_dir, stage_evaluate, summary_table
+    from cpal.data.source import open_dataset
+    from cpal.evaluation.scoring import evaluate_label_dir
+    from cpal.pipeline import stage_evaluate, summary_table
 
     if args.labels is not None:
-        result = evaluate_label_dir(cfg, args.labels.resolve(), args.split or cfg.labels.split)
+        result = evaluate_label_dir(open_dataset(cfg.data), args.labels.resolve(),
+                                    args.split or cfg.labels.split).to_dict()
         print(f"mIoU {result['miou']:.2f}  [{result['protocol']['description']}]")
         return result
     stage_evaluate(cfg)
