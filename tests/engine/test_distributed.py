@@ -49,13 +49,14 @@ def _worker(rank: int, world: int, port: int, commands: list[list[str]], out: st
         written[-1].append(f"{path.parent.name}/{path.name}")
         real_write(path, *record)
 
-    infer_module._write_record = recording_write
     try:
-        for argv in commands:
-            written.append([])
-            code = main([*argv, "--no-progress"])
-            if code != 0:
-                raise SystemExit(f"rank {rank}: {argv[0]} exited {code}")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(infer_module, "_write_record", recording_write)
+            for argv in commands:
+                written.append([])
+                code = main([*argv, "--no-progress"])
+                if code != 0:
+                    raise SystemExit(f"rank {rank}: {argv[0]} exited {code}")
         Path(out, f"written{rank}.json").write_text(json.dumps(written))
     finally:
         distributed._destroy()

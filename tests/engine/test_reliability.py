@@ -97,6 +97,7 @@ def test_mid_epoch_checkpoints_resume_exactly(tiny_dataset, tmp_path, uninterrup
 _CHILD = r"""
 import json, os, sys
 from pathlib import Path
+import pytest
 import torch
 torch.set_num_threads(1)
 import cpal.engine.checkpoint as checkpoint
@@ -124,14 +125,16 @@ def dying(real, write_whole):
             os._exit(3)
     return wrapper
 
+patch = pytest.MonkeyPatch()  # this process dies (os._exit) before it could undo anything
 if target == "tensors":
-    checkpoint.save_file = dying(checkpoint.save_file,
-                                 lambda real, p, tensors, name: real(tensors, str(p)))
+    patch.setattr(checkpoint, "save_file", dying(
+        checkpoint.save_file, lambda real, p, tensors, name: real(tensors, str(p))))
 elif target == "marker":
-    checkpoint.write_json_atomic = dying(checkpoint.write_json_atomic,
-                                         lambda real, p, path, record: real(p, record))
+    patch.setattr(checkpoint, "write_json_atomic", dying(
+        checkpoint.write_json_atomic, lambda real, p, path, record: real(p, record)))
 elif target == "maps":
-    infer.save_maps = dying(infer.save_maps, lambda real, p, path, record: real(p, record))
+    patch.setattr(infer, "save_maps", dying(
+        infer.save_maps, lambda real, p, path, record: real(p, record)))
 config = load_config(None, overrides)
 (stage_train if stage == "train" else stage_infer)(config, progress=False)
 sys.exit(0)
