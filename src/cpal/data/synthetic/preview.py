@@ -38,7 +38,7 @@ def _wrap(draw: ImageDraw.ImageDraw, words: list[str], font: Any, width: int) ->
 
 
 def sample_grid(root: Path, path: Path, *, num_images: int = 12, split: str = "train") -> None:
-    """Write a PNG grid (image above its colour mask, with the class names) for the README.
+    """Write a PNG grid (image above its colour mask, with the class names) for the docs.
 
     The grid is palette-quantised: it is for looking at, not a lossless copy of the data.
     """
@@ -95,7 +95,7 @@ def sample_grid(root: Path, path: Path, *, num_images: int = 12, split: str = "t
             draw.text((x + line_h + 1, y), name, fill="black", font=font)
             x += line_h + 4 + int(draw.textlength(name, font=font)) + 12
         y += line_h
-    # A dithered 256-colour palette keeps README images ~3x smaller at no visible cost;
+    # A dithered 256-colour palette keeps the docs' images ~3x smaller at no visible cost;
     # mask and text colours are reserved entries, so they stay exact (and undithered).
     reserved = [(0, 0, 0), (255, 255, 255), *(colour for _, colour in legend)]
     learned = canvas.quantize(colors=256 - len(reserved), method=Image.Quantize.MAXCOVERAGE)
