@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import types
 import typing
@@ -393,6 +394,19 @@ class VizConfig:
 
 
 @dataclass
+class LogConfig:
+    """What a run records besides `train_log.jsonl` (nothing here changes the numbers)."""
+
+    tensorboard: bool = False
+    """Also write the training scalars (loss and its terms, lr, images/s, epoch mean loss)
+    as TensorBoard events under output_dir/tensorboard/; needs the tensorboard package."""
+
+    def validate(self, at: str) -> None:
+        need(not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+             f"{at}.tensorboard", "needs the tensorboard package (pip install tensorboard)")
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/default"
     output_dir_force: bool = False
@@ -421,6 +435,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     viz: VizConfig = field(default_factory=VizConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def output_path(self) -> Path:

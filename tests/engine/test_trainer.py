@@ -14,7 +14,7 @@ from torch import nn
 
 from cpal.config import TrainConfig
 from cpal.engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from cpal.engine.hooks import HookBase, Interrupt, standard_hooks
+from cpal.engine.hooks import HookBase, Interrupt, TensorBoardHook, standard_hooks
 from cpal.engine.paths import RunPaths
 from cpal.engine.trainer import Trainer
 
@@ -111,3 +111,44 @@ def test_a_killed_task_resumes_exactly(tmp_path):
 def test_interrupt_needs_one_point():
     with pytest.raises(ValueError, match="exactly one"):
         Interrupt()
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.scalars: list[tuple[str, int]] = []
+        self.closed = False
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        assert isinstance(value, float)
+        self.scalars.append((tag, step))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_tensorboard_scalars_follow_the_log(tmp_path):
+    writer = _Writer()
+    trainer = _trainer(tmp_path, TensorBoardHook(SETTINGS, tmp_path / "tb", writer))
+    trainer.resume({}, allowed=True)
+    trainer.train()
+    tags = {tag for tag, _ in writer.scalars}
+    assert tags == {"train/loss", "train/mse", "train/lr", "train/images_per_s",
+                    "epoch/mean_loss"}
+    assert [s for t, s in writer.scalars if t == "train/loss"] == [1, 2, 3, 4, 5, 6]
+    assert [s for t, s in writer.scalars if t == "epoch/mean_loss"] == [3, 6]
+    assert writer.closed
+
+
+def test_tensorboard_without_the_package_is_one_line(monkeypatch):
+    import importlib.util
+
+    from cpal.config import load_config
+    from cpal.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"^'log\.tensorboard': needs the tensorboard "
+                                          r"package \(pip install tensorboard\)$"):
+        load_config(None, ["log.tensorboard=true"])
+    assert not load_config(None).log.tensorboard

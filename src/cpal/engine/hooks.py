@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cpal.config import TrainConfig
 from cpal.engine import distributed
@@ -158,6 +158,49 @@ class ProgressHook(HookBase):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class ScalarWriter(Protocol):
+    """What `TensorBoardHook` writes to (torch.utils.tensorboard.SummaryWriter's subset)."""
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoardHook(HookBase):
+    """The JSONL log's numbers as TensorBoard scalars (rank 0): loss, its terms, lr and
+    images/s every `log_every` steps, the mean loss per epoch (at the epoch's last step).
+    `writer` defaults to a SummaryWriter in `log_dir`, made when training starts."""
+
+    def __init__(self, train: TrainConfig, log_dir: Path, writer: ScalarWriter | None = None
+                 ) -> None:
+        self.every, self.log_dir, self.writer = train.log_every, log_dir, writer
+
+    def before_train(self) -> None:
+        if self.writer is None and self.trainer.ranks.is_main:
+            from torch.utils.tensorboard import SummaryWriter  # optional: log.tensorboard
+
+            self.writer = SummaryWriter(str(self.log_dir))
+
+    def after_step(self) -> None:
+        trainer, result = self.trainer, self.trainer.step_result
+        if self.writer is None or result is None or trainer.position.step % self.every:
+            return
+        step = trainer.position.step
+        for name, value in result.losses.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
+        self.writer.add_scalar("train/lr", trainer.optimizer.param_groups[0]["lr"], step)
+        self.writer.add_scalar("train/images_per_s", trainer.images_per_second(), step)
+
+    def after_epoch(self) -> None:
+        summary = self.trainer.epoch_summary
+        if self.writer is not None and summary is not None:
+            self.writer.add_scalar("epoch/mean_loss", summary.mean_loss, summary.step)
+
+    def after_train(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 class Interrupt(HookBase):

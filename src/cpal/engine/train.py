@@ -28,7 +28,7 @@ from cpal.data.source import open_dataset
 from cpal.data.transforms import TrainTransform
 from cpal.engine import distributed
 from cpal.engine.distributed import unwrap
-from cpal.engine.hooks import HookBase, standard_hooks
+from cpal.engine.hooks import HookBase, TensorBoardHook, standard_hooks
 from cpal.engine.identity import training_fingerprint
 from cpal.engine.output_dir import claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
@@ -224,12 +224,13 @@ def train(config: Config, *, progress: bool = True, hooks: Sequence[HookBase] = 
     optimizer = build_optimizer(net, config)
     task = CAMTask(config, net, dataset, device)
     fingerprint = training_fingerprint(config)
+    extra = [TensorBoardHook(t, paths.tensorboard)] if config.log.tensorboard else []
     trainer = Trainer(
         task, optimizer, train=t, seed=config.seed, num_workers=config.data.num_workers,
         device=device, paths=paths,
         meta={"fingerprint": fingerprint, "class_names": list(layout.class_names)},
         epochs=epochs, steps_per_epoch=steps_per_epoch,
-        hooks=[*task.hooks(), *standard_hooks(t, progress=progress), *hooks],
+        hooks=[*task.hooks(), *standard_hooks(t, progress=progress), *extra, *hooks],
     )
     trainer.resume(fingerprint, allowed=t.resume)
     if ranks.is_main:
