@@ -74,8 +74,8 @@ def test_a_checkpoint_of_another_format_is_refused_in_one_line(tmp_path):
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(path)
     assert str(error.value) == (f"{path}: checkpoint format {FORMAT_VERSION - 1}, this cpal "
-                                f"reads format {FORMAT_VERSION}; train again in another "
-                                "output_dir")
+                                f"reads format {FORMAT_VERSION}; train again (delete "
+                                f"{tmp_path} or choose another output_dir)")
 
 
 def test_a_maps_folder_of_another_format_is_refused_in_one_line(tmp_path):

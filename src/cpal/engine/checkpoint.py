@@ -217,7 +217,8 @@ def load_checkpoint(json_path: Path) -> Checkpoint:
     if record.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"{json_path}: checkpoint format {record.get('format')}, this cpal reads format "
-            f"{FORMAT_VERSION}; train again in another output_dir"
+            f"{FORMAT_VERSION}; train again (delete {json_path.parent} or choose another "
+            "output_dir)"
         )
     try:
         tensors = load_file(str(tensor_path), device="cpu")
