@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 	$(VENV)/bin/ruff check src tests benchmarks
+
+# The inner loop: everything but the multi-process and end-to-end tests (see pyproject's markers).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not distributed"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -19,10 +19,9 @@ import torch
 
 from cpal.config import load_config
 from cpal.engine.train import build_optimizer, compute_loss
+from cpal.methods import ablation_ladder
 from cpal.models.cam_net import build_network
 from cpal.prototypes.bank import SupportBank
-
-VARIANTS = ("cam", "sipe", "cpal-mean", "cpal-topk", "cpal")
 
 
 def step_time(overrides: list[str], batch: int, crop: int, steps: int, classes: int) -> float:
@@ -90,7 +89,7 @@ def main() -> None:
     for title, (base, batch, crop, classes) in setups.items():
         print(f"\n{title}")
         cam = None
-        for variant in VARIANTS:
+        for variant in ablation_ladder():
             seconds = step_time([*base, f"method={variant}"], batch, crop, args.steps, classes)
             cam = cam or seconds
             print(f"  {variant:10s} {seconds * 1000:8.1f} ms/step  {seconds / cam:5.2f} x cam")

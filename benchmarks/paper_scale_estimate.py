@@ -244,7 +244,7 @@ def paper_config(name: str) -> Config:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["cam", "sipe"],
-                        help="paper configs to estimate (cpal costs as sipe: see the README)")
+                        help="paper configs to estimate (cpal costs as sipe: docs/benchmarks.md)")
     parser.add_argument("--a100-tf32-img-s", type=float, default=A100_TF32_RESNET50_IMG_S,
                         help="published ResNet-50 training img/s on one A100 (calibration)")
     args = parser.parse_args(argv)

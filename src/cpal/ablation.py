@@ -12,16 +12,18 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cpal.config import Config, load_config
 from cpal.io import write_text_atomic
+from cpal.log import get_logger
+from cpal.methods import ablation_ladder
 from cpal.pipeline import run
 
-VARIANTS = ("cam", "sipe", "cpal-mean", "cpal-topk", "cpal")
+_log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ SWEEPS: dict[str, Sweep | Choices] = {
 
 def arms(sweeps: Sequence[str] = (), *, variants: bool = True) -> list[Arm]:
     """The main ladder (unless `variants` is false), then each sweep's arms."""
-    rows = [Arm(v, (f"method={v}",)) for v in VARIANTS] if variants else []
+    rows = [Arm(v, (f"method={v}",)) for v in ablation_ladder()] if variants else []
     for name in sweeps:
         rows += SWEEPS[name].arms()
     return rows
@@ -110,7 +112,6 @@ def ablate(
     sweeps: Sequence[str] = (),
     variants: bool = True,
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> Path:
     """Run every arm for `seeds` seeds; write ablation.md and ablation.csv; return the .md.
 
@@ -129,17 +130,17 @@ def ablate(
             ])
             settings = json.dumps({**cfg.to_dict(), "output_dir": None}, sort_keys=True)
             if settings in done:
-                log(f"ablation: {arm.name}, seed {seed}: same settings as an earlier arm, reused")
+                _log.info("ablation: %s, seed %d: same settings as an earlier arm, reused",
+                          arm.name, seed)
             else:
-                log(f"ablation: {arm.name}, seed {seed}")
-                done[settings] = _row(cfg, run(cfg, progress=progress, log=lambda _: None))
+                _log.info("ablation: %s, seed %d", arm.name, seed)
+                done[settings] = _row(cfg, run(cfg, progress=progress))
             results.setdefault(arm.name, []).append(done[settings])
             # Rewritten after every run: a long ablation shows its progress, and a stopped
             # one keeps the table of what finished.
             md, table_csv = format_tables(results, base, seeds)
             write_text_atomic(root / "ablation.md", md)
             write_text_atomic(root / "ablation.csv", table_csv)
-    log(md)
     return root / "ablation.md"
 
 

@@ -17,7 +17,11 @@ from typing import Any
 
 from cpal import __version__
 from cpal.config import Config, load_config
-from cpal.errors import ConfigError, CpalError, DatasetError
+from cpal.errors import ConfigError, CpalError, DatasetError, warn
+from cpal.log import get_logger
+from cpal.methods import ablation_ladder
+
+_log = get_logger(__name__)
 
 _STAGE_HELP = {
     "run": "train -> maps -> evaluation -> pseudo labels -> figures",
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                                help="split of the --labels images (default: labels.split)")
     ablate = sub.add_parser(
         "ablate", help="train every variant on the same data and seeds; write a table",
-        description="Runs cam, sipe, cpal-mean, cpal-topk and cpal (and optional sweeps) "
+        description=f"Runs {', '.join(ablation_ladder())} (and optional sweeps) "
         "under OUTPUT_DIR/ablation/ and writes ablation.md and ablation.csv there.",
     )
     _add_config_args(ablate)
@@ -128,9 +132,10 @@ def _add_prepare_parsers(data_sub: Any) -> None:
 
 
 def _cmd_run(cfg: Config, args: argparse.Namespace) -> Any:
-    from cpal.pipeline import run
+    from cpal.pipeline import run, summary_table
 
-    run(cfg, progress=not args.no_progress)
+    if run(cfg, progress=not args.no_progress):  # {} on processes other than rank 0
+        print(summary_table(cfg))
 
 
 def _cmd_train(cfg: Config, args: argparse.Namespace) -> Any:
@@ -146,10 +151,13 @@ def _cmd_infer(cfg: Config, args: argparse.Namespace) -> Any:
 
 
 def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> Any:
-    from cpal.pipeline import evaluate_label_dir, stage_evaluate, summary_table
+    from cpal.data.source import open_dataset
+    from cpal.evaluation.scoring import evaluate_label_dir
+    from cpal.pipeline import stage_evaluate, summary_table
 
     if args.labels is not None:
-        result = evaluate_label_dir(cfg, args.labels.resolve(), args.split or cfg.labels.split)
+        result = evaluate_label_dir(open_dataset(cfg.data), args.labels.resolve(),
+                                    args.split or cfg.labels.split).to_dict()
         print(f"mIoU {result['miou']:.2f}  [{result['protocol']['description']}]")
         return result
     stage_evaluate(cfg)
@@ -179,6 +187,7 @@ def _cmd_ablate(cfg: Config, args: argparse.Namespace) -> Any:
     path = ablate(args.config, list(args.overrides), seeds=args.seeds, sweeps=args.sweep,
                   variants=not args.sweeps_only,
                   progress=not args.no_progress)
+    print(path.read_text(encoding="utf-8"))
     return {"table": str(path)}
 
 
@@ -233,7 +242,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> None:
         manifest = prepare_coco(root, workers=workers, progress=progress, link=args.link,
                                 checksum_images=args.checksum_images)
     for warning in manifest["warnings"]:
-        print(f"cpal: warning: {warning}", file=sys.stderr)
+        warn(warning)
     for split, entry in manifest["splits"].items():
         standard = f" (standard {entry['standard']:,})" if entry["standard"] else ""
         masks = f"masks in {manifest['mask_dir']}" if entry["masks"] else "no masks"
@@ -276,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, list(args.overrides))
         result = _COMMANDS[args.command](cfg, args)
     except CpalError as exc:
-        print(f"cpal: error: {exc}", file=sys.stderr)
+        _log.error("%s", exc)
         return 2
     except OSError as exc:
         # A full disk or a folder that cannot be written, met where no stage names it
@@ -284,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.errno not in _USER_FIXABLE:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"cpal: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        _log.error("%s%s", where, exc.strerror or exc)
         return 2
     except KeyboardInterrupt:
         print("cpal: interrupted; rerun the same command to resume", file=sys.stderr)

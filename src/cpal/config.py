@@ -2,16 +2,24 @@
 
 The schema is a tree of dataclasses. Loading converts each value to the declared type and
 rejects unknown keys naming the valid ones, so that a typo fails before hours of training
-instead of being silently ignored.
+instead of being silently ignored; each section's `validate` then checks the ranges types
+cannot express, next to its fields.
+
+A config file may name `_base_:` (a path relative to it, or a list of them): the bases
+are merged in order, then the file over them, mappings key by key and anything else
+(lists included) replaced, so that an overlay states only what differs
+(`read_config_tree`; docs/development.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -19,8 +27,15 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from cpal.errors import ConfigError
+from cpal.methods import DEFAULT_METHOD, MAP_KINDS, METHODS, method_spec
 
-Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+BASE_KEY = "_base_"
+
+
+def need(ok: bool, key: str, message: str) -> None:
+    """Raise ConfigError("'KEY': MESSAGE") unless `ok`: the form of every range check."""
+    if not ok:
+        raise ConfigError(f"'{key}': {message}")
 
 
 @dataclass
@@ -34,6 +49,13 @@ class SyntheticConfig:
     num_train: int = 2000
     num_val: int = 500
     image_size: int = 128
+
+    def validate(self, at: str) -> None:
+        from cpal.data.synthetic import MIN_IMAGE_SIZE  # the generator's own limit
+
+        need(self.num_train >= 1 and self.num_val >= 1, at, "needs >= 1 image per split")
+        need(self.image_size >= MIN_IMAGE_SIZE, f"{at}.image_size",
+             f"must be >= {MIN_IMAGE_SIZE}")
 
 
 @dataclass
@@ -55,10 +77,19 @@ class DataConfig:
     num_workers: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
+    def validate(self, at: str) -> None:
+        need(self.root is not None or not self.require_root, f"{at}.root",
+             "required by this config (data.require_root=true): pass data.root=/path/to/dataset")
+        need(self.num_workers >= 0, f"{at}.num_workers", "must be >= 0")
+        need(self.min_long_side is None or self.min_long_side >= 16, f"{at}.min_long_side",
+             "must be >= 16 or null")
+        self.synthetic.validate(f"{at}.synthetic")
+
 
 @dataclass
 class ModelConfig:
-    arch: Arch = "resnet50"
+    arch: str = "resnet50"
+    """A registered backbone (`cpal.models.registry.BACKBONES`: resnet18/34/50/101)."""
     width: float = 1.0
     """Channel multiplier of the backbone (1.0 = torchvision widths; <1 for CPU-sized runs)."""
     output_stride: Literal[8, 16] = 16
@@ -72,8 +103,12 @@ class ModelConfig:
     """Acknowledge a `pretrained` file that looks trained on VOC/COCO pixel labels: the
     warning becomes a printed note (results are then not weakly supervised)."""
 
+    def validate(self, at: str) -> None:
+        from cpal.models.registry import BACKBONES  # builds torch modules: imported on use
 
-Method = Literal["cam", "sipe", "cpal-mean", "cpal-topk", "cpal"]
+        self.arch = BACKBONES.check(self.arch, f"{at}.arch")
+        need(self.width > 0, f"{at}.width", "must be > 0")
+        need(0 <= self.frozen_stages <= 3, f"{at}.frozen_stages", "must be 0, 1, 2 or 3")
 
 
 @dataclass
@@ -127,6 +162,14 @@ class PrototypeConfig:
     is, so that `awareness.score: dot` differs from `cosine`. p* and PACAM are cosine-based
     either way."""
 
+    def validate(self, at: str) -> None:
+        need(self.projection is None or self.projection >= 1, f"{at}.projection",
+             "must be >= 1 or null")
+        need(self.lr_mult is None or self.lr_mult > 0, f"{at}.lr_mult", "must be > 0 or null")
+        need(self.bg_factor >= 0, f"{at}.bg_factor", "must be >= 0")
+        need(0 <= self.tau < 1, f"{at}.tau", "must be in [0, 1)")
+        need(0 <= self.tau_bg < 1, f"{at}.tau_bg", "must be in [0, 1)")
+
 
 @dataclass
 class BankConfig:
@@ -139,6 +182,12 @@ class BankConfig:
     """Spherical k-means centroids per class; 0 uses the raw queue entries."""
     kmeans_iters: int = 10
 
+    def validate(self, at: str) -> None:
+        need(self.size >= 1, f"{at}.size", "must be >= 1")
+        need(self.recluster_every >= 1, f"{at}.recluster_every", "must be >= 1")
+        need(0 <= self.clusters <= self.size, f"{at}.clusters", "must be in [0, bank.size]")
+        need(self.kmeans_iters >= 1, f"{at}.kmeans_iters", "must be >= 1")
+
 
 @dataclass
 class AwarenessConfig:
@@ -150,6 +199,11 @@ class AwarenessConfig:
     alpha: float = 0.5
     """Weight of the selected context in the context-aware prototype."""
 
+    def validate(self, at: str) -> None:
+        need(self.top_k >= 1, f"{at}.top_k", "must be >= 1")
+        need(self.temperature > 0, f"{at}.temperature", "must be > 0")
+        need(0 <= self.alpha <= 1, f"{at}.alpha", "must be in [0, 1]")
+
 
 @dataclass
 class AlignmentConfig:
@@ -158,6 +212,10 @@ class AlignmentConfig:
     beta: float = 1.0
     loss_weight: float = 0.0
     """Weight of the optional compactness loss L_fda (0 = off)."""
+
+    def validate(self, at: str) -> None:
+        need(self.beta >= 0, f"{at}.beta", "must be >= 0")
+        need(self.loss_weight >= 0, f"{at}.loss_weight", "must be >= 0")
 
 
 @dataclass
@@ -171,6 +229,9 @@ class LossConfig:
     self_detach_cam: bool = False
     """Stop L_self's gradient into the CAM (only the prototype branch learns from it).
     false = SIPE's GSC (both branches), the method page's default."""
+
+    def validate(self, at: str) -> None:
+        need(self.self_weight >= 0, f"{at}.self_weight", "must be >= 0")
 
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -222,6 +283,31 @@ class TrainConfig:
     """Continue from the newest complete checkpoint in output_dir when one exists."""
     log_every: int = 20
 
+    def validate(self, at: str) -> None:
+        need(self.epochs >= 1, f"{at}.epochs", "must be >= 1")
+        need(self.steps is None or self.steps >= 1, f"{at}.steps", "must be >= 1 or null")
+        need(self.batch_size >= 1, f"{at}.batch_size", "must be >= 1")
+        need(self.crop_size == "auto" or self.crop_size >= 16, f"{at}.crop_size",
+             "must be >= 16 or auto")
+        need(self.resize_long == "auto"
+             or (len(self.resize_long) == 2 and 0 < self.resize_long[0] <= self.resize_long[1]),
+             f"{at}.resize_long", "must be [min, max] with 0 < min <= max, or auto")
+        need(self.lr > 0, f"{at}.lr", "must be > 0")
+        need(self.head_lr_mult > 0, f"{at}.head_lr_mult", "must be > 0")
+        need(0 <= self.momentum < 1, f"{at}.momentum", "must be in [0, 1)")
+        need(self.weight_decay >= 0, f"{at}.weight_decay", "must be >= 0")
+        need(self.poly_power >= 0, f"{at}.poly_power", "must be >= 0")
+        need(self.grad_clip is None or self.grad_clip > 0, f"{at}.grad_clip",
+             "must be > 0 or null")
+        need(self.grad_accum >= 1, f"{at}.grad_accum", "must be >= 1")
+        need(self.batch_size % self.grad_accum == 0, f"{at}.batch_size",
+             f"{self.batch_size} is not divisible by {at}.grad_accum ({self.grad_accum})")
+        need(self.checkpoint_every >= 1, f"{at}.checkpoint_every", "must be >= 1")
+        need(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
+             f"{at}.checkpoint_every_steps", "must be >= 1 or null")
+        need(self.keep_checkpoints >= 1, f"{at}.keep_checkpoints", "must be >= 1")
+        need(self.log_every >= 1, f"{at}.log_every", "must be >= 1")
+
 
 @dataclass
 class InferConfig:
@@ -230,9 +316,10 @@ class InferConfig:
     batch_size: int = 8
     """Images per forward pass (each with its flip); images are grouped by size."""
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
-    map: Literal["auto", "cam", "pacam", "fused"] = "auto"
-    """Which localisation map to write: auto = pacam for prototype methods, cam for cam;
-    fused = mean of the max-normalised CAM and PACAM."""
+    map: str = "auto"
+    """Which localisation map to write (`cpal.methods.MAP_KINDS`): auto = the method's
+    default (pacam for prototype methods, cam for cam); fused = mean of the
+    max-normalised CAM and PACAM."""
     prototype_maps: Literal["sipe", "per_scale"] = "sipe"
     """sipe: the raw relu-cosine maps of every scale are resized to the image (bilinear,
     align_corners=False), summed and max-normalised once per channel; per_scale (earlier):
@@ -262,6 +349,14 @@ class InferConfig:
             )
         return spec
 
+    def validate(self, at: str) -> None:
+        need(len(self.scales) >= 1 and all(x > 0 for x in self.scales), f"{at}.scales",
+             "must be > 0")
+        need(self.batch_size >= 1, f"{at}.batch_size", "must be >= 1")
+        need(self.shard_spec[1] >= 1, f"{at}.shard", "needs N >= 1")  # shard_spec: the form
+        need(self.map == "auto" or self.map in MAP_KINDS, f"{at}.map",
+             f"invalid value {self.map!r}; choose one of auto, {', '.join(MAP_KINDS)}")
+
 
 @dataclass
 class EvalConfig:
@@ -271,6 +366,11 @@ class EvalConfig:
     """Background thresholds swept when evaluating maps."""
     diagnostic_images: int = 64
     """Images per split for the prototype-separation diagnostic (prototype methods; 0 off)."""
+
+    def validate(self, at: str) -> None:
+        need(bool(self.thresholds), f"{at}.thresholds", "must not be empty")
+        need(all(0 <= x <= 1 for x in self.thresholds), f"{at}.thresholds", "must lie in [0, 1]")
+        need(self.diagnostic_images >= 0, f"{at}.diagnostic_images", "must be >= 0")
 
 
 @dataclass
@@ -287,11 +387,31 @@ class LabelsConfig:
     as tuned but NOT held out (with the shared count), and a warning is printed. false: such
     an overlap is refused before training, since a number labelled held out must be."""
 
+    def validate(self, at: str) -> None:
+        need(self.threshold is None or 0 <= self.threshold <= 1, f"{at}.threshold",
+             "must lie in [0, 1]")
+
 
 @dataclass
 class VizConfig:
     num_images: int = 8
     split: str = "train"
+
+    def validate(self, at: str) -> None:
+        need(self.num_images >= 1, f"{at}.num_images", "must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    """What a run records besides `train_log.jsonl` (nothing here changes the numbers)."""
+
+    tensorboard: bool = False
+    """Also write the training scalars (loss and its terms, lr, images/s, epoch mean loss)
+    as TensorBoard events under output_dir/tensorboard/; needs the tensorboard package."""
+
+    def validate(self, at: str) -> None:
+        need(not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+             f"{at}.tensorboard", "needs the tensorboard package (pip install tensorboard)")
 
 
 @dataclass
@@ -308,8 +428,9 @@ class Config:
     """auto (cuda when available), cpu, cuda or cuda:N."""
     threads: int | None = None
     """torch CPU threads; null keeps torch's default."""
-    method: Method = "cam"
-    """Variant: cam, sipe, cpal-mean, cpal-topk or cpal (the ablation ladder)."""
+    method: str = DEFAULT_METHOD
+    """A registered method (`cpal.methods.METHODS`): cam, sipe, cpal-mean, cpal-topk or
+    cpal (the ablation ladder)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
@@ -322,6 +443,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     viz: VizConfig = field(default_factory=VizConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def output_path(self) -> Path:
@@ -335,39 +457,41 @@ class Config:
         """The map `infer` writes: `infer.map`, with auto resolved by the method."""
         if self.infer.map != "auto":
             return self.infer.map
-        return "cam" if self.method == "cam" else "pacam"
+        return method_spec(self.method).default_map
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> None:
+        """Every section's own checks, then what ties sections together."""
+        need(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
+        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+             "device", "choose auto, cpu, cuda or cuda:N")
+        self.method = METHODS.check(self.method, "method")
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate(f.name)  # type: ignore[union-attr]
+        spec, i = method_spec(self.method), self.infer
+        need(i.map == "auto" or i.map in spec.maps, "infer.map",
+             f"method {self.method} writes {', '.join(spec.maps)}, not {i.map}")
+        # Later stages read the maps of these splits: catch a missing one before training.
+        tune = self.labels.tune_split if self.labels.threshold is None else None
+        for key, split in (("labels.split", self.labels.split), ("viz.split", self.viz.split),
+                           ("labels.tune_split", tune)):
+            need(split is None or split in i.splits, key,
+                 f"split '{split}' has no maps: add it to infer.splits (now: "
+                 f"{', '.join(i.splits)})")
 
 
 # ---------------------------------------------------------------------------------------
 # Loading and validation
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
-    """Read a YAML file (or start from defaults), apply `KEY=VALUE` overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = data[: exc.start].count(b"\n") + 1
-            raise ConfigError(
-                f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
-                "save the config as UTF-8"
-            ) from exc
-        loaded = parse_yaml(text, str(path))
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys")
-        raw = loaded
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML file and its bases (or start from defaults), apply `KEY=VALUE`
+    overrides, validate."""
+    raw = read_config_tree(path) if path is not None else {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -375,8 +499,71 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) 
         parsed = parse_yaml(value, f"override '{item}'") if value.strip() else None
         _set_dotted(raw, key.strip(), parsed)
     config = _build(Config, raw, prefix="")
-    _check_values(config)
+    config.validate()
     return _resolve_paths(config)
+
+
+def read_config_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping a config file states, its `_base_` files merged under it (each base
+    relative to the file naming it, in order, recursively): what the file and its bases
+    say, before defaults."""
+    return _read_tree(Path(path), ())
+
+
+def merge_configs(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """`child` over `base`: mappings merge key by key, anything else (lists included) is
+    replaced by the child's value."""
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_configs(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    here = path.resolve()
+    if here in chain:
+        loop = " -> ".join(str(p) for p in (*chain, here))
+        raise ConfigError(f"{path}: {BASE_KEY} files include each other ({loop})")
+    raw = _read_mapping(path)
+    bases = raw.pop(BASE_KEY, None)
+    if bases is None:
+        return raw
+    names = [bases] if isinstance(bases, str) else bases
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(
+            f"{path}: '{BASE_KEY}' must be a path or a list of paths, got {bases!r}")
+    merged: dict[str, Any] = {}
+    for name in names:
+        base = path.parent / name
+        if not base.is_file():
+            raise ConfigError(f"{path}: {BASE_KEY} '{name}' not found (looked for {base})")
+        merged = merge_configs(merged, _read_tree(base, (*chain, here)))
+    return merge_configs(merged, raw)
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """One YAML file's top-level mapping (empty for an empty file)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+            "save the config as UTF-8"
+        ) from exc
+    loaded = parse_yaml(text, str(path))
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return loaded
 
 
 def parse_yaml(text: str, where: str) -> Any:
@@ -432,7 +619,7 @@ def _refuse_duplicate_keys(node: yaml.Node, where: str, prefix: str) -> None:
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Validate a plain mapping (e.g. a run's saved config) into a Config."""
     config = _build(Config, raw, prefix="")
-    _check_values(config)
+    config.validate()
     return config
 
 
@@ -521,92 +708,6 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"'{key}': expected a string, got {value!r}")
     raise ConfigError(f"'{key}': unsupported type {tp}")  # a schema bug, not user input
-
-
-def _check_values(config: Config) -> None:
-    """Range checks that types alone cannot express."""
-
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"'{key}': {message}")
-
-    t, m, i, s = config.train, config.model, config.infer, config.data.synthetic
-    need(config.data.root is not None or not config.data.require_root, "data.root",
-         "required by this config (data.require_root=true): pass data.root=/path/to/dataset")
-    need(m.width > 0, "model.width", "must be > 0")
-    need(0 <= m.frozen_stages <= 3, "model.frozen_stages", "must be 0, 1, 2 or 3")
-    need(t.epochs >= 1, "train.epochs", "must be >= 1")
-    need(t.steps is None or t.steps >= 1, "train.steps", "must be >= 1 or null")
-    need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
-    need(t.crop_size == "auto" or t.crop_size >= 16, "train.crop_size", "must be >= 16 or auto")
-    need(
-        t.resize_long == "auto"
-        or (len(t.resize_long) == 2 and 0 < t.resize_long[0] <= t.resize_long[1]),
-        "train.resize_long",
-        "must be [min, max] with 0 < min <= max, or auto",
-    )
-    need(t.lr > 0, "train.lr", "must be > 0")
-    need(t.head_lr_mult > 0, "train.head_lr_mult", "must be > 0")
-    need(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
-    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    need(t.poly_power >= 0, "train.poly_power", "must be >= 0")
-    need(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
-    need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
-    need(t.batch_size % t.grad_accum == 0, "train.batch_size",
-         f"{t.batch_size} is not divisible by train.grad_accum ({t.grad_accum})")
-    need(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
-    need(t.checkpoint_every_steps is None or t.checkpoint_every_steps >= 1,
-         "train.checkpoint_every_steps", "must be >= 1 or null")
-    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
-    need(t.log_every >= 1, "train.log_every", "must be >= 1")
-    need(config.viz.num_images >= 1, "viz.num_images", "must be >= 1")
-    need(config.threads is None or config.threads >= 1, "threads", "must be >= 1 or null")
-    need(len(i.scales) >= 1 and all(x > 0 for x in i.scales), "infer.scales", "must be > 0")
-    need(i.batch_size >= 1, "infer.batch_size", "must be >= 1")
-    need(i.shard_spec[1] >= 1, "infer.shard", "needs N >= 1")  # shard_spec checks the form
-    need(config.method != "cam" or i.map in ("auto", "cam"), "infer.map",
-         f"'{i.map}' needs a prototype method (method=cam has no PACAM)")
-    pc, bc, ac = config.prototype, config.bank, config.awareness
-    need(pc.projection is None or pc.projection >= 1, "prototype.projection",
-         "must be >= 1 or null")
-    need(pc.lr_mult is None or pc.lr_mult > 0, "prototype.lr_mult", "must be > 0 or null")
-    need(pc.bg_factor >= 0, "prototype.bg_factor", "must be >= 0")
-    need(0 <= pc.tau < 1, "prototype.tau", "must be in [0, 1)")
-    need(0 <= pc.tau_bg < 1, "prototype.tau_bg", "must be in [0, 1)")
-    need(bc.size >= 1, "bank.size", "must be >= 1")
-    need(bc.recluster_every >= 1, "bank.recluster_every", "must be >= 1")
-    need(0 <= bc.clusters <= bc.size, "bank.clusters", "must be in [0, bank.size]")
-    need(bc.kmeans_iters >= 1, "bank.kmeans_iters", "must be >= 1")
-    need(ac.top_k >= 1, "awareness.top_k", "must be >= 1")
-    need(ac.temperature > 0, "awareness.temperature", "must be > 0")
-    need(0 <= ac.alpha <= 1, "awareness.alpha", "must be in [0, 1]")
-    need(config.alignment.beta >= 0, "alignment.beta", "must be >= 0")
-    need(config.alignment.loss_weight >= 0, "alignment.loss_weight", "must be >= 0")
-    need(config.loss.self_weight >= 0, "loss.self_weight", "must be >= 0")
-    need(bool(config.eval.thresholds), "eval.thresholds", "must not be empty")
-    need(config.eval.diagnostic_images >= 0, "eval.diagnostic_images", "must be >= 0")
-    need(
-        all(0 <= x <= 1 for x in config.eval.thresholds), "eval.thresholds", "must lie in [0, 1]"
-    )
-    th = config.labels.threshold
-    need(th is None or 0 <= th <= 1, "labels.threshold", "must lie in [0, 1]")
-    # Later stages read the maps of these splits: catch a missing one before training.
-    inferred = ", ".join(i.splits)
-    for key, split in (("labels.split", config.labels.split), ("viz.split", config.viz.split),
-                       ("labels.tune_split", config.labels.tune_split if th is None else None)):
-        need(split is None or split in i.splits, key,
-             f"split '{split}' has no maps: add it to infer.splits (now: {inferred})")
-    need(s.num_train >= 1 and s.num_val >= 1, "data.synthetic", "needs >= 1 image per split")
-    need(s.image_size >= 32, "data.synthetic.image_size", "must be >= 32")
-    need(config.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    need(config.data.min_long_side is None or config.data.min_long_side >= 16,
-         "data.min_long_side", "must be >= 16 or null")
-    dev = config.device
-    need(
-        dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"),
-        "device",
-        "choose auto, cpu, cuda or cuda:N",
-    )
 
 
 def _resolve_paths(config: Config) -> Config:

@@ -1,8 +1,6 @@
 """Exceptions that the command line turns into one clear line and a non-zero exit, and
 the one-line warning for problems cpal repairs itself but must still report."""
 
-import sys
-
 
 class CpalError(Exception):
     """Base class: a user-facing error whose message names the file or key at fault."""
@@ -25,8 +23,8 @@ class OutputError(CpalError):
 
 
 def warn(message: str) -> None:
-    """Print `cpal: warning: MESSAGE` on stderr, above any progress bar: for damage that is
+    """Log `cpal: warning: MESSAGE` (stderr, above any progress bar): for damage that is
     repaired (a file redone, a fall-back to an older checkpoint), never silently."""
-    from tqdm import tqdm
+    from cpal.log import get_logger
 
-    tqdm.write(f"cpal: warning: {message}", file=sys.stderr)
+    get_logger(__name__).warning(message)

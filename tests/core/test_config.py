@@ -2,10 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from cpal.config import Config, config_from_dict, load_config
+from cpal.config import Config, config_from_dict, load_config, merge_configs, read_config_tree
 from cpal.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def _write(tmp_path, text):
@@ -38,7 +37,10 @@ def test_unknown_key_names_valid_choices(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.arch=resnet999", r"'model\.arch': invalid value 'resnet999'; choose one of"),
+        ("model.arch=resnet99", r"'model\.arch': unknown backbone 'resnet99' \(did you mean "
+                                r"'resnet50'\?\); choose one of resnet18, resnet34, "),
+        ("method=cpall", r"'method': unknown method 'cpall' \(did you mean 'cpal'\?\); choose "
+                         r"one of cam, sipe, cpal-mean, cpal-topk, cpal$"),
         ("train.epochs=two", r"'train\.epochs': expected an integer"),
         ("train.hflip=maybe", r"'train\.hflip': expected true or false"),
         ("model.output_stride=32", r"'model\.output_stride'"),
@@ -127,3 +129,53 @@ def test_yaml_merge_keys_still_override():
     # `<<: *anchor` then one of the anchor's keys is a deliberate override, not a duplicate.
     text = "base: &b {a: 1, b: 2}\nx:\n  <<: *b\n  a: 3\n"
     assert parse_yaml(text, "t") == {"base": {"a": 1, "b": 2}, "x": {"a": 3, "b": 2}}
+
+
+def test_a_config_inherits_its_bases_in_order(tmp_path):
+    (tmp_path / "bases").mkdir()
+    (tmp_path / "bases" / "recipe.yaml").write_text(
+        "seed: 1\ntrain:\n  epochs: 3\n  lr: 0.5\n  resize_long: [100, 200]\n"
+        "infer:\n  scales: [1.0, 0.5]\n")
+    (tmp_path / "bases" / "more.yaml").write_text(
+        "_base_: recipe.yaml\ntrain:\n  epochs: 4\nviz:\n  num_images: 2\n")
+    (tmp_path / "bases" / "other.yaml").write_text("seed: 2\ninfer:\n  scales: [2.0]\n")
+    child = tmp_path / "run.yaml"
+    child.write_text("_base_: [bases/more.yaml, bases/other.yaml]\ntrain:\n  lr: 0.25\n"
+                     "  resize_long: [50, 60]\n")
+    cfg = load_config(child, ["train.hflip=false"])
+    # Later bases win over earlier ones, the file over its bases, overrides over all;
+    # mappings merge key by key, lists are replaced whole.
+    assert (cfg.seed, cfg.train.epochs, cfg.train.lr, cfg.viz.num_images) == (2, 4, 0.25, 2)
+    assert cfg.train.resize_long == [50, 60] and cfg.infer.scales == [2.0]
+    assert cfg.train.hflip is False
+    tree = read_config_tree(child)
+    assert "_base_" not in tree and tree["train"] == {"epochs": 4, "lr": 0.25,
+                                                      "resize_long": [50, 60]}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("_base_: missing.yaml\n", r"c\.yaml: _base_ 'missing\.yaml' not found \(looked for "),
+        ("_base_: 3\n", r"c\.yaml: '_base_' must be a path or a list of paths, got 3"),
+        ("_base_: []\n", r"'_base_' must be a path or a list of paths"),
+        ("_base_: c.yaml\n", r"c\.yaml: _base_ files include each other \(.*c\.yaml -> "),
+    ],
+)
+def test_bad_bases_are_one_line_naming_the_file(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, text))
+
+
+def test_an_error_in_a_base_names_the_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  epochs: 1\ntrain:\n  lr: 1\n")
+    child = _write(tmp_path, "_base_: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml line 3: key 'train' given twice"):
+        load_config(child)
+
+
+def test_merge_configs_replaces_lists_and_merges_mappings():
+    base = {"a": {"x": 1, "y": [1, 2]}, "b": 1}
+    assert merge_configs(base, {"a": {"y": [3]}, "c": None}) == {
+        "a": {"x": 1, "y": [3]}, "b": 1, "c": None}
+    assert base == {"a": {"x": 1, "y": [1, 2]}, "b": 1}  # inputs untouched

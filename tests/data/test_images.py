@@ -186,7 +186,9 @@ def _png_bytes(chunks: list[tuple[bytes, bytes]]) -> bytes:
     return out
 
 
-def test_png_exif_after_pixel_data_is_seen_by_size_and_load(tmp_path: Path) -> None:
+def test_png_exif_after_pixel_data_is_read_alike_by_size_image_and_mask(tmp_path: Path) -> None:
+    """The PNG specification puts eXIf before the pixel data; one after it is ignored by
+    all three readers alike (the image is upright), so sizes always match the arrays."""
     source = tmp_path / "src.png"
     Image.fromarray(_marked_rgb(2, 4)).save(source, exif=_exif(6))
     chunks = _png_chunks(source.read_bytes())
@@ -197,8 +199,20 @@ def test_png_exif_after_pixel_data_is_seen_by_size_and_load(tmp_path: Path) -> N
     path.write_bytes(_png_bytes([*rest, *exif, (b"IEND", b"")]))
     with Image.open(path) as check:
         assert "exif" not in check.info  # really after IDAT
-    assert load_rgb(path).shape == (4, 2, 3)
-    assert image_size(path) == (4, 2)
+        check.load()
+        assert check.getexif()[ORIENTATION] == 6  # and there
+    np.testing.assert_array_equal(load_rgb(path), _marked_rgb(2, 4))
+    assert image_size(path) == (2, 4)
+    mask = tmp_path / "late_exif_mask.png"
+    rest = [c for c in _png_chunks(_saved_mask_bytes(tmp_path)) if c[0] != b"IEND"]
+    mask.write_bytes(_png_bytes([*rest, *exif, (b"IEND", b"")]))
+    assert load_mask(mask, 3).shape == (2, 4)
+
+
+def _saved_mask_bytes(tmp_path: Path) -> bytes:
+    path = tmp_path / "plain_mask.png"
+    save_label_png(path, np.array([[0, 1, 2, 1], [2, 1, 0, 255]], dtype=np.uint8))
+    return path.read_bytes()
 
 
 def test_image_size_reads_headers_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

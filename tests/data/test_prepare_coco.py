@@ -180,6 +180,7 @@ def test_changed_annotations_refuse_to_resume(coco: Path) -> None:
         prepare_coco(coco)
 
 
+@pytest.mark.slow
 def test_workers_and_hard_links_give_the_same_root(tmp_path: Path, coco: Path) -> None:
     prepare_coco(coco)
     other = make_coco(tmp_path / "other")
@@ -283,6 +284,7 @@ def test_hand_edited_manifest_is_one_line_error(coco: Path, capsys) -> None:
                   "not a str\n"
 
 
+@pytest.mark.slow
 def test_sigkill_while_rendering_then_rerun_gives_the_clean_result(tmp_path: Path) -> None:
     """A real kill -9 mid-run: no half-written mask is trusted, the rerun completes the root
     and it equals a root prepared in one go."""

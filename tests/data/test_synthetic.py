@@ -13,7 +13,14 @@ import pytest
 from PIL import Image
 
 from cpal.data import synthetic
-from cpal.data.synthetic import CLASS_NAMES, GENERATOR_VERSION, ensure_dataset, generate
+from cpal.data.synthetic import (
+    CLASS_NAMES,
+    GENERATOR_VERSION,
+    ensure_dataset,
+    generate,
+    rendering,
+    store,
+)
 from cpal.errors import ConfigError, DatasetError
 from cpal.io import IGNORE_INDEX
 
@@ -210,13 +217,13 @@ def test_every_part_lies_inside_its_body_and_the_crop() -> None:
         for mode_index, mode in enumerate(spec.modes):
             assert mode.body in synthetic.BODY_FAMILIES
             for angle in (0.0, 0.6, 1.3, 2.5):
-                obj = synthetic._place(
+                obj = rendering._place(
                     cls, mode_index, 128.0, 128.0, radius, angle, size, with_part=True
                 )
-                part = synthetic._coverage(synthetic._part_sdf(mode, obj.u, obj.v) * radius)
+                part = rendering._coverage(rendering._part_sdf(mode, obj.u, obj.v) * radius)
                 inside = np.count_nonzero((part >= 0.5) & (obj.body >= 0.5))
                 assert inside >= 0.97 * np.count_nonzero(part >= 0.5), (spec.name, mode.name)
-                area = synthetic._part_area(mode, radius)
+                area = rendering._part_area(mode, radius)
                 # Pixel-grid discretisation of an analytic area (numpy only, no kernel).
                 assert math.isclose(np.count_nonzero(part >= 0.5), area, rel_tol=0.05)
                 edges = (obj.body[0], obj.body[-1], obj.body[:, 0], obj.body[:, -1])
@@ -293,7 +300,7 @@ def test_ensure_dataset_adopts_the_winner_of_a_race(
         shutil.copytree(root, target)  # the other process renames its copy in first
         (target / "winner.txt").write_text("theirs")
 
-    monkeypatch.setattr(synthetic, "generate", racing_generate)
+    monkeypatch.setattr(store, "generate", racing_generate)
     assert ensure_dataset(tmp_path, **_spec_kwargs()) == target
     assert (target / "winner.txt").read_text() == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
@@ -310,11 +317,11 @@ def test_killed_generation_leaves_no_dataset(
             raise KeyboardInterrupt
         return real_render(seed, split, index, image_size, family)
 
-    monkeypatch.setattr(synthetic, "render_sample", failing_render)
+    monkeypatch.setattr(store, "render_sample", failing_render)
     with pytest.raises(KeyboardInterrupt):
         ensure_dataset(tmp_path, **_spec_kwargs())
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(synthetic, "render_sample", real_render)
+    monkeypatch.setattr(store, "render_sample", real_render)
     root = ensure_dataset(tmp_path, **_spec_kwargs())
     assert len(_all_ids(root)) == 8
 

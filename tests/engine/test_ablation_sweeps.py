@@ -1,7 +1,10 @@
 """`cpal ablate --sweep`: which runs each sweep adds."""
 
-from cpal.ablation import VARIANTS, arms
+from cpal.ablation import arms
 from cpal.config import load_config
+from cpal.methods import ablation_ladder
+
+VARIANTS = ablation_ladder()
 
 
 def test_score_sweep_uses_raw_prototypes_and_main_arms_do_not():
@@ -40,7 +43,7 @@ def test_an_arm_equal_to_an_earlier_one_is_not_trained_twice(tmp_path, monkeypat
 
     monkeypatch.setattr(ablation, "run", fake_run)
     overrides = [f"output_dir={tmp_path}", "awareness.top_k=3"]
-    md = ablation.ablate(None, overrides, seeds=1, sweeps=["k"], log=lambda _: None)
+    md = ablation.ablate(None, overrides, seeds=1, sweeps=["k"])
     # 5 variants + 4 values of K, of which K=3 is exactly the `cpal` arm: 8 trainings.
     assert len(trained) == 8
     assert not any("top_k_3" in path for path in trained)
@@ -54,7 +57,7 @@ def test_sweeps_only_skips_the_five_variants(tmp_path, monkeypatch):
     assert names == ["cpal top_k=1", "cpal top_k=3", "cpal top_k=5", "cpal top_k=10"]
     monkeypatch.setattr(ablation, "run", lambda cfg, **_: _fake_metrics(cfg))
     md = ablation.ablate(None, [f"output_dir={tmp_path}"], seeds=2, sweeps=["score"],
-                         variants=False, log=lambda _: None).read_text()
+                         variants=False).read_text()
     assert "| cam |" not in md and "| cpal normalize=false score=l2 |" in md
 
 

@@ -59,3 +59,32 @@ def test_prune_keeps_newest(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch_003.json", "epoch_004.json"]
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
         "epoch_003.safetensors", "epoch_004.safetensors"]
+
+
+def test_a_checkpoint_of_another_format_is_refused_in_one_line(tmp_path):
+    import pytest
+
+    from cpal.engine.checkpoint import FORMAT_VERSION
+    from cpal.errors import CheckpointError
+
+    model, opt = _model_and_optimizer()
+    path = save_checkpoint(tmp_path, epoch=1, step=1, model=model, optimizer=opt, meta={})
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "format": FORMAT_VERSION - 1}))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value) == (f"{path}: checkpoint format {FORMAT_VERSION - 1}, this cpal "
+                                f"reads format {FORMAT_VERSION}; train again (delete "
+                                f"{tmp_path} or choose another output_dir)")
+
+
+def test_a_maps_folder_of_another_format_is_refused_in_one_line(tmp_path):
+    import pytest
+
+    from cpal.engine.identity import MAPS_FORMAT, MAPS_META, read_maps_identity
+    from cpal.errors import DatasetError
+
+    (tmp_path / MAPS_META).write_text(json.dumps({"checkpoint": "epoch_002.json"}))
+    with pytest.raises(DatasetError, match=rf"{MAPS_META}: maps folder of format 1, this cpal "
+                                           rf"reads format {MAPS_FORMAT}; delete the folder"):
+        read_maps_identity(tmp_path)

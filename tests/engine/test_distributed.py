@@ -16,7 +16,7 @@ from cpal.config import load_config
 from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
 from cpal.engine.paths import RunPaths
 from cpal.pipeline import stage_train
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 PROTO = ["bank.size=16", "bank.clusters=3",
          "bank.recluster_every=2", "awareness.top_k=2"]
@@ -49,13 +49,14 @@ def _worker(rank: int, world: int, port: int, commands: list[list[str]], out: st
         written[-1].append(f"{path.parent.name}/{path.name}")
         real_write(path, *record)
 
-    infer_module._write_record = recording_write
     try:
-        for argv in commands:
-            written.append([])
-            code = main([*argv, "--no-progress"])
-            if code != 0:
-                raise SystemExit(f"rank {rank}: {argv[0]} exited {code}")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(infer_module, "_write_record", recording_write)
+            for argv in commands:
+                written.append([])
+                code = main([*argv, "--no-progress"])
+                if code != 0:
+                    raise SystemExit(f"rank {rank}: {argv[0]} exited {code}")
         Path(out, f"written{rank}.json").write_text(json.dumps(written))
     finally:
         distributed._destroy()
@@ -104,7 +105,7 @@ def _assert_same_training(ddp: dict, single: dict) -> None:
             assert torch.equal(ddp[key], value), key
 
 
-@pytest.mark.filterwarnings("ignore:model.frozen_bn")
+@pytest.mark.distributed
 def test_two_processes_train_like_one_with_the_same_global_batch(ddp_runs, tiny_dataset,
                                                                  tmp_path):
     root, runs = ddp_runs
@@ -121,7 +122,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(ddp_runs, tiny_
             b.get("loss", b.get("mean_loss")), rel=1e-4)
 
 
-@pytest.mark.filterwarnings("ignore:model.frozen_bn")
+@pytest.mark.distributed
 def test_two_processes_with_accumulation_fill_the_bank_like_one(ddp_runs, tiny_dataset, tmp_path):
     root, runs = ddp_runs
     single = _single(tiny_dataset, tmp_path / "single", runs["cpal"])
@@ -144,6 +145,7 @@ def _split_ids(tiny_dataset: Path) -> dict[str, list[str]]:
             for s in ("train", "val")}
 
 
+@pytest.mark.distributed
 def test_a_shard_is_the_same_images_whatever_the_process_count(ddp_runs, tiny_dataset):
     """`torchrun --nproc_per_node=2 cpal infer --shard 0/2` writes shard 0 of 2 (every
     second image from the first), as one process would; the rest of the split, inferred
@@ -161,6 +163,7 @@ def test_a_shard_is_the_same_images_whatever_the_process_count(ddp_runs, tiny_da
     assert stages["infer"]["missing"] == {"train": 0, "val": 0}
 
 
+@pytest.mark.distributed
 def test_sharded_maps_are_written_once_and_evaluated_by_rank_zero(ddp_runs, tiny_dataset):
     root, _ = ddp_runs
     per_rank = _written(root, 3)
@@ -190,6 +193,7 @@ def _train_worker(rank: int, world: int, port: int, argvs: list[list[str]], out:
         distributed._destroy()
 
 
+@pytest.mark.distributed
 def test_processes_with_different_datasets_all_stop(tiny_dataset, tmp_path, capfd):
     """Node-local copies of a dataset that differ (here one id fewer) would cut different
     batches: every process stops with the one-line error instead of waiting forever."""
@@ -246,7 +250,7 @@ def test_a_failed_collective_stage_aborts_an_nccl_group_at_exit(backend, monkeyp
 
 def test_resuming_needs_the_checkpoint_rank_zero_chose(tmp_path):
     from cpal.engine import distributed
-    from cpal.engine.train import load_shared_checkpoint
+    from cpal.engine.identity import load_shared_checkpoint
     from cpal.errors import CheckpointError
 
     assert distributed.main_value(["a", 1]) == ["a", 1]  # one process: its own value

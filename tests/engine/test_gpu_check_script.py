@@ -4,12 +4,13 @@ stages did not (the CUDA stages themselves need a GPU machine)."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script runs every stage")

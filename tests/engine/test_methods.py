@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from cpal.ablation import VARIANTS, ablate, format_tables
+from cpal.ablation import ablate, format_tables
 from cpal.config import load_config
 from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
 from cpal.engine.infer import load_trained_model
 from cpal.engine.paths import RunPaths
 from cpal.io import load_maps
+from cpal.methods import ablation_ladder
 from cpal.pipeline import run, stage_infer, stage_train
-from tests.conftest import killed_in_second_epoch, tiny_overrides
+from tests.helpers import killed_in_second_epoch, tiny_overrides
 
 PROTO = ["bank.size=16", "bank.clusters=3", "bank.recluster_every=2",
          "awareness.top_k=2"]
@@ -23,6 +24,7 @@ def _cfg(tiny_dataset, out, *extra):
     return load_config(None, [*tiny_overrides(tiny_dataset, out), *PROTO, *extra])
 
 
+@pytest.mark.slow
 def test_cpal_run_writes_pacam_maps_and_comparison_figure(tiny_dataset, tmp_path):
     cfg = _cfg(tiny_dataset, tmp_path / "run", "method=cpal")
     metrics = run(cfg, progress=False)
@@ -68,8 +70,8 @@ def test_resume_is_exact_with_prototypes(method, tiny_dataset, tmp_path):
     straight = _cfg(tiny_dataset, tmp_path / "a", f"method={method}")
     stage_train(straight, progress=False)
     crashed = _cfg(tiny_dataset, tmp_path / "b", f"method={method}")
-    with killed_in_second_epoch(), pytest.raises(KeyboardInterrupt):
-        stage_train(crashed, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        stage_train(crashed, progress=False, hooks=killed_in_second_epoch())
     stage_train(crashed, progress=False)
     a = load_checkpoint(latest_checkpoint(RunPaths(straight.output_path).checkpoints)).model
     b = load_checkpoint(latest_checkpoint(RunPaths(crashed.output_path).checkpoints)).model
@@ -89,20 +91,23 @@ def test_self_loss_is_logged_for_prototype_methods(tiny_dataset, tmp_path):
 def test_cam_method_rejects_pacam_map():
     from cpal.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"'infer\.map'"):
+    with pytest.raises(ConfigError, match=r"'infer\.map': method cam writes cam, not pacam"):
         load_config(None, ["method=cam", "infer.map=pacam"])
+    with pytest.raises(ConfigError, match=r"'infer\.map': invalid value 'pcam'; choose one of"):
+        load_config(None, ["method=sipe", "infer.map=pcam"])
 
 
+@pytest.mark.slow
 def test_ablate_runs_every_variant_and_writes_tables(tiny_dataset, tmp_path):
     overrides = [*tiny_overrides(tiny_dataset, tmp_path / "abl"), *PROTO, "train.epochs=1",
                  "infer.scales=[1.0]", "viz.num_images=1"]
-    md_path = ablate(None, overrides, seeds=1, progress=False, log=lambda _: None)
+    md_path = ablate(None, overrides, seeds=1, progress=False)
     md = md_path.read_text()
-    for variant in VARIANTS:
+    for variant in ablation_ladder():
         assert f"| {variant} |" in md
     assert "ORACLE" in md and "held-out" in md
     rows = (md_path.parent / "ablation.csv").read_text().splitlines()
-    assert len(rows) == 1 + len(VARIANTS)
+    assert len(rows) == 1 + len(ablation_ladder())
 
 
 def test_ablation_table_mean_and_std_by_hand():

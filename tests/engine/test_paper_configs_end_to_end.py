@@ -14,8 +14,10 @@ import pytest
 
 from cpal.cli import main
 from tests.data.prepare_fixtures import TRAIN_AUG, VOC_TRAIN, make_coco, make_sbd, make_voc
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
 SMALL = [  # a network and sizes for 8 px images on a CPU; everything else as shipped
     "model.arch=resnet18", "model.width=0.125", "model.frozen_bn=false",
     "model.frozen_stages=0", "train.epochs=1", "train.batch_size=2", "train.crop_size=32",

@@ -16,9 +16,10 @@ from cpal.engine.paths import RunPaths
 from cpal.errors import CheckpointError, ConfigError, DatasetError
 from cpal.io import load_maps
 from cpal.pipeline import run, stage_infer, stage_labels, stage_train
-from tests.conftest import killed_in_second_epoch, tiny_overrides
+from tests.helpers import killed_in_second_epoch, tiny_overrides
 
 
+@pytest.mark.slow
 def test_run_writes_every_artifact(tiny_config):
     metrics = run(tiny_config, progress=False)
     paths = RunPaths(tiny_config.output_path)
@@ -55,8 +56,8 @@ def test_resume_after_crash_equals_uninterrupted_run(tiny_dataset, tmp_path):
     stage_train(straight, progress=False)
 
     crashed = load_config(None, tiny_overrides(tiny_dataset, tmp_path / "crashed"))
-    with killed_in_second_epoch(), pytest.raises(KeyboardInterrupt):
-        stage_train(crashed, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        stage_train(crashed, progress=False, hooks=killed_in_second_epoch())
     assert latest_checkpoint(RunPaths(crashed.output_path).checkpoints).name == "epoch_001.json"
     stage_train(crashed, progress=False)
 
@@ -169,8 +170,8 @@ def test_cli_accepts_overrides_around_options(capsys):
 
 
 def test_infer_refuses_unfinished_training_and_stale_maps(tiny_config, tiny_dataset):
-    with killed_in_second_epoch(), pytest.raises(KeyboardInterrupt):
-        stage_train(tiny_config, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        stage_train(tiny_config, progress=False, hooks=killed_in_second_epoch())
     with pytest.raises(CheckpointError, match="stopped at epoch 1 of 2"):
         stage_infer(tiny_config, progress=False)
     stage_train(tiny_config, progress=False)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -24,16 +23,17 @@ from cpal.engine.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from cpal.engine.infer import MAPS_META, _claim_folder, _create_exclusive
+from cpal.engine.hooks import Interrupt
+from cpal.engine.identity import MAPS_FORMAT, MAPS_META
+from cpal.engine.infer import _claim_folder, _create_exclusive
 from cpal.engine.paths import RunPaths
-from cpal.engine.train import epoch_order
+from cpal.engine.trainer import epoch_order
 from cpal.errors import ConfigError, DatasetError
 from cpal.evaluation.metrics import labels_from_maps
 from cpal.io import load_maps
 from cpal.pipeline import run, stage_evaluate, stage_infer, stage_train
-from tests.conftest import tiny_overrides
+from tests.helpers import REPO, tiny_overrides
 
-REPO = Path(__file__).resolve().parents[2]
 # checkpoint_every_steps=2 with 3 steps per epoch: step_00000002, epoch_001 (step 3),
 # step_00000004, epoch_002 (step 6).
 MID = ["train.checkpoint_every_steps=2", "train.keep_checkpoints=5"]
@@ -51,24 +51,6 @@ def _assert_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-
-
-@contextlib.contextmanager
-def killed_at_step(n: int):
-    """Training raises KeyboardInterrupt inside its n-th optimizer step, as a kill would."""
-    real, calls = torch.optim.SGD.step, {"n": 0}
-
-    def dies(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    torch.optim.SGD.step = dies
-    try:
-        yield
-    finally:
-        torch.optim.SGD.step = real
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +76,8 @@ def _torchrun(tmp_path: Path, command: str, *args: str) -> subprocess.CompletedP
 
 def test_mid_epoch_checkpoints_resume_exactly(tiny_dataset, tmp_path, uninterrupted):
     cfg = _cfg(tiny_dataset, tmp_path / "run", *MID)
-    with killed_at_step(5), pytest.raises(KeyboardInterrupt):
-        stage_train(cfg, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # killed during its 5th step
+        stage_train(cfg, progress=False, hooks=[Interrupt(at_step=4)])
     directory = RunPaths(cfg.output_path).checkpoints
     assert [p.name for p in list_checkpoints(directory)] == [
         "step_00000002.json", "epoch_001.json", "step_00000004.json"]
@@ -115,6 +97,7 @@ def test_mid_epoch_checkpoints_resume_exactly(tiny_dataset, tmp_path, uninterrup
 _CHILD = r"""
 import json, os, sys
 from pathlib import Path
+import pytest
 import torch
 torch.set_num_threads(1)
 import cpal.engine.checkpoint as checkpoint
@@ -142,14 +125,16 @@ def dying(real, write_whole):
             os._exit(3)
     return wrapper
 
+patch = pytest.MonkeyPatch()  # this process dies (os._exit) before it could undo anything
 if target == "tensors":
-    checkpoint.save_file = dying(checkpoint.save_file,
-                                 lambda real, p, tensors, name: real(tensors, str(p)))
+    patch.setattr(checkpoint, "save_file", dying(
+        checkpoint.save_file, lambda real, p, tensors, name: real(tensors, str(p))))
 elif target == "marker":
-    checkpoint.write_json_atomic = dying(checkpoint.write_json_atomic,
-                                         lambda real, p, path, record: real(p, record))
+    patch.setattr(checkpoint, "write_json_atomic", dying(
+        checkpoint.write_json_atomic, lambda real, p, path, record: real(p, record)))
 elif target == "maps":
-    infer.save_maps = dying(infer.save_maps, lambda real, p, path, record: real(p, record))
+    patch.setattr(infer, "save_maps", dying(
+        infer.save_maps, lambda real, p, path, record: real(p, record)))
 config = load_config(None, overrides)
 (stage_train if stage == "train" else stage_infer)(config, progress=False)
 sys.exit(0)
@@ -169,6 +154,7 @@ def _die_in_child(tmp_path: Path, stage: str, overrides: list[str], target: str,
     assert done.returncode == 3, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["tensors", "marker"])
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(
     target, tiny_dataset, tmp_path, uninterrupted
@@ -221,8 +207,8 @@ def test_fp16_gradient_scaler_state_is_checkpointed(tiny_dataset, tmp_path):
     scaler = load_checkpoint(latest_checkpoint(tmp_path / "a/checkpoints")).meta["grad_scaler"]
     assert scaler["scale"] > 0 and scaler["_growth_tracker"] >= 1
     crashed = _cfg(tiny_dataset, tmp_path / "b", *MID, "train.precision=fp16")
-    with killed_at_step(5), pytest.raises(KeyboardInterrupt):
-        stage_train(crashed, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # killed during its 5th step
+        stage_train(crashed, progress=False, hooks=[Interrupt(at_step=4)])
     stage_train(crashed, progress=False)
     resumed = load_checkpoint(latest_checkpoint(tmp_path / "b/checkpoints")).meta["grad_scaler"]
     # The growth tracker counts steps since the scale last changed: restored, not restarted.
@@ -259,6 +245,7 @@ def _assert_same_maps(a: Path, b: Path) -> None:
         np.testing.assert_allclose(x.maps, y.maps, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_map_generation_killed_halfway_resumes_without_truncated_files(
     trained, tiny_dataset, tmp_path
 ):
@@ -310,8 +297,8 @@ def test_two_shards_write_disjoint_halves_whose_union_is_the_split(
 
 
 def test_maps_folder_identity_is_claimed_once(tmp_path):
-    ours = {"checkpoint": "epoch_001.json", "scales": [1.0]}
-    theirs = {"checkpoint": "epoch_001.json", "scales": [1.0, 0.5]}
+    ours = {"format": MAPS_FORMAT, "checkpoint": "epoch_001.json", "scales": [1.0]}
+    theirs = {"format": MAPS_FORMAT, "checkpoint": "epoch_001.json", "scales": [1.0, 0.5]}
     _create_exclusive(tmp_path / MAPS_META, ours)
     _create_exclusive(tmp_path / MAPS_META, theirs)  # loses: the first record stays
     assert json.loads((tmp_path / MAPS_META).read_text()) == ours
@@ -327,6 +314,7 @@ def test_maps_folder_identity_is_claimed_once(tmp_path):
     assert not (foreign / MAPS_META).exists()
 
 
+@pytest.mark.distributed
 def test_torchrun_processes_split_a_shard_between_them(trained, tiny_dataset, tmp_path):
     """The real launcher: `torchrun --nproc_per_node=2 -m cpal infer --shard 1/2` writes
     shard 1 of 2 of every split (the images `cpal infer --shard 1/2` would), half of it
@@ -345,6 +333,7 @@ def test_torchrun_processes_split_a_shard_between_them(trained, tiny_dataset, tm
     assert stages["infer"]["missing"] == {"train": 12, "val": 4}
 
 
+@pytest.mark.distributed
 def test_one_failing_torchrun_process_ends_the_job(tiny_dataset, tmp_path):
     """A corrupt image in process 1's first micro-batch: process 1 stops with the one-line
     error while process 0 waits for it in the gradient all-reduce; torchrun then stops
@@ -367,7 +356,7 @@ def test_bf16_maps_record_their_precision(trained, tiny_dataset, tmp_path):
     identity = json.loads((tmp_path / "run/maps/train" / MAPS_META).read_text())
     assert identity["precision"] == "bf16" and identity["inference"].endswith(", bf16")
     fp32 = json.loads((trained / "maps/train" / MAPS_META).read_text())
-    assert "precision" not in fp32  # fp32 folders keep the record they had before the key
+    assert fp32["precision"] == "fp32" and not fp32["inference"].endswith("fp32")
     # What bf16 guarantees on any processor, not one processor's rounding: bf16 rounds every
     # activation to 8 significant bits (unit roundoff u = 2^-8), and how those roundings add
     # up depends on the CPU's kernels (AVX-512 bf16 or AVX2 emulation, blocking), so single

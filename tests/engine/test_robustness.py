@@ -34,7 +34,7 @@ from cpal.engine.paths import RunPaths
 from cpal.errors import CheckpointError, OutputError
 from cpal.io import append_lines, load_maps
 from cpal.pipeline import stage_infer, stage_labels, stage_train
-from tests.conftest import killed_in_second_epoch, tiny_overrides
+from tests.helpers import killed_in_second_epoch, tiny_overrides
 
 
 def _cli(capsys: pytest.CaptureFixture[str], command: str, config: Path,
@@ -210,8 +210,8 @@ def test_damaged_label_file_is_redone(finished, tiny_dataset, tmp_path, capsys):
 
 def test_torn_last_log_line_is_dropped_and_redone(finished, tiny_dataset, tmp_path, capsys):
     cfg = load_config(None, tiny_overrides(tiny_dataset, tmp_path / "run"))
-    with killed_in_second_epoch(), pytest.raises(KeyboardInterrupt):
-        stage_train(cfg, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        stage_train(cfg, progress=False, hooks=killed_in_second_epoch())
     log = RunPaths(cfg.output_path).train_log
     rows = log.read_text().splitlines()
     with log.open("a") as handle:  # a kill (or a full disk) during the next append
@@ -227,11 +227,11 @@ def test_torn_last_log_line_is_dropped_and_redone(finished, tiny_dataset, tmp_pa
 
 
 def test_damaged_log_row_before_the_checkpoint_is_dropped_with_a_warning(tmp_path, capsys):
-    from cpal.engine.train import _truncate_log
+    from cpal.engine.hooks import truncate_log
 
     log = tmp_path / "train_log.jsonl"
     log.write_text('{"step": 1}\nnot json\n{"step": 2}\n{"step": 3}\n')
-    _truncate_log(log, 2, "epoch_001.json")
+    truncate_log(log, 2, "epoch_001.json")
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
     assert _warnings(capsys.readouterr().err) == [
         f"cpal: warning: {log} line 2: damaged row dropped (not JSON); training continues "
@@ -451,6 +451,7 @@ def test_run_checks_every_split_before_training(breakage, tiny_dataset, tmp_path
     assert not (out / "checkpoints").exists() and not (out / "train_log.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_train_ids_in_the_tuning_split_are_refused_or_labelled(tiny_dataset, tmp_path,
                                                                config_file, capsys):
     root = tmp_path / "data"

@@ -9,21 +9,17 @@ import torch
 
 from cpal.config import AlignmentConfig, AwarenessConfig, BankConfig, PrototypeConfig, load_config
 from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
+from cpal.engine.identity import training_fingerprint
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import check_precision
-from cpal.engine.train import (
-    BatchPlan,
-    LossShare,
-    channel_count,
-    compute_loss,
-    epoch_order,
-    training_fingerprint,
-)
+from cpal.engine.train import LossShare, channel_count, compute_loss
+from cpal.engine.trainer import BatchPlan, epoch_order
 from cpal.errors import CheckpointError, ConfigError
+from cpal.methods import PrototypeBranch
 from cpal.models.cam_net import build_network
 from cpal.pipeline import stage_infer, stage_train
 from cpal.prototypes.module import CPALModule
-from tests.conftest import killed_in_second_epoch, tiny_overrides
+from tests.helpers import killed_in_second_epoch, tiny_overrides
 
 PROTO = ["method=cpal", "bank.size=16", "bank.clusters=3",
          "bank.recluster_every=2", "awareness.top_k=2"]
@@ -31,7 +27,6 @@ PROTO = ["method=cpal", "bank.size=16", "bank.clusters=3",
 # global batch comparable with the whole one.
 EXACT = ["model.frozen_bn=true", "train.lr=0.001"]
 
-pytestmark = pytest.mark.filterwarnings("ignore:model.frozen_bn")
 
 
 def _final(cfg) -> dict[str, torch.Tensor]:
@@ -113,7 +108,8 @@ def test_micro_batch_shares_give_the_global_loss_and_gradient():
 def test_deferred_bank_matches_one_forward_over_the_whole_batch():
     def module() -> CPALModule:
         torch.manual_seed(0)
-        return CPALModule((8, 16), 3, "cpal", PrototypeConfig(),
+        return CPALModule((8, 16), 3, PrototypeBranch(bank=True, selection=True,
+                                                      alignment=True), PrototypeConfig(),
                           BankConfig(size=8, clusters=2, recluster_every=1, kmeans_iters=3),
                           AwarenessConfig(top_k=2), AlignmentConfig())
 
@@ -204,16 +200,15 @@ def test_fingerprint_ignores_process_layout_but_not_precision(tiny_dataset, tmp_
     same = load_config(None, [*base, "train.grad_accum=4", "train.channels_last=true",
                               "train.checkpoint_every_steps=5"])
     assert training_fingerprint(same) == plain
-    assert "precision" not in plain["train"]  # fp32: as checkpoints made before the key
+    assert plain["train"]["precision"] == "fp32"  # every setting that shapes training
     bf16 = training_fingerprint(load_config(None, [*base, "train.precision=bf16"]))
     assert bf16["train"]["precision"] == "bf16"
-    # prototype.normalize came later too: its old behaviour (true) is left implicit.
-    assert "normalize" not in plain["prototype"]
+    assert plain["prototype"]["normalize"] is True
     raw = training_fingerprint(load_config(None, [*base, "prototype.normalize=false"]))
     assert raw["prototype"]["normalize"] is False
 
-    with killed_in_second_epoch(), pytest.raises(KeyboardInterrupt):
-        stage_train(load_config(None, base), progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        stage_train(load_config(None, base), progress=False, hooks=killed_in_second_epoch())
     # Resuming with another accumulation works (1 GPU -> 2 GPUs is the same maths) ...
     stage_train(load_config(None, [*base, "train.grad_accum=2"]), progress=False)
     assert load_checkpoint(latest_checkpoint(tmp_path / "run/checkpoints")).epoch == 2
@@ -293,7 +288,8 @@ def test_fp16_on_cpu_is_refused_for_prototype_methods(tiny_dataset, tmp_path):
 
 def test_crop_geometry_auto_follows_the_images() -> None:
     from cpal.config import TrainConfig
-    from cpal.engine.train import crop_geometry, run_epochs
+    from cpal.engine.train import crop_geometry
+    from cpal.engine.trainer import run_epochs
 
     auto = TrainConfig(crop_size="auto", resize_long="auto")
     assert crop_geometry(auto, [128, 128, 96]) == (128, (112, 160))  # median 128
@@ -315,7 +311,7 @@ def test_steps_schedule_and_auto_crop_train_and_resume(tiny_dataset, tmp_path):
     log = [r for r in _log(cfg) if "mean_loss" in r]
     assert [r["epoch"] for r in log] == [1, 2, 3]  # 24 images / 8 = 3 steps per epoch
     assert log[-1]["step"] == 9
-    from cpal.engine.train import load_final_checkpoint
+    from cpal.engine.identity import load_final_checkpoint
 
     _, ckpt = load_final_checkpoint(cfg)  # finished by its own epoch count, not train.epochs
     assert ckpt.meta["epochs"] == 3 and ckpt.epoch == 3

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -106,7 +107,7 @@ def test_nearest_sources_hand_case() -> None:
     assert bank.nearest_sources(0, targets, 1).tolist() == [[-1], [-1]]  # empty channel
 
 
-def test_sources_round_trip_and_old_checkpoints_load_as_unknown(tmp_path) -> None:
+def test_sources_round_trip_and_are_required(tmp_path) -> None:
     bank = _filled_bank()
     bank.enqueue(_rows(3, dim=8), torch.tensor([0, 2, 2]), torch.tensor([40, 41, 42]))
     path = tmp_path / "bank.safetensors"
@@ -116,6 +117,5 @@ def test_sources_round_trip_and_old_checkpoints_load_as_unknown(tmp_path) -> Non
     assert torch.equal(loaded.sources, bank.sources)
     assert loaded.entry_sources(2).tolist()[-2:] == [41, 42]
     old = {k: v for k, v in bank.state_dict().items() if k != "sources"}
-    legacy = SupportBank(3, size=16, dim=8, clusters=4)
-    legacy.load_state_dict(old)  # strict: accepted, provenance unknown
-    assert torch.equal(legacy.queue, bank.queue) and bool(torch.all(legacy.sources == -1))
+    with pytest.raises(RuntimeError, match=r'Missing key.*"sources"'):
+        SupportBank(3, size=16, dim=8, clusters=4).load_state_dict(old)

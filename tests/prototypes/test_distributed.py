@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cpal.prototypes.bank import SupportBank
+
+pytestmark = pytest.mark.distributed
 
 ROWS = {0: (3, [0, 1, 1]), 1: (5, [1, 2, 0, 1, 1])}  # rank -> (n, channels)
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from cpal.config import AlignmentConfig, AwarenessConfig, BankConfig, PrototypeConfig
+from cpal.methods import PrototypeBranch, method_spec
 from cpal.prototypes.module import CPALModule
 from cpal.prototypes.pacam import prototype_cam
 
@@ -13,12 +14,18 @@ CH = (8, 16)
 C = 3
 
 
+def branch(method: str) -> PrototypeBranch:
+    spec = method_spec(method).branch
+    assert spec is not None
+    return spec
+
+
 def make(method: str = "cpal", **kw) -> CPALModule:
     torch.manual_seed(0)
     return CPALModule(
         CH,
         C,
-        method,  # type: ignore[arg-type]
+        branch(method),
         PrototypeConfig(features=kw.get("features", "hierarchical"), **kw.get("proto", {})),
         BankConfig(size=8, clusters=kw.get("clusters", 3), recluster_every=100, kmeans_iters=3),
         AwarenessConfig(top_k=2, temperature=0.5, alpha=0.5),
@@ -37,11 +44,6 @@ def batch(seed: int, b: int = 2, requires_grad: bool = False):
     labels[:, 0] = 1
     labels[0, 2] = 1
     return feats, cam, labels
-
-
-def test_cam_variant_refused() -> None:
-    with pytest.raises(ValueError, match="no prototype module"):
-        make("cam")
 
 
 def test_output_shapes_ranges_and_absent_zero() -> None:
@@ -137,7 +139,7 @@ def _controlled(score: str, normalize: bool) -> CPALModule:
     """One class, D=2, identity embedding (z = the unit features), raw bank entries as
     context (clusters 0), top-1 selection: every number below is known by hand."""
     m = CPALModule(
-        (2,), 1, "cpal-topk",
+        (2,), 1, branch("cpal-topk"),
         PrototypeConfig(features="layer4", projection=2, normalize=normalize, region="threshold"),
         BankConfig(size=4, clusters=0),
         AwarenessConfig(score=score, top_k=1),  # type: ignore[arg-type]
@@ -199,7 +201,7 @@ def test_raw_prototypes_make_dot_and_cosine_rank_differently() -> None:
 def test_raw_prototypes_train_and_fill_the_bank_with_their_norms() -> None:
     torch.manual_seed(0)
     m = CPALModule(
-        CH, C, "cpal",
+        CH, C, branch("cpal"),
         PrototypeConfig(normalize=False),
         BankConfig(size=8, clusters=3, recluster_every=2, kmeans_iters=3),
         AwarenessConfig(top_k=2, temperature=0.5), AlignmentConfig(loss_weight=0.1),

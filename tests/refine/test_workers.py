@@ -25,6 +25,7 @@ def test_in_process_is_ordered_and_lazy() -> None:
     assert list(results) == [0, 1, 4, 9, 16]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="operator.call is Python 3.11+")
 def test_worker_processes_keep_order_limit_threads_and_propagate_errors() -> None:
     """One pool (spawning is the slow part): results in order, one torch thread per

@@ -8,12 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-import cpal.pipeline as pipeline
+import cpal.viz.comparison as comparison
 from cpal.config import load_config
 from cpal.data.source import open_dataset
+from cpal.data.transforms import normalize
+from cpal.engine.identity import load_final_checkpoint
+from cpal.engine.infer import load_trained_model
 from cpal.pipeline import stage_train
 from cpal.viz.figures import OverlayRow
-from tests.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 # empty_region=cam: a tiny net's seeds can miss a class, and an unseeded class gets no
 # context; the CAM fallback gives every present class a prototype to select context for.
@@ -37,7 +40,7 @@ def trained(tiny_dataset, tmp_path_factory):
 
 def _with_sources(monkeypatch, n_train: int) -> None:
     """Stand-in for training with sample ids: entry (c, slot) came from image c + slot."""
-    real = pipeline.load_trained_model
+    real = load_trained_model
 
     def load(*args, **kwargs):
         model = real(*args, **kwargs)
@@ -46,7 +49,7 @@ def _with_sources(monkeypatch, n_train: int) -> None:
         bank.sources.copy_((torch.arange(k)[:, None] + torch.arange(size)[None]) % n_train)
         return model
 
-    monkeypatch.setattr(pipeline, "load_trained_model", load)
+    monkeypatch.setattr(comparison, "load_trained_model", load)
 
 
 def test_comparison_figure_has_context_column(trained, monkeypatch, tmp_path) -> None:
@@ -54,20 +57,20 @@ def test_comparison_figure_has_context_column(trained, monkeypatch, tmp_path) ->
     train_ids = layout.split_ids("train")
     _with_sources(monkeypatch, len(train_ids))
     target = tmp_path / "cam_vs_pacam_train.png"
-    pipeline._comparison_figure(cfg, layout, rows, target)
+    comparison.comparison_figure(cfg, layout, rows, target)
     with Image.open(target) as image:
         image.load()
         # image | GT | CAM | PACAM | pseudo label | context: six 3-inch columns at 100 dpi
         assert image.width == 6 * 300
 
-    model = pipeline.load_trained_model(
-        pipeline.load_final_checkpoint(cfg)[1], cfg, layout.num_foreground, torch.device("cpu")
+    model = load_trained_model(
+        load_final_checkpoint(cfg)[1], cfg, layout.num_foreground, torch.device("cpu")
     )
     row = rows[0]
-    image = pipeline.normalize(row.image)[None]
+    image = normalize(row.image)[None]
     labels = torch.from_numpy(layout.image_labels([row.image_id]))
     present = torch.nonzero(labels[0] > 0.5).flatten()
-    panel = pipeline._context_panel(model, layout, train_ids, image, labels, row, present)
+    panel = comparison.context_panel(model, layout, train_ids, image, labels, row, present)
     areas = {int(c) + 1: int((row.pseudo == int(c) + 1).sum()) for c in present}
     assert panel.label == layout.class_names[max(areas, key=areas.get)]
     assert 1 <= len(panel.thumbnails) <= 2  # top_k = 2
@@ -81,15 +84,15 @@ def test_comparison_figure_has_context_column(trained, monkeypatch, tmp_path) ->
 
 def test_context_without_sources_is_marked_unknown(trained) -> None:
     cfg, layout, rows = trained
-    model = pipeline.load_trained_model(
-        pipeline.load_final_checkpoint(cfg)[1], cfg, layout.num_foreground, torch.device("cpu")
+    model = load_trained_model(
+        load_final_checkpoint(cfg)[1], cfg, layout.num_foreground, torch.device("cpu")
     )
     model.cpal.bank.sources.fill_(-1)
     row = rows[0]
     labels = torch.from_numpy(layout.image_labels([row.image_id]))
     present = torch.nonzero(labels[0] > 0.5).flatten()
-    panel = pipeline._context_panel(model, layout, layout.split_ids("train"),
-                                    pipeline.normalize(row.image)[None], labels, row, present)
+    panel = comparison.context_panel(model, layout, layout.split_ids("train"),
+                                    normalize(row.image)[None], labels, row, present)
     assert panel.thumbnails and all(
         thumb is None and caption.endswith("source unknown") for caption, thumb in panel.thumbnails
     )

@@ -11,12 +11,11 @@ training uses image-level labels only and must never touch segmentation masks.
 
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image
 
 from cpal.errors import DatasetError
 from cpal.io import IGNORE_INDEX, voc_palette
@@ -39,7 +38,6 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 # Orientations 5-8 swap width and height.
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _one_line(error: BaseException) -> str:
@@ -52,11 +50,30 @@ def _orientation(exif: Image.Exif) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _apply_exif_orientation(image: Image.Image) -> Image.Image:
-    """Return `image` rotated/flipped as its EXIF orientation says (no copy when upright)."""
-    if _orientation(image.getexif()) == 1:
-        return image
-    return ImageOps.exif_transpose(image)
+# What each EXIF orientation asks of the stored pixels (as ImageOps.exif_transpose).
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+}
+
+
+def _header_orientation(image: Image.Image) -> int:
+    """EXIF orientation from the file's header, before any pixel is decoded.
+
+    A PNG's eXIf chunk belongs before its pixel data (the PNG specification's order), and
+    that is the only one read here: `PngImageFile.getexif()` would decode the whole image
+    to look behind IDAT, so the base implementation reads what the header parsing found.
+    Sizes (`image_size`), images and masks thus agree on every file, a non-conforming PNG
+    with its eXIf after IDAT included (read as upright by all three)."""
+    if image.format == "PNG":
+        return _orientation(Image.Image.getexif(image))
+    return _orientation(image.getexif())
+
+
+def _upright(image: Image.Image, orientation: int) -> Image.Image:
+    """`image` rotated/flipped as `orientation` says (itself when upright)."""
+    return image if orientation == 1 else image.transpose(_TRANSPOSES[orientation])
 
 
 def _to_rgb(image: Image.Image, path: Path) -> np.ndarray:
@@ -96,48 +113,13 @@ def load_rgb(path: Path) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as image:
+            orientation = _header_orientation(image)
             image.load()
-            return _to_rgb(_apply_exif_orientation(image), path)
+            return _to_rgb(_upright(image, orientation), path)
     except FileNotFoundError as error:
         raise DatasetError(f"image file not found: {path}") from error
     except _DECODE_ERRORS as error:
         raise DatasetError(f"cannot read image {path}: {_one_line(error)}") from error
-
-
-def _png_exif_after_header(path: Path) -> bytes | None:
-    """Find an eXIf chunk by walking PNG chunk headers (seeking over pixel data).
-
-    Pillow only reads chunks after IDAT when it decodes the pixels; this keeps
-    `image_size` header-only yet consistent with `load_rgb` for such files.
-    """
-    with open(path, "rb") as handle:
-        if handle.read(8) != _PNG_SIGNATURE:
-            return None
-        while True:
-            header = handle.read(8)
-            if len(header) < 8:
-                return None
-            length, chunk_type = struct.unpack(">I4s", header)
-            if chunk_type == b"eXIf":
-                return handle.read(length)
-            if chunk_type == b"IEND":
-                return None
-            handle.seek(length + 4, os.SEEK_CUR)
-
-
-def _header_orientation(image: Image.Image, path: Path) -> int:
-    if image.format != "PNG":
-        return _orientation(image.getexif())
-    # PngImageFile.getexif() decodes the whole image when the header has no EXIF;
-    # the base implementation reads only what was parsed from the header.
-    orientation = _orientation(Image.Image.getexif(image))
-    if orientation == 1 and "exif" not in image.info:
-        data = _png_exif_after_header(path)
-        if data:
-            exif = Image.Exif()
-            exif.load(data)
-            orientation = _orientation(exif)
-    return orientation
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -146,7 +128,7 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             width, height = image.size
-            if _header_orientation(image, path) in _TRANSPOSING_ORIENTATIONS:
+            if _header_orientation(image) in _TRANSPOSING_ORIENTATIONS:
                 width, height = height, width
     except FileNotFoundError as error:
         raise DatasetError(f"image file not found: {path}") from error
@@ -222,8 +204,9 @@ def load_mask(path: Path, num_classes: int) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as image:
+            orientation = _header_orientation(image)
             image.load()
-            values = _mask_values(_apply_exif_orientation(image), path)
+            values = _mask_values(_upright(image, orientation), path)
     except FileNotFoundError as error:
         raise DatasetError(f"mask file not found: {path}") from error
     except _DECODE_ERRORS as error:

@@ -23,7 +23,9 @@ from safetensors.torch import load_file, save_file
 from cpal.errors import CheckpointError
 from cpal.io import atomic_path, output_error, write_json_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: every setting in the fingerprint and the position in every marker; checkpoints of
+another version are refused by `load_checkpoint`, in one line naming the file."""
 _NAME = re.compile(r"^(?:epoch_\d{3,}|step_\d{8,})\.json$")
 
 
@@ -212,6 +214,12 @@ def load_checkpoint(json_path: Path) -> Checkpoint:
         tensor_path = json_path.with_name(record["tensors"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{json_path}: unreadable checkpoint ({exc})") from exc
+    if record.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{json_path}: checkpoint format {record.get('format')}, this cpal reads format "
+            f"{FORMAT_VERSION}; train again (delete {json_path.parent} or choose another "
+            "output_dir)"
+        )
     try:
         tensors = load_file(str(tensor_path), device="cpu")
     except (OSError, SafetensorError) as exc:
@@ -221,8 +229,6 @@ def load_checkpoint(json_path: Path) -> Checkpoint:
             f"{tensor_path}: damaged checkpoint ({detail}); delete {json_path.name} to "
             "continue from the checkpoint before it"
         ) from exc
-    if record.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{json_path}: checkpoint format {record.get('format')} unsupported")
     model = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     optimizer = None
     if record["optimizer"] is not None:

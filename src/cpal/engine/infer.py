@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from cpal.config import Config
 from cpal.data.datasets import InferenceDataset, SameSizeBatchSampler
@@ -39,23 +38,30 @@ from cpal.data.source import open_dataset
 from cpal.data.voc import VOCLayout
 from cpal.engine import distributed
 from cpal.engine.checkpoint import Checkpoint
+from cpal.engine.identity import (
+    MAPS_FORMAT,
+    MAPS_META,
+    changed_keys,
+    load_final_checkpoint,
+    read_maps_identity,
+    resume_point,
+)
 from cpal.engine.output_dir import claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import autocast, check_precision, setup
-from cpal.engine.train import changed_keys, load_final_checkpoint, resume_point
-from cpal.errors import ConfigError, DatasetError, warn
+from cpal.errors import ConfigError, warn
 from cpal.io import (
     IGNORE_INDEX,
     MapRecord,
     map_file_problem,
-    read_json,
     save_maps,
     write_json_atomic,
 )
+from cpal.log import Progress
+from cpal.methods import CAM_MAP, FUSED_MAP, PACAM_MAP
 from cpal.models.cam_net import CAMNet, CAMOutput, build_network, normalized_cam
 from cpal.prototypes.module import CPALOutput
 
-MAPS_META = "_maps.json"
 _NAMED = 10  # damaged files named one per line; the rest are counted
 
 
@@ -82,7 +88,9 @@ def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[st
     digest = hashlib.sha256(
         json.dumps(ckpt.meta.get("fingerprint"), sort_keys=True).encode()
     ).hexdigest()[:16]
+    precision = inference_precision(config)
     identity = {
+        "format": MAPS_FORMAT,
         "checkpoint": checkpoint.name,
         "training_fingerprint": digest,
         "method": config.method,
@@ -90,16 +98,15 @@ def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[st
         "scales": inference_scales(config, ckpt),
         "flip": config.infer.flip,
         "inference": describe_inference(inference_scales(config, ckpt), config.infer.flip),
+        "precision": precision,
     }
-    if config.map_kind != "cam":
+    if config.map_kind != CAM_MAP:
         proto = PrototypeInference.of(config)
         identity["prototype_inference"] = {
             "maps": proto.maps, "flip_fusion": proto.flip_fusion,
             "seed_features": proto.seed_features,
         }
-    precision = inference_precision(config)
-    if precision != "fp32":  # absent = fp32, as in folders made before the setting existed
-        identity["precision"] = precision
+    if precision != "fp32":  # protocols name a reduced precision, fp32 goes without saying
         identity["inference"] += f", {precision}"
     return identity
 
@@ -110,14 +117,6 @@ def every_nth(items: Sequence[str], start: int, step: int) -> list[str]:
     the split alone, so a resumed shard owns the same images) and the round-robin deal of
     a shard's missing maps to the processes running it."""
     return list(items[start::step])
-
-
-def read_maps_identity(directory: Path) -> dict[str, Any]:
-    path = directory / MAPS_META
-    try:
-        return read_json(path)
-    except FileNotFoundError as exc:
-        raise DatasetError(f"{path}: not found; run `cpal infer` first") from exc
 
 
 def load_trained_model(ckpt: Checkpoint, config: Config, num_classes: int,
@@ -177,7 +176,7 @@ def _prototype_scale(
 @torch.inference_mode()
 def multiscale_maps(
     model: CAMNet, images: Tensor, scales: Sequence[float], flip: bool,
-    labels: Tensor | None = None, kinds: Sequence[str] = ("cam",),
+    labels: Tensor | None = None, kinds: Sequence[str] = (CAM_MAP,),
     proto: PrototypeInference = PrototypeInference(),
 ) -> dict[str, Tensor]:
     """Sums over scales of relu CAMs and/or prototype maps at the input's resolution,
@@ -213,10 +212,10 @@ def multiscale_maps(
             size = (max(1, round(height * scale)), max(1, round(width * scale)))
             x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         out = model(torch.cat([x, x.flip(-1)]) if flip else x)
-        if "cam" in kinds:
+        if CAM_MAP in kinds:
             cam = F.relu(out.cam)
-            add("cam", _flip_sum(cam, batch) if flip else cam, grid_aligned=True)
-        if "pacam" in kinds:
+            add(CAM_MAP, _flip_sum(cam, batch) if flip else cam, grid_aligned=True)
+        if PACAM_MAP in kinds:
             if model.cpal is None or labels is None:
                 raise ValueError("PACAM needs a network with the CPAL module and image labels")
             res = _prototype_scale(model, out, x, labels, flip, proto)
@@ -226,17 +225,17 @@ def multiscale_maps(
                                                       mode="nearest")
             if proto.maps == "sipe":
                 assert res.similarity is not None
-                add("pacam", res.similarity[:, 1:], grid_aligned=False)
+                add(PACAM_MAP, res.similarity[:, 1:], grid_aligned=False)
                 add("pacam_background", res.similarity[:, :1], grid_aligned=False)
             else:
-                add("pacam", res.pacam[:, 1:], grid_aligned=True)
+                add(PACAM_MAP, res.pacam[:, 1:], grid_aligned=True)
                 add("pacam_background", res.pacam[:, :1], grid_aligned=True)
     return totals
 
 
 def multiscale_cam(model: CAMNet, images: Tensor, scales: Sequence[float], flip: bool) -> Tensor:
     """Sum over scales (and flips) of relu CAMs at the input's resolution: (B, C, H, W)."""
-    return multiscale_maps(model, images, scales, flip)["cam"]
+    return multiscale_maps(model, images, scales, flip)[CAM_MAP]
 
 
 def normalised_maps(
@@ -268,13 +267,13 @@ def localisation_maps(
     """The map of kind cam, pacam or fused (the mean of the two), values in [0, 1], with
     its own background channel (B, 1, H, W) where it has one (pacam: the background
     prototype's map; fused: the mean of that and the CAM's 1 - max)."""
-    needed = ("cam", "pacam") if kind == "fused" else (kind,)
+    needed = (CAM_MAP, PACAM_MAP) if kind == FUSED_MAP else (kind,)
     normed = normalised_maps(model, images, labels, scales, flip, needed, proto)
     seeds = normed.get("pacam_seeds")
-    if kind == "fused":
-        present = labels[:, :, None, None].to(normed["cam"].dtype)
-        cam_bg = 1.0 - (normed["cam"] * present).amax(dim=1, keepdim=True)
-        return Localisation((normed["cam"] + normed["pacam"]) / 2,
+    if kind == FUSED_MAP:
+        present = labels[:, :, None, None].to(normed[CAM_MAP].dtype)
+        cam_bg = 1.0 - (normed[CAM_MAP] * present).amax(dim=1, keepdim=True)
+        return Localisation((normed[CAM_MAP] + normed[PACAM_MAP]) / 2,
                             (cam_bg + normed["pacam_background"]) / 2, seeds)
     return Localisation(normed[kind], normed.get(f"{kind}_background"), seeds)
 
@@ -311,7 +310,6 @@ def infer_split(
     config: Config, layout: VOCLayout, model: CAMNet, split: str, device: torch.device,
     identity: dict[str, Any], *, shard: tuple[int, int] = (0, 1), progress: bool = True,
 ) -> int:
-    # identity["scales"] are the effective scales (infer.scales x the training upscale).
     """Write maps for every image of `split` in `shard` not yet done (this process's deal
     of them under torchrun); return how many this process wrote."""
     ranks = distributed.ranks()
@@ -326,8 +324,7 @@ def infer_split(
         dataset, batch_sampler=sampler, num_workers=config.data.num_workers,
         pin_memory=device.type == "cuda",
     )
-    bar = tqdm(total=len(pending), desc=f"maps {split}", disable=not progress, leave=False,
-               dynamic_ncols=True)
+    bar = Progress(len(pending), f"maps {split}", enabled=progress)
     precision = inference_precision(config)
     for batch in loader:
         labels = batch["label"].to(device)

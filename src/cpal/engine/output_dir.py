@@ -21,11 +21,11 @@ from cpal import __version__
 from cpal.config import Config
 from cpal.engine import distributed
 from cpal.engine.checkpoint import is_checkpoint_marker
+from cpal.engine.identity import MAPS_META
 from cpal.errors import ConfigError, CpalError
 from cpal.io import output_error, write_json_atomic
 
 RUN_MARKER = "cpal_run.json"
-_MAPS_META = "_maps.json"  # engine.infer.MAPS_META (not imported: infer imports this module)
 
 
 def is_run_folder(root: Path) -> bool:
@@ -36,7 +36,7 @@ def is_run_folder(root: Path) -> bool:
     checkpoints = root / "checkpoints"
     if checkpoints.is_dir() and any(is_checkpoint_marker(p) for p in checkpoints.iterdir()):
         return True
-    return any((root / "maps").glob(f"*/{_MAPS_META}"))
+    return any((root / "maps").glob(f"*/{MAPS_META}"))
 
 
 def _problem(config: Config) -> CpalError | None:

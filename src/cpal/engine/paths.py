@@ -34,6 +34,11 @@ class RunPaths:
     def figures(self) -> Path:
         return self.root / "figures"
 
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard events (`log.tensorboard: true`)."""
+        return self.root / "tensorboard"
+
     def maps(self, split: str) -> Path:
         return self.root / "maps" / split
 

@@ -12,6 +12,7 @@ import torch
 from cpal.config import Config
 from cpal.engine import distributed
 from cpal.errors import ConfigError
+from cpal.methods import method_spec
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,7 +49,7 @@ def check_precision(config: Config, device: torch.device, key: str, precision: s
     """Refuse fp16 for a prototype method on CPU: CPU autocast keeps norms and sums in fp16
     (CUDA's runs them in fp32), so the zero prototypes of absent classes normalise to NaN
     and every update would be skipped; bf16 has float32's range and works on CPU."""
-    if precision == "fp16" and device.type == "cpu" and config.method != "cam":
+    if precision == "fp16" and device.type == "cpu" and method_spec(config.method).has_prototypes:
         raise ConfigError(
             f"'{key}': fp16 on CPU turns method {config.method}'s prototype maps into NaN "
             "(CPU autocast keeps normalisations in fp16); use bf16 or fp32 on CPU"

@@ -1,33 +1,25 @@
-"""Train the CAM network: SGD with a poly schedule, checkpoints, exact resume, data parallel.
+"""Train the CAM network (cam, sipe, cpal-*): the CAM task of the shared trainer.
 
-Exact resume: the sample order of an epoch comes from a generator seeded by (seed, epoch)
-and each sample's augmentation from (seed, epoch, index), so a run resumed from a
-checkpoint (at an epoch's end, or inside an epoch: its consumed global batches are skipped)
-replays the rest exactly as an uninterrupted run would.
-
-Scale: `train.batch_size` is the global batch. Each global batch (the same images whatever
-the number of processes) is cut into contiguous slices, one per process and micro-batch,
-and each slice's loss terms are weighted by its share of the global batch, so the summed
-gradient is the global batch's gradient (see `LossShare`).
+`CAMTask` is what depends on the network: the training crops, the classification loss
+plus, for methods with a prototype branch, L_self and L_fda, each weighted by the
+micro-batch's share of the global batch (`LossShare`). `BankHook` keeps the CPAL support
+bank in step with the optimizer. The loop itself (batches, accumulation, precision, DDP,
+exact resume) is `cpal.engine.trainer.Trainer`; checkpoints, the log and progress are its
+standard hooks.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from cpal.config import Config, TrainConfig
 from cpal.data.datasets import ClassificationDataset
@@ -35,57 +27,21 @@ from cpal.data.images import image_size
 from cpal.data.source import open_dataset
 from cpal.data.transforms import TrainTransform
 from cpal.engine import distributed
-from cpal.engine.checkpoint import (
-    Checkpoint,
-    Damaged,
-    damaged_since,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
-from cpal.engine.distributed import Ranks, unwrap
+from cpal.engine.distributed import unwrap
+from cpal.engine.hooks import HookBase, TensorBoardHook, standard_hooks
+from cpal.engine.identity import training_fingerprint
 from cpal.engine.output_dir import claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
-from cpal.engine.runtime import autocast, check_precision, setup
-from cpal.errors import CheckpointError, ConfigError, DatasetError, warn
-from cpal.io import append_lines, write_text_atomic
+from cpal.engine.runtime import check_precision, setup
+from cpal.engine.trainer import BatchPlan, Trainer, run_epochs
+from cpal.errors import ConfigError, DatasetError, warn
+from cpal.io import write_text_atomic
+from cpal.log import get_logger
 from cpal.models.cam_net import CAMNet, build_network, classification_loss
+from cpal.prototypes.module import CPALModule
 from cpal.prototypes.pacam import self_supervision_loss
 
-# Settings that do not change the maths of training, left out of the fingerprint: a run
-# may resume under other values (e.g. on 2 GPUs instead of 1 with grad_accum halved).
-_RUN_INDEPENDENT = {
-    "num_workers", "resume", "log_every", "keep_checkpoints", "checkpoint_every",
-    "checkpoint_every_steps", "grad_accum", "channels_last", "require_root",
-    "pretrained_allow_leak",
-}
-# Settings added after checkpoints existed: left out at the value those runs used, so
-# their checkpoints keep their fingerprint.
-_IMPLICIT: dict[str, Any] = {"precision": "fp32", "normalize": True}
-
-
-def training_fingerprint(config: Config) -> dict[str, Any]:
-    """The settings that shape training (precision included, process count not); a
-    checkpoint made under another fingerprint cannot be resumed or used for maps."""
-
-    def strip(section: Any) -> dict[str, Any]:
-        return {
-            k: v for k, v in asdict(section).items()
-            if k not in _RUN_INDEPENDENT and not (k in _IMPLICIT and _IMPLICIT[k] == v)
-        }
-
-    return {
-        "seed": config.seed,
-        "method": config.method,
-        "data": strip(config.data),
-        "model": strip(config.model),
-        "train": strip(config.train),
-        **{
-            name: strip(getattr(config, name))
-            for name in ("prototype", "bank", "awareness", "alignment", "loss")
-        },
-    }
+_log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -138,63 +94,6 @@ def channel_count(labels: torch.Tensor) -> int:
     return int(labels.shape[0] + (labels > 0.5).sum())
 
 
-def _check_fingerprint(path: Path, ckpt: Checkpoint, fingerprint: dict[str, Any]) -> None:
-    if ckpt.meta.get("fingerprint") != fingerprint:
-        changed = changed_keys(ckpt.meta.get("fingerprint", {}), fingerprint)
-        raise CheckpointError(
-            f"{path}: made with other settings ({', '.join(changed) or 'unknown'}); "
-            "use another output_dir to train with these"
-        )
-
-
-def load_shared_checkpoint(path: Path) -> Checkpoint:
-    """Load the checkpoint rank 0 chose, which every process must see."""
-    if not path.exists():
-        raise CheckpointError(
-            f"{path}: not visible to process {distributed.ranks().rank}; output_dir must be "
-            "on a file system every node shares"
-        )
-    return load_checkpoint(path)
-
-
-def load_final_checkpoint(
-    config: Config, newest: tuple[Path | None, list[Damaged]] | None = None
-) -> tuple[Path, Checkpoint]:
-    """The finished training run of this config, for inference: refuses a checkpoint made
-    with other settings or one from an unfinished run, and names a damaged newest one
-    (never falling back to an older checkpoint). `newest`: the `resume_point` (newest
-    complete checkpoint, damaged newer ones) as rank 0 saw it (default: looked up here)."""
-    directory = RunPaths(config.output_path).checkpoints
-    latest, damaged = resume_point(directory) if newest is None else newest
-    if damaged:
-        redo = f"from {latest.name}" if latest is not None else "from the start"
-        raise CheckpointError(
-            f"{damaged[-1].describe()}; run `cpal train` to redo it ({redo})"
-        )
-    if latest is None:
-        raise CheckpointError(f"{directory}: no checkpoint; run `cpal train` first")
-    ckpt = load_shared_checkpoint(latest)
-    _check_fingerprint(latest, ckpt, training_fingerprint(config))
-    total = int(ckpt.meta.get("epochs", config.train.epochs))
-    if ckpt.epoch < total:
-        raise CheckpointError(
-            f"{latest}: training stopped at epoch {ckpt.epoch} of {total}; "
-            "run `cpal train` to finish it"
-        )
-    return latest, ckpt
-
-
-def poly_lr(base: float, step: int, total: int, power: float) -> float:
-    return base * (1.0 - step / total) ** power
-
-
-def run_epochs(train: TrainConfig, steps_per_epoch: int) -> int:
-    """Whole epochs of a run: `train.epochs`, or enough to reach `train.steps` updates."""
-    if train.steps is None:
-        return train.epochs
-    return max(1, math.ceil(train.steps / steps_per_epoch))
-
-
 def image_scale(min_long_side: int | None, long_sides: Sequence[int]) -> float:
     """The dataset-wide upscaling factor of `data.min_long_side` (1.0: none)."""
     if min_long_side is None or not len(long_sides):
@@ -233,86 +132,63 @@ def build_optimizer(model: CAMNet, config: Config) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
-def epoch_order(num_images: int, seed: int, epoch: int) -> list[int]:
-    """The epoch's permutation of the training images (RandomSampler's, seeded by epoch)."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(num_images, generator=generator).tolist()
+class CAMTask:
+    """The CAM network on image-level labels: one micro-batch's weighted loss."""
+
+    def __init__(self, config: Config, net: CAMNet, dataset: ClassificationDataset,
+                 device: torch.device) -> None:
+        self.config, self.net, self.dataset, self.device = config, net, dataset, device
+
+    def loss(self, model: nn.Module, item: dict[str, Any], batch: Sequence[int]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        t = self.config.train
+        share = LossShare(images=len(item["label"]) / t.batch_size,
+                          channels=channel_count(item["label"])
+                          / channel_count(self.dataset.labels[list(batch)]))
+        images = item["image"].to(self.device, non_blocking=True)
+        if t.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = item["label"].to(self.device, non_blocking=True)
+        valid = item["valid"].to(self.device, non_blocking=True)
+        return compute_loss(model, images, labels, self.config, share, item.get("index"),
+                            valid)
+
+    def hooks(self) -> list[HookBase]:
+        """The bank's hook for networks with a prototype branch (before the checkpoints)."""
+        return [BankHook(self.net.cpal)] if self.net.cpal is not None else []
 
 
-@dataclass(frozen=True)
-class BatchPlan:
-    """How a global batch is cut: a contiguous slice per process, then per micro-batch,
-    so the images of a global batch never depend on the number of processes (unlike
-    DistributedSampler's strided split) and bank entries keep the global batch's order."""
+class BankHook(HookBase):
+    """The CPAL support bank in step with the optimizer: the prototypes of all micro-batches
+    and processes enter it once per step (in the global batch's order), none of a step the
+    gradient scaler skipped, and the final bank's context is built before the last save."""
 
-    batch_size: int
-    world_size: int = 1
-    grad_accum: int = 1
+    def __init__(self, module: CPALModule) -> None:
+        self.module = module
 
-    def __post_init__(self) -> None:
-        parts = self.world_size * self.grad_accum
-        if self.batch_size % parts:
-            raise ConfigError(
-                f"'train.batch_size': {self.batch_size} does not split into "
-                f"{self.world_size} processes x 'train.grad_accum' {self.grad_accum} equal "
-                f"micro-batches; use a multiple of {parts}"
-            )
+    def before_train(self) -> None:
+        self.module.defer_bank_updates = True
 
-    @property
-    def micro_batch(self) -> int:
-        return self.batch_size // (self.world_size * self.grad_accum)
+    def after_step(self) -> None:
+        result = self.trainer.step_result
+        assert result is not None
+        if result.applied:
+            self.module.flush_bank()
+        else:
+            # A skipped step leaves no trace: its prototypes may be inf/NaN (an fp16
+            # overflow), and one NaN entry would spoil the bank's k-means context for good.
+            self.module.discard_pending()
 
-    def slices(self, batch: Sequence[int], rank: int) -> list[list[int]]:
-        """Rank `rank`'s micro-batches of one global batch, in order."""
-        size = self.micro_batch
-        first = rank * self.grad_accum * size
-        return [list(batch[first + i * size : first + (i + 1) * size])
-                for i in range(self.grad_accum)]
-
-
-@dataclass
-class Position:
-    """Where training stands; saved with every checkpoint so a run resumes mid-epoch."""
-
-    epoch: int = 0  # epochs completed
-    batch: int = 0  # global batches done in epoch `epoch` (0 at an epoch boundary)
-    step: int = 0  # optimizer steps done in the run
-    loss_sum: float = 0.0  # sum of batch loss x batch images in epoch `epoch` so far
-    images: int = 0  # images of epoch `epoch` so far
-    skipped: int = 0  # steps of epoch `epoch` whose update fp16's gradient scaler skipped
-
-    @classmethod
-    def of(cls, ckpt: Checkpoint) -> Position:
-        saved = ckpt.meta.get("position") or {}  # absent in end-of-epoch checkpoints of v0.1
-        return cls(epoch=ckpt.epoch, step=ckpt.step, batch=int(saved.get("batch", 0)),
-                   loss_sum=float(saved.get("loss_sum", 0.0)), images=int(saved.get("images", 0)),
-                   skipped=int(saved.get("skipped", 0)))
-
-
-@dataclass
-class _Run:
-    """What the epoch loop needs, gathered once by `train`."""
-
-    config: Config
-    paths: RunPaths
-    net: CAMNet
-    model: nn.Module  # what forward is called on: `net`, or DistributedDataParallel(net)
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    dataset: ClassificationDataset
-    plan: BatchPlan
-    ranks: Ranks
-    device: torch.device
-    meta: dict[str, Any]
-    total_steps: int
-    epochs: int  # of the whole run (train.epochs, or derived from train.steps)
-    show_progress: bool
-    log_rows: list[dict[str, Any]] = field(default_factory=list)
+    def after_epoch(self) -> None:
+        if self.trainer.last_epoch:
+            # Inference uses the stored context: build it from the final bank.
+            self.module.refresh_context()
 
 
 @distributed.collective
-def train(config: Config, *, progress: bool = True) -> Path:
-    """Train (or resume) and return the final checkpoint's JSON path.
+def train(config: Config, *, progress: bool = True, hooks: Sequence[HookBase] = ()) -> Path:
+    """Train (or resume) and return the final checkpoint's JSON path. `hooks` run after
+    the standard ones (e.g. `cpal.engine.hooks.Interrupt` in tests).
 
     Under torchrun every process calls this; rank 0 alone writes checkpoints, logs and the
     config, and the others wait for it at a barrier.
@@ -327,12 +203,9 @@ def train(config: Config, *, progress: bool = True) -> Path:
         layout = open_dataset(config.data)
     layout.check(config.data.train_split)  # every image present: fail now, not mid-epoch
     if config.model.frozen_bn and not config.model.pretrained and ranks.is_main:
-        warnings.warn(
-            "model.frozen_bn=true without model.pretrained: BatchNorm keeps its initial "
-            "statistics (an identity); set model.frozen_bn=false to train from scratch",
-            stacklevel=2,
-        )
-    plan = BatchPlan(t.batch_size, ranks.world_size, t.grad_accum)
+        warn("model.frozen_bn=true without model.pretrained: BatchNorm keeps its initial "
+             "statistics (an identity); set model.frozen_bn=false to train from scratch")
+    BatchPlan(t.batch_size, ranks.world_size, t.grad_accum)  # refuses an uneven split now
     ids = layout.split_ids(config.data.train_split)
     auto = "auto" in (t.crop_size, t.resize_long) or config.data.min_long_side is not None
     sides = [max(image_size(layout.image_path(i))) for i in ids] if auto else []
@@ -349,73 +222,37 @@ def train(config: Config, *, progress: bool = True) -> Path:
         )
     epochs = run_epochs(t, steps_per_epoch)
     if ranks.is_main and (auto or t.steps is not None):
-        tqdm.write(f"train: images x{scale:.3g}, crop {crop}, resize_long {list(resize)}, "
-                   f"{epochs} epochs of "
-                   f"{steps_per_epoch} steps (split '{config.data.train_split}', "
-                   f"{len(dataset)} images)")
+        _log.info("train: images x%.3g, crop %d, resize_long %s, %d epochs of %d steps "
+                  "(split '%s', %d images)", scale, crop, list(resize), epochs,
+                  steps_per_epoch, config.data.train_split, len(dataset))
 
     net, report = build_network(config, layout.num_foreground)
     if report is not None and ranks.is_main:
-        tqdm.write(f"pretrained: {report.summary()}")
+        _log.info("pretrained: %s", report.summary())
     net.to(device)
     if t.channels_last:
         net.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(net, config)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    task = CAMTask(config, net, dataset, device)
     fingerprint = training_fingerprint(config)
-
-    position = Position()
-    # Rank 0 picks the checkpoint for everyone: processes resuming from different ones
-    # would run different numbers of steps and wait for each other forever.
-    latest, damaged = distributed.main_value(resume_point(paths.checkpoints))
-    if (latest is not None or damaged) and not t.resume:
-        raise CheckpointError(
-            f"{paths.checkpoints}: holds checkpoints of an earlier run; set "
-            "train.resume=true to continue it or choose another output_dir"
-        )
-    if latest is not None:
-        position = _restore(latest, fingerprint, net, optimizer, scaler)
-    if ranks.is_main:
-        since = latest.name if latest is not None else "the start"
-        for damage in damaged:  # never a silent fall-back to an older checkpoint
-            warn(f"{damage.describe()}; training continues from {since} and redoes the "
-                 "steps after it")
-        # Rows after the resume point are redone (all of them when starting over).
-        _truncate_log(paths.train_log, position.step, since)
-        if latest is not None and position.epoch < epochs:
-            tqdm.write(f"resuming from {latest.name} (epoch {position.epoch}/{epochs}, "
-                       f"step {position.step})")
+    extra = [TensorBoardHook(t, paths.tensorboard)] if config.log.tensorboard else []
+    trainer = Trainer(
+        task, optimizer, train=t, seed=config.seed, num_workers=config.data.num_workers,
+        device=device, paths=paths,
+        meta={"fingerprint": fingerprint, "class_names": list(layout.class_names),
+              "image_scale": scale},
+        epochs=epochs, steps_per_epoch=steps_per_epoch,
+        hooks=[*task.hooks(), *standard_hooks(t, progress=progress), *extra, *hooks],
+    )
+    trainer.resume(fingerprint, allowed=t.resume)
     if ranks.is_main:
         write_text_atomic(paths.config, config.to_yaml())
-    if position.epoch >= epochs:
+    if trainer.finished:
         distributed.barrier()
-        assert latest is not None
-        return latest
-
-    if net.cpal is not None:
-        # Prototypes of all micro-batches and processes enter the bank once per step.
-        net.cpal.defer_bank_updates = True
-    run = _Run(
-        config=config, paths=paths, net=net, model=distributed.wrap(net, device),
-        optimizer=optimizer, scaler=scaler, dataset=dataset, plan=plan, ranks=ranks,
-        device=device,
-        meta={"fingerprint": fingerprint, "class_names": list(layout.class_names),
-              "epochs": epochs, "image_scale": scale},
-        total_steps=steps_per_epoch * epochs, epochs=epochs,
-        show_progress=progress and ranks.is_main,
-    )
-    every = t.checkpoint_every_steps
-    for epoch in range(position.epoch, epochs):
-        position = _run_epoch(run, epoch, position)
-        last = epoch + 1 == epochs
-        if last and net.cpal is not None:
-            # Inference uses the stored context: build it from the final bank.
-            net.cpal.refresh_context()
-        due_steps = every is not None and position.step % every == 0
-        if last or (epoch + 1) % t.checkpoint_every == 0 or due_steps:
-            latest = _save(run, position)
-    assert latest is not None
-    return latest
+    else:
+        trainer.train()
+    assert trainer.latest is not None
+    return trainer.latest
 
 
 def _check_same_dataset(dataset: ClassificationDataset, root: Path, split: str) -> None:
@@ -431,207 +268,3 @@ def _check_same_dataset(dataset: ClassificationDataset, root: Path, split: str) 
         )
 
 
-def _restore(
-    path: Path, fingerprint: dict[str, Any], net: CAMNet, optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-) -> Position:
-    """Load checkpoint `path` (made with these settings) into the network, optimizer and
-    gradient scaler; return where training stood."""
-    ckpt = load_shared_checkpoint(path)
-    _check_fingerprint(path, ckpt, fingerprint)
-    net.load_state_dict(ckpt.model)
-    if ckpt.optimizer is not None:
-        optimizer.load_state_dict(ckpt.optimizer)
-    if "grad_scaler" in ckpt.meta:
-        scaler.load_state_dict(ckpt.meta["grad_scaler"])
-    return Position.of(ckpt)
-
-
-def _run_epoch(run: _Run, epoch: int, position: Position) -> Position:
-    """Train epoch `epoch` from `position` (its start, or a mid-epoch checkpoint); return
-    the position at its end."""
-    config, t = run.config, run.config.train
-    run.dataset.set_epoch(epoch)
-    order = epoch_order(len(run.dataset), config.seed, epoch)
-    batches = [order[i * t.batch_size : (i + 1) * t.batch_size]
-               for i in range(len(order) // t.batch_size)]
-    # This process's micro-batches of the global batches not yet done, in order.
-    rank = run.ranks.rank
-    mine = [s for batch in batches[position.batch :] for s in run.plan.slices(batch, rank)]
-    loader = DataLoader(
-        run.dataset, batch_sampler=mine, num_workers=config.data.num_workers,
-        pin_memory=run.device.type == "cuda",
-    )
-    run.model.train()
-    bar = tqdm(total=len(batches), initial=position.batch, disable=not run.show_progress,
-               desc=f"train epoch {epoch + 1}/{run.epochs}", leave=False, dynamic_ncols=True)
-    every = t.checkpoint_every_steps
-    seen, start = 0, time.perf_counter()
-    micro: list[dict[str, Any]] = []
-    for item in loader:
-        micro.append(item)
-        if len(micro) < t.grad_accum:
-            continue
-        losses, applied = _optimizer_step(run, micro, batches[position.batch], position.step)
-        micro = []
-        position.batch += 1
-        position.step += 1  # a skipped update is still a step of the poly schedule
-        if not applied:
-            position.skipped += 1
-        position.loss_sum += losses["loss"] * t.batch_size
-        position.images += t.batch_size
-        seen += t.batch_size
-        bar.update()
-        if position.step % t.log_every == 0:
-            rate = seen / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{losses['loss']:.4f}", img_s=f"{rate:.1f}")
-            run.log_rows.append(
-                {"epoch": epoch + 1, "step": position.step, "loss": round(losses["loss"], 6),
-                 **{f"loss_{k}": round(v, 6) for k, v in losses.items() if k != "loss"},
-                 "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": round(rate, 2)}
-            )
-        if every is not None and position.step % every == 0 and position.batch < len(batches):
-            _save(run, position, stem=f"step_{position.step:08d}")
-    bar.close()
-    elapsed = time.perf_counter() - start
-    summary = {
-        "epoch": epoch + 1, "step": position.step,
-        "mean_loss": round(position.loss_sum / max(position.images, 1), 6),
-        "images_per_s": round(seen / elapsed, 2), "seconds": round(elapsed, 2),
-    }
-    if run.scaler.is_enabled():
-        summary["skipped_steps"] = position.skipped
-    run.log_rows.append(summary)
-    _flush_log(run)
-    if run.ranks.is_main:
-        tqdm.write(
-            f"epoch {epoch + 1}/{run.epochs}: loss {summary['mean_loss']:.4f}, "
-            f"{summary['images_per_s']:.1f} images/s"
-        )
-    return Position(epoch=epoch + 1, step=position.step)
-
-
-def _optimizer_step(
-    run: _Run, micro: list[dict[str, Any]], batch: Sequence[int], step: int
-) -> tuple[dict[str, float], bool]:
-    """One SGD step on a global batch from this process's micro-batches of it; returns the
-    global batch's loss and its terms (the same numbers on every process), and whether the
-    update was applied (False: fp16's gradient scaler found inf/NaN gradients and skipped
-    it; the same answer on every process, since the gradients were all-reduced)."""
-    t = run.config.train
-    for group in run.optimizer.param_groups:
-        group["lr"] = poly_lr(group["base_lr"], step, run.total_steps, t.poly_power)
-    run.optimizer.zero_grad(set_to_none=True)
-    channels = channel_count(run.dataset.labels[list(batch)])
-    sums: dict[str, torch.Tensor] = {}
-    for i, item in enumerate(micro):
-        share = LossShare(images=len(item["label"]) / t.batch_size,
-                          channels=channel_count(item["label"]) / channels)
-        images = item["image"].to(run.device, non_blocking=True)
-        if t.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = item["label"].to(run.device, non_blocking=True)
-        with distributed.no_sync(run.model, sync=i == len(micro) - 1):
-            with autocast(run.device, t.precision):
-                valid = item["valid"].to(run.device, non_blocking=True)
-                loss, parts = compute_loss(run.model, images, labels, run.config, share,
-                                           item.get("index"), valid)
-            # DDP averages gradients over processes, while the shares already sum to one
-            # over all of them: scale back up by the process count.
-            run.scaler.scale(loss * run.ranks.world_size).backward()
-        for key, value in parts.items():
-            sums[key] = sums[key] + value.detach() if key in sums else value.detach()
-    if t.grad_clip:
-        run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.net.parameters(), t.grad_clip)
-    scale = run.scaler.get_scale()
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    # The scaler lowers its scale exactly when it skipped the update (always 1.0 when off).
-    applied = run.scaler.get_scale() >= scale
-    if run.net.cpal is not None:
-        if applied:
-            run.net.cpal.flush_bank()
-        else:
-            # A skipped step leaves no trace: its prototypes may be inf/NaN (an fp16
-            # overflow), and one NaN entry would spoil the bank's k-means context for good.
-            run.net.cpal.discard_pending()
-    terms = torch.stack(list(sums.values())).float()
-    terms = distributed.all_reduce_sum(terms).tolist()
-    return {"loss": sum(terms), **dict(zip(sums, terms, strict=True))}, applied
-
-
-def _save(run: _Run, position: Position, stem: str | None = None) -> Path:
-    """Checkpoint `position` (rank 0 writes, everyone waits); return the marker's path."""
-    t = run.config.train
-    stem = stem or f"epoch_{position.epoch:03d}"
-    path = run.paths.checkpoints / f"{stem}.json"
-    _flush_log(run)
-    if run.ranks.is_main:
-        meta = {**run.meta, "position": asdict(position)}
-        if run.scaler.is_enabled():
-            meta["grad_scaler"] = run.scaler.state_dict()
-        path = save_checkpoint(
-            run.paths.checkpoints, epoch=position.epoch, step=position.step, model=run.net,
-            optimizer=run.optimizer, meta=meta, stem=stem,
-        )
-        prune_checkpoints(run.paths.checkpoints, t.keep_checkpoints)
-    distributed.barrier()
-    return path
-
-
-def _flush_log(run: _Run) -> None:
-    """Append the rows collected since the last flush (rank 0; the others drop theirs)."""
-    if run.log_rows and run.ranks.is_main:
-        append_lines(run.paths.train_log, [json.dumps(row) for row in run.log_rows])
-    run.log_rows.clear()
-
-
-def resume_point(directory: Path) -> tuple[Path | None, list[Damaged]]:
-    """The newest complete checkpoint, and the damaged ones newer than it (which a resume
-    from it falls back over, and must name)."""
-    latest = latest_checkpoint(directory)
-    return latest, damaged_since(directory, latest)
-
-
-def _truncate_log(path: Path, step: int, since: str) -> None:
-    """Drop log rows after `step` (the resume point `since`: those steps are redone), and
-    rows that do not parse, naming them: a torn last line is what a kill or a full disk
-    during an append leaves (its steps are after the resume point, so they are redone)."""
-    if not path.exists():
-        return
-    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
-    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
-    kept, dropped = [], False
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            what = "torn last row" if number == last else "damaged row"
-            warn(f"{path} line {number}: {what} dropped (not JSON); training continues "
-                 f"from {since}")
-            dropped = True
-            continue
-        row_step = row.get("step", 0)
-        if isinstance(row_step, int) and row_step > step:
-            dropped = True
-            continue
-        kept.append(line)
-    if dropped:
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two (nested) settings records."""
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys

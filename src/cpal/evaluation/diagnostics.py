@@ -12,12 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cpal.engine.infer import PrototypeInference, _prototype_scale
+from cpal.config import Config
+from cpal.data.transforms import normalize
+from cpal.data.voc import VOCLayout
+from cpal.engine.identity import load_final_checkpoint
+from cpal.engine.infer import PrototypeInference, _prototype_scale, load_trained_model
+from cpal.engine.runtime import resolve_device
 from cpal.models.cam_net import CAMNet
 
 BORDER_FRACTION = 1 / 8
@@ -73,6 +79,31 @@ def prototype_separation(
         return float(np.mean(values)) if values else float("nan")
 
     return PrototypeSeparation(mean(bg_cos), mean(same), mean(other), len(images))
+
+
+@dataclass(frozen=True)
+class SeparationDiagnostic:
+    """`prototype_separation` of a run's final network on a split, with its protocol."""
+
+    result: PrototypeSeparation
+    protocol: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.result.to_dict(), "protocol": self.protocol}
+
+
+def split_separation(config: Config, layout: VOCLayout, split: str) -> SeparationDiagnostic:
+    """The prototype-separation diagnostic on the first `eval.diagnostic_images` images of
+    `split`, with the run's final checkpoint."""
+    device = resolve_device(config.device)
+    _, ckpt = load_final_checkpoint(config)
+    model = load_trained_model(ckpt, config, layout.num_foreground, device)
+    ids = layout.split_ids(split)[: config.eval.diagnostic_images]
+    images = [normalize(layout.load_image(i)).to(device) for i in ids]
+    labels = torch.from_numpy(layout.image_labels(ids)).to(device)
+    result = prototype_separation(model, images, list(labels), PrototypeInference.of(config))
+    return SeparationDiagnostic(result, f"{split}, first {len(ids)} images, scale 1 + flip, "
+                                "instance prototypes as inference makes them (no GT used)")
 
 
 def border_band(shape: tuple[int, int], fraction: float = BORDER_FRACTION) -> np.ndarray:

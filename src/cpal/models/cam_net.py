@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpal.config import Config, ModelConfig
+from cpal.methods import method_spec
+from cpal.models.registry import build_backbone
 from cpal.models.resnet import ResNet
 from cpal.models.weights import LoadReport, load_backbone_weights
 from cpal.prototypes.module import CPALModule, CPALOutput
@@ -88,7 +90,7 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
 def build_cam_net(
     cfg: ModelConfig, num_classes: int, *, pretrained: bool = True
 ) -> tuple[CAMNet, LoadReport | None]:
-    backbone = ResNet(
+    backbone = build_backbone(
         cfg.arch,
         width=cfg.width,
         output_stride=cfg.output_stride,
@@ -106,13 +108,15 @@ def build_cam_net(
 def build_network(
     config: Config, num_classes: int, *, pretrained: bool = True
 ) -> tuple[CAMNet, LoadReport | None]:
-    """The network of a run: the CAM net, plus the CPAL module for prototype methods.
+    """The network of a run: the CAM net, plus the CPAL module for methods with a
+    prototype branch.
 
     pretrained=False skips the ImageNet file (inference loads a checkpoint instead)."""
     net, report = build_cam_net(config.model, num_classes, pretrained=pretrained)
-    if config.method != "cam":
+    branch = method_spec(config.method).branch
+    if branch is not None:
         net.cpal = CPALModule(
-            net.backbone.stage_channels, num_classes, config.method, config.prototype,
+            net.backbone.stage_channels, num_classes, branch, config.prototype,
             config.bank, config.awareness, config.alignment, config.loss.self_average,
         )
     return net, report

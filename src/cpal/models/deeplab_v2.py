@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from cpal.models.resnet import ArchName, ResNet
+from cpal.models.registry import SEGMENTERS, build_backbone
+from cpal.models.resnet import ArchName
 from cpal.models.seg_base import ParamGroup, SegmentationNet, param_group
 
 __all__ = ["DeepLabV2", "SummedASPP"]
@@ -71,7 +72,7 @@ class DeepLabV2(SegmentationNet):
             raise ValueError(f"DeepLab-v2 output_stride must be 8 or 16, got {output_stride}")
         self.num_classes = num_classes
         self.msc_scales = tuple(msc_scales)
-        self.backbone = ResNet(
+        self.backbone = build_backbone(
             arch, width=width, output_stride=output_stride,  # type: ignore[arg-type]
             dilations=(2, 4) if output_stride == 8 else (1, 2),
             frozen_bn=frozen_bn, frozen_stages=frozen_stages,
@@ -97,3 +98,6 @@ class DeepLabV2(SegmentationNet):
             param_group("aspp_weight", aspp_weights, lr, 10.0, weight_decay),
             param_group("aspp_bias", aspp_biases, lr, 20.0, 0.0),
         ]
+
+
+SEGMENTERS.register("deeplab_v2", DeepLabV2, aliases=("deeplabv2",))

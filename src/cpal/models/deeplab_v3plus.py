@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cpal.models.resnet import ArchName, ResNet
+from cpal.models.registry import SEGMENTERS, build_backbone
+from cpal.models.resnet import ArchName
 from cpal.models.seg_base import ParamGroup, SegmentationNet, param_group, split_weights
 
 __all__ = ["ASPP", "DeepLabV3Plus"]
@@ -94,7 +95,7 @@ class DeepLabV3Plus(SegmentationNet):
             rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
         self.num_classes = num_classes
         self.msc_scales = tuple(msc_scales)
-        self.backbone = ResNet(
+        self.backbone = build_backbone(
             arch, width=width, output_stride=output_stride,  # type: ignore[arg-type]
             dilations=(1, 2) if output_stride == 16 else (2, 4), multi_grid=multi_grid,
             frozen_bn=frozen_bn, frozen_stages=frozen_stages,
@@ -141,3 +142,6 @@ class DeepLabV3Plus(SegmentationNet):
             param_group("head_weight", weights, lr, 10.0, weight_decay),
             param_group("head_norm_bias", others, lr, 10.0, 0.0),
         ]
+
+
+SEGMENTERS.register("deeplab_v3plus", DeepLabV3Plus, aliases=("deeplabv3plus", "deeplab_v3_plus"))

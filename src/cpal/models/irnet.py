@@ -24,7 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from cpal.models.resnet import ArchName, ResNet
+from cpal.models.registry import build_backbone
+from cpal.models.resnet import ArchName
 from cpal.models.seg_base import ParamGroup, param_group
 from cpal.models.weights import LoadReport, load_backbone_weights
 
@@ -145,8 +146,8 @@ class IRNet(nn.Module):
         edge_groups: int = 4,
     ) -> None:
         super().__init__()
-        self.backbone = ResNet(arch, width=width, output_stride=output_stride,  # type: ignore[arg-type]
-                               frozen_bn=True)
+        self.backbone = build_backbone(arch, width=width, output_stride=output_stride,
+                                       frozen_bn=True)
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         channels = [self.backbone.stem_channels, *self.backbone.stage_channels]

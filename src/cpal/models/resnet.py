@@ -13,10 +13,13 @@ runs OS8 with layer3/4 dilated by 2/4, DeepLab-v3+ OS16 with layer4's blocks dil
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
 from torch import Tensor, nn
+
+from cpal.models.registry import BACKBONES
 
 ArchName = Literal["resnet18", "resnet34", "resnet50", "resnet101"]
 
@@ -211,6 +214,10 @@ class ResNet(nn.Module):
         f3 = self.layer3(f2)
         f4 = self.layer4(f3)
         return [f1, f2, f3, f4]
+
+
+for _arch in _SPECS:
+    BACKBONES.register(_arch, functools.partial(ResNet, _arch))
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,4 +1,5 @@
-"""Segmentation networks by name: `build_segmenter("deeplab_v2", 21, pretrained=...)`.
+"""Segmentation networks by name (`cpal.models.registry.SEGMENTERS`):
+`build_segmenter("deeplab_v2", 21, pretrained=...)`.
 
 The one entry point for the pipeline and the trainer: it builds the network from keyword
 arguments (every constructor argument of the class) and loads the ImageNet trunk file
@@ -11,29 +12,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cpal.models.deeplab_v2 import DeepLabV2
-from cpal.models.deeplab_v3plus import DeepLabV3Plus
+from cpal.models.registry import SEGMENTERS
 from cpal.models.seg_base import SegmentationNet, sgd_param_groups
 from cpal.models.weights import LoadReport
 
-__all__ = ["SEGMENTERS", "SegmentationNet", "build_segmenter", "sgd_param_groups"]
-
-SEGMENTERS: dict[str, type[SegmentationNet]] = {
-    "deeplab_v2": DeepLabV2,
-    "deeplab_v3plus": DeepLabV3Plus,
-}
+__all__ = ["SEGMENTERS", "SegmentationNet", "build_segmenter", "canonical_name",
+           "sgd_param_groups"]
 
 
 def canonical_name(name: str) -> str:
     """'DeepLab-v2', 'deeplabv2', 'deeplab_v3+' ... -> the registry's key."""
-    key = name.strip().lower().replace("-", "_").replace("+", "plus")
-    aliases = {"deeplabv2": "deeplab_v2", "deeplabv3plus": "deeplab_v3plus",
-               "deeplab_v3_plus": "deeplab_v3plus"}
-    key = aliases.get(key, key)
-    if key not in SEGMENTERS:
-        raise ValueError(f"unknown segmentation network {name!r}; choose one of "
-                         f"{', '.join(SEGMENTERS)}")
-    return key
+    return SEGMENTERS.canonical(name)
 
 
 def build_segmenter(
@@ -50,7 +39,7 @@ def build_segmenter(
     kwargs go to the constructor: arch, width, output_stride, rates, msc_scales,
     frozen_bn, frozen_stages (and multi_grid, aspp_channels, low_level_channels for v3+).
     """
-    cls = SEGMENTERS[canonical_name(name)]
+    cls = SEGMENTERS.get(name)
     try:
         model = cls(num_classes, **kwargs)
     except TypeError as exc:  # an argument this architecture does not take, named

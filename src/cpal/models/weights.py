@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from cpal.errors import CheckpointError
+from cpal.errors import CheckpointError, warn
+from cpal.log import NOTE, get_logger
+
+_log = get_logger(__name__)
 
 # Keys of ImageNet classifier heads: present in torchvision/timm files, never in a trunk.
 _IGNORED_PREFIXES = ("fc.",)
@@ -66,10 +67,6 @@ _GENERIC_NAME_WORDS = frozenset((
 # Parent folders read at most: a hub file sits 3 levels under the folder that names it.
 _GENERIC_PARENT_LEVELS = 3
 _METADATA_SCAN_LIMIT = 2000  # string leaves inspected per file (metadata can be large)
-
-
-class PretrainedLeakWarning(UserWarning):
-    """A weight file has probably seen pixel labels of VOC/COCO (or another seg. dataset)."""
 
 
 @dataclass
@@ -318,19 +315,16 @@ def leak_reasons(path: str | Path, weights: WeightFile) -> list[str]:
 
 
 def _announce_leak(path: Path, reasons: list[str], allow_leak: bool) -> None:
-    """Warn (Python warning + one printed line); an acknowledged leak still prints a note."""
+    """One `cpal: warning:` line; an acknowledged leak is still a `cpal: note:` line."""
     what = f"{path}: possible pixel-label leak: {'; '.join(reasons)}"
     if allow_leak:
-        print(f"cpal: note: {what} (allowed: results are not weakly supervised)",
-              file=sys.stderr, flush=True)
+        _log.log(NOTE, "%s (allowed: results are not weakly supervised)", what)
         return
-    message = (
+    warn(
         f"{what}. Weakly supervised results must start from ImageNet classification weights "
         "(e.g. torchvision resnet50-19c8e357.pth); a file that saw VOC/COCO masks inflates "
         "every number"
     )
-    print(f"cpal: warning: {message}", file=sys.stderr, flush=True)
-    warnings.warn(message, PretrainedLeakWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------

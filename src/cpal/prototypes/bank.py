@@ -220,9 +220,6 @@ class SupportBank(nn.Module):
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
-        # Checkpoints from before provenance was recorded load with every source unknown.
-        if prefix + "queue" in state_dict and prefix + "sources" not in state_dict:
-            state_dict[prefix + "sources"] = torch.full_like(self.sources, -1)
         # The checkpoint's context is authoritative: adopt its kmax before copying.
         ctx = state_dict.get(prefix + "ctx")
         if ctx is not None and ctx.shape != self.ctx.shape and ctx.dim() == 3:

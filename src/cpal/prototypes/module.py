@@ -14,13 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cpal.config import (
-    AlignmentConfig,
-    AwarenessConfig,
-    BankConfig,
-    Method,
-    PrototypeConfig,
-)
+from cpal.config import AlignmentConfig, AwarenessConfig, BankConfig, PrototypeConfig
+from cpal.methods import PrototypeBranch
 from cpal.prototypes.alignment import alignment_shift, compactness_loss
 from cpal.prototypes.awareness import context_aware_prototype, positiveness, select_top_k
 from cpal.prototypes.bank import SupportBank
@@ -43,8 +38,6 @@ from cpal.prototypes.pooling import (
     sipe_seeds,
 )
 
-METHODS = ("sipe", "cpal-mean", "cpal-topk", "cpal")
-
 
 @dataclass
 class CPALOutput:
@@ -61,7 +54,8 @@ class CPALOutput:
 
 
 class CPALModule(nn.Module):
-    """The prototype branch of every variant from `sipe` to the full `cpal`."""
+    """The prototype branch of every variant from `sipe` to the full `cpal`; `branch` (a
+    method's `PrototypeBranch`) says which of bank, selection and alignment are on."""
 
     step: Tensor
 
@@ -69,7 +63,7 @@ class CPALModule(nn.Module):
         self,
         in_channels: Sequence[int],
         num_classes: int,
-        method: Method,
+        branch: PrototypeBranch,
         prototype: PrototypeConfig,
         bank: BankConfig,
         awareness: AwarenessConfig,
@@ -77,17 +71,13 @@ class CPALModule(nn.Module):
         self_average: SelfAverage = "all",
     ) -> None:
         super().__init__()
-        if method == "cam":
-            raise ValueError("the cam variant has no prototype module")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        self.method = method
+        self.branch = branch
         self.num_classes = num_classes
         self.pcfg, self.bcfg, self.acfg, self.fcfg = prototype, bank, awareness, alignment
         self.self_average = self_average
-        self.uses_bank = method != "sipe"
-        self.uses_selection = method in ("cpal-topk", "cpal")
-        self.uses_alignment = method == "cpal"
+        self.uses_bank = branch.bank
+        self.uses_selection = branch.selection
+        self.uses_alignment = branch.alignment
         self.head = EmbeddingHead(
             in_channels, prototype.features, projection=prototype.projection,
             init=prototype.head_init, align_corners=prototype.align_corners,

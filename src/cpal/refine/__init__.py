@@ -33,19 +33,23 @@ from cpal.refine.random_walk import (
     random_walk,
     random_walk_dense,
     random_walk_labels,
+    refine_by_random_walk,
     stack_for_walk,
     transition_stencil,
 )
+from cpal.refine.registry import REFINERS, Refiner, register_refiner
 from cpal.refine.workers import map_images
 
 __all__ = [
     "PRESETS",
+    "REFINERS",
     "AffinityLabels",
     "CRFParams",
     "IRLabelParams",
     "PairOffsets",
     "PermutohedralLattice",
     "RandomWalkParams",
+    "Refiner",
     "affinity_from_boundary",
     "affinity_labels",
     "crf_labels",
@@ -58,8 +62,10 @@ __all__ = [
     "random_walk",
     "random_walk_dense",
     "random_walk_labels",
+    "refine_by_random_walk",
     "refine_labels",
     "refine_probabilities",
+    "register_refiner",
     "stack_for_walk",
     "transition_stencil",
     "unary_from_labels",

@@ -37,6 +37,8 @@ from torch import Tensor
 
 from cpal.io import IGNORE_INDEX
 from cpal.refine.lattice import PermutohedralLattice
+from cpal.refine.registry import Refiner, register_refiner
+from cpal.registry import Registry
 
 __all__ = [
     "PRESETS",
@@ -90,21 +92,21 @@ class CRFParams:
             raise ValueError(f"confidence must lie in (0, 1], got {self.confidence}")
 
 
-PRESETS: dict[str, CRFParams] = {
-    # IRN's cam_to_ir_label: imutils.crf_inference_label (label unary, gt_prob 0.7).
-    "irn": CRFParams(),
-    # CLIP-ES's eval_cam_with_crf.py: unary_from_softmax of [1 - max(cams), cams], the
-    # DeepLab parameters, and pixels below 0.95 confidence ignored in the pseudo masks.
-    # (CLIP-ES feeds the bilateral kernel a mean-subtracted BGR image cast to uint8, which
-    # wraps; this preset takes the plain RGB image.)
-    "clip_es": CRFParams(gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=67.0,
-                         bilateral_srgb=3.0, bilateral_compat=4.0, unary="probabilities",
-                         confidence=0.95),
-    # DeepLab-v2's test-time CRF (deeplab-pytorch: gaussian w 3 xy 1, bilateral w 4 xy 67
-    # rgb 3, 10 iterations) on the network's softmax.
-    "deeplab": CRFParams(gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=67.0,
-                         bilateral_srgb=3.0, bilateral_compat=4.0, unary="probabilities"),
-}
+PRESETS: Registry[CRFParams] = Registry("CRF preset")
+# IRN's cam_to_ir_label: imutils.crf_inference_label (label unary, gt_prob 0.7).
+PRESETS.register("irn", CRFParams())
+# CLIP-ES's eval_cam_with_crf.py: unary_from_softmax of [1 - max(cams), cams], the
+# DeepLab parameters, and pixels below 0.95 confidence ignored in the pseudo masks.
+# (CLIP-ES feeds the bilateral kernel a mean-subtracted BGR image cast to uint8, which
+# wraps; this preset takes the plain RGB image.)
+PRESETS.register("clip_es", CRFParams(
+    gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=67.0, bilateral_srgb=3.0,
+    bilateral_compat=4.0, unary="probabilities", confidence=0.95))
+# DeepLab-v2's test-time CRF (deeplab-pytorch: gaussian w 3 xy 1, bilateral w 4 xy 67
+# rgb 3, 10 iterations) on the network's softmax.
+PRESETS.register("deeplab", CRFParams(
+    gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=67.0, bilateral_srgb=3.0,
+    bilateral_compat=4.0, unary="probabilities"))
 
 
 def _check_image(image: np.ndarray | Tensor, height: int | None = None,
@@ -277,3 +279,15 @@ def refine_labels(image: np.ndarray | Tensor, labels: np.ndarray | Tensor, num_l
     unary; returns (H, W) int64 labels (ignore index where `params.confidence` says)."""
     q = dense_crf(image, unary_from_labels(labels, num_labels, params.gt_prob), params, device)
     return crf_labels(q, params.confidence)
+
+
+_UNARY_INPUTS: dict[str, tuple[str, ...]] = {
+    "labels": ("image", "labels", "num_labels"), "probabilities": ("image", "probabilities")}
+for _name, _params in PRESETS.items():
+    register_refiner(Refiner(
+        name=f"crf_{_name}",
+        summary=f"dense CRF with the {_name} preset on a {_params.unary} unary",
+        inputs=_UNARY_INPUTS[_params.unary],
+        refine=refine_labels if _params.unary == "labels" else refine_probabilities,
+        params=_params,
+    ))

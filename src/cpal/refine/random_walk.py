@@ -26,12 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cpal.refine.irn import affinity_from_boundary, pair_offsets
+from cpal.refine.registry import Refiner, register_refiner
 
 __all__ = [
     "RandomWalkParams",
     "random_walk",
     "random_walk_dense",
     "random_walk_labels",
+    "refine_by_random_walk",
     "stack_for_walk",
     "transition_stencil",
 ]
@@ -211,3 +213,20 @@ def random_walk_labels(propagated: Tensor, classes: np.ndarray | Sequence[int],
     maps = maps / peak
     stacked = torch.cat([torch.full_like(maps[:1], params.bg_score), maps])
     return keys[stacked.argmax(dim=0).cpu().numpy()].astype(np.uint8)
+
+
+def refine_by_random_walk(maps: Tensor, boundary: Tensor, classes: np.ndarray | Sequence[int],
+                          size: tuple[int, int] | None = None,
+                          params: RandomWalkParams = RandomWalkParams()) -> np.ndarray:
+    """One image's labels (H, W) from its class maps (C, h, w) on the boundary's grid
+    (h, w): `random_walk`, then `random_walk_labels` (IRN's make_sem_seg_labels)."""
+    return random_walk_labels(random_walk(maps, boundary, params), classes, size, params)
+
+
+register_refiner(Refiner(
+    name="random_walk",
+    summary="IRN's random walk of class maps along boundary-blocked affinities",
+    inputs=("maps", "boundary", "classes", "size"),
+    refine=refine_by_random_walk,
+    params=RandomWalkParams(),
+))

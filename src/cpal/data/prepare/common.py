@@ -17,10 +17,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from tqdm import tqdm
-
 from cpal.errors import ConfigError, DatasetError
 from cpal.io import write_text_atomic
+from cpal.log import Progress
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -146,7 +145,7 @@ def parallel_map(
     `DatasetError` naming a file) cancels the remaining work and propagates.
     """
     results: list[R] = []
-    with tqdm(total=len(items), desc=desc, disable=not progress, leave=False) as bar:
+    with Progress(len(items), desc, enabled=progress) as bar:
         if workers <= 1 or len(items) < 2:
             for item in items:
                 results.append(fn(item))

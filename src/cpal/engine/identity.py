@@ -1,0 +1,140 @@
+"""Run identity: which checkpoints and map folders belong to a configuration.
+
+A checkpoint records the fingerprint of the settings that shape training; a maps folder
+records what made its maps (`_maps.json`). Both are compared before anything is reused,
+so that a run never resumes from, or makes maps with, a network trained otherwise, and a
+number is never computed from maps made otherwise. File formats themselves (and refusing
+files of an earlier format) are `cpal.engine.checkpoint`'s business and `MAPS_FORMAT`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from cpal.config import Config
+from cpal.engine import distributed
+from cpal.engine.checkpoint import (
+    Checkpoint,
+    Damaged,
+    damaged_since,
+    latest_checkpoint,
+    load_checkpoint,
+)
+from cpal.engine.paths import RunPaths
+from cpal.errors import CheckpointError, DatasetError
+from cpal.io import read_json
+
+# Settings that do not change the maths of training, left out of the fingerprint: a run
+# may resume under other values (e.g. on 2 GPUs instead of 1 with grad_accum halved).
+RUN_INDEPENDENT = frozenset({
+    "num_workers", "resume", "log_every", "keep_checkpoints", "checkpoint_every",
+    "checkpoint_every_steps", "grad_accum", "channels_last", "require_root",
+    "pretrained_allow_leak",
+})
+# Sections of the config that shape training (besides seed and method).
+_TRAINING_SECTIONS = ("data", "model", "train", "prototype", "bank", "awareness",
+                      "alignment", "loss")
+
+MAPS_META = "_maps.json"
+MAPS_FORMAT = 2
+"""Version of a maps folder's record; 1 (no `format` key): before precision was always
+recorded. Folders of another version are refused, never reinterpreted."""
+
+
+def training_fingerprint(config: Config) -> dict[str, Any]:
+    """The settings that shape training (precision included, process count not); a
+    checkpoint made under another fingerprint cannot be resumed or used for maps."""
+
+    def strip(section: Any) -> dict[str, Any]:
+        return {k: v for k, v in asdict(section).items() if k not in RUN_INDEPENDENT}
+
+    return {
+        "seed": config.seed,
+        "method": config.method,
+        **{name: strip(getattr(config, name)) for name in _TRAINING_SECTIONS},
+    }
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two (nested) settings records."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def check_fingerprint(path: Path, ckpt: Checkpoint, fingerprint: dict[str, Any]) -> None:
+    """Refuse checkpoint `path` unless it was made with `fingerprint`, naming the keys."""
+    if ckpt.meta.get("fingerprint") != fingerprint:
+        changed = changed_keys(ckpt.meta.get("fingerprint", {}), fingerprint)
+        raise CheckpointError(
+            f"{path}: made with other settings ({', '.join(changed) or 'unknown'}); "
+            "use another output_dir to train with these"
+        )
+
+
+def load_shared_checkpoint(path: Path) -> Checkpoint:
+    """Load the checkpoint rank 0 chose, which every process must see."""
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: not visible to process {distributed.ranks().rank}; output_dir must be "
+            "on a file system every node shares"
+        )
+    return load_checkpoint(path)
+
+
+def resume_point(directory: Path) -> tuple[Path | None, list[Damaged]]:
+    """The newest complete checkpoint, and the damaged ones newer than it (which a resume
+    from it falls back over, and must name)."""
+    latest = latest_checkpoint(directory)
+    return latest, damaged_since(directory, latest)
+
+
+def load_final_checkpoint(
+    config: Config, newest: tuple[Path | None, list[Damaged]] | None = None
+) -> tuple[Path, Checkpoint]:
+    """The finished training run of this config, for inference: refuses a checkpoint made
+    with other settings or one from an unfinished run, and names a damaged newest one
+    (never falling back to an older checkpoint). `newest`: the `resume_point` (newest
+    complete checkpoint, damaged newer ones) as rank 0 saw it (default: looked up here)."""
+    directory = RunPaths(config.output_path).checkpoints
+    latest, damaged = resume_point(directory) if newest is None else newest
+    if damaged:
+        redo = f"from {latest.name}" if latest is not None else "from the start"
+        raise CheckpointError(
+            f"{damaged[-1].describe()}; run `cpal train` to redo it ({redo})"
+        )
+    if latest is None:
+        raise CheckpointError(f"{directory}: no checkpoint; run `cpal train` first")
+    ckpt = load_shared_checkpoint(latest)
+    check_fingerprint(latest, ckpt, training_fingerprint(config))
+    total = int(ckpt.meta["epochs"])
+    if ckpt.epoch < total:
+        raise CheckpointError(
+            f"{latest}: training stopped at epoch {ckpt.epoch} of {total}; "
+            "run `cpal train` to finish it"
+        )
+    return latest, ckpt
+
+
+def read_maps_identity(directory: Path) -> dict[str, Any]:
+    """The record of what made `directory`'s maps; a folder of another format is refused
+    in one line naming the record."""
+    path = directory / MAPS_META
+    try:
+        identity = read_json(path)
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{path}: not found; run `cpal infer` first") from exc
+    found = identity.get("format", 1) if isinstance(identity, dict) else None
+    if found != MAPS_FORMAT:
+        raise DatasetError(
+            f"{path}: maps folder of format {found}, this cpal reads format {MAPS_FORMAT}; "
+            "delete the folder and run `cpal infer` again"
+        )
+    return identity

@@ -1,0 +1,39 @@
+"""Helpers shared by test modules (fixtures stay in conftest.py, which is not imported)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cpal.engine.hooks import HookBase, Interrupt
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(data_root: Path, output_dir: Path) -> list[str]:
+    """A CPU-sized run on `data_root` (the `tiny_dataset` fixture: 24 train images, so
+    3 steps per epoch at batch 8)."""
+    return [
+        f"data.root={data_root}",
+        f"output_dir={output_dir}",
+        "model.arch=resnet18",
+        "model.width=0.125",
+        "model.frozen_bn=false",
+        "train.epochs=2",
+        "train.batch_size=8",
+        "train.crop_size=48",
+        "train.resize_long=[48, 72]",
+        "train.lr=0.05",
+        "train.momentum=0.9",
+        "train.head_lr_mult=1.0",
+        "train.log_every=1",
+        "infer.scales=[1.0, 0.5]",
+        "infer.batch_size=4",
+        "viz.num_images=3",
+        "threads=1",
+    ]
+
+
+def killed_in_second_epoch() -> list[HookBase]:
+    """Hooks for `stage_train`: training raises KeyboardInterrupt as its second epoch
+    starts (its first checkpoint written), as a kill would."""
+    return [Interrupt(at_epoch=1)]
