@@ -237,7 +237,7 @@ def format_tables(
         "Own-background column: maps with a background channel of their own (PACAM's "
         "background prototype) labelled by argmax over it and the classes, as SIPE scores "
         "its IS-CAM: no threshold, no GT used; '-' for CAMs.",
-        "Seeds column: the regions prototypes were pooled from (SIPE's seed rule at scale 1) "
+        "Seeds column: the regions prototypes were pooled from (SIPE's seed rule, first scale) "
         "scored as labels, unseeded pixels as background: a diagnostic, not a result.",
         f"Pseudo-label column: threshold chosen on {tune} GT, then applied to {split}; "
         f"e.g. `{example}`.",

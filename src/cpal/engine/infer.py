@@ -181,7 +181,7 @@ def multiscale_maps(
 ) -> dict[str, Tensor]:
     """Sums over scales of relu CAMs and/or prototype maps at the input's resolution,
     (B, C, H, W) each (foreground classes; pacam adds `pacam_background` (B, 1, H, W) and,
-    when a scale is 1.0 and the seeds are SIPE's, the one-hot `pacam_seeds` (B, C+1, H, W)).
+    when the method has seeds, the one-hot `pacam_seeds` (B, C+1, H, W) of the first scale).
 
     Per scale the image and its flip share one forward pass. CAMs are summed over the flip
     and aligned on the stride grid (IRN). Prototype maps follow SIPE's inference: the
@@ -219,8 +219,9 @@ def multiscale_maps(
             if model.cpal is None or labels is None:
                 raise ValueError("PACAM needs a network with the CPAL module and image labels")
             res = _prototype_scale(model, out, x, labels, flip, proto)
-            if res.seeds is not None and "pacam_seeds" not in totals and scale == 1.0:
-                # The seeds the prototypes of the image's own scale were pooled from.
+            if res.seeds is not None and "pacam_seeds" not in totals:
+                # The seeds the prototypes of the first scale (infer.scales[0], the image's
+                # own scale in every shipped config) were pooled from.
                 totals["pacam_seeds"] = F.interpolate(res.seeds.float(), size=(height, width),
                                                       mode="nearest")
             if proto.maps == "sipe":

@@ -175,7 +175,7 @@ def evaluate_maps(config: Config, layout: VOCLayout, split: str) -> MapsEvaluati
             source_text("maps", identity) + " argmax with its own background channel"),
         seeds=threshold_free(
             scores.seeds,
-            source_text("seeds", identity) + " at scale 1 (a diagnostic: the regions "
+            source_text("seeds", identity) + " at the first scale (a diagnostic: the regions "
             "prototypes are pooled from; unseeded pixels count as background)"),
     )
 
