@@ -84,7 +84,7 @@ class DeepLabV3Plus(SegmentationNet):
         width: float = 1.0,
         output_stride: int = 16,
         rates: Sequence[int] | None = None,
-        multi_grid: Sequence[int] | None | Literal["auto"] = "auto",
+        multi_grid: Sequence[int] | Literal["auto"] | None = "auto",
         aspp_channels: int | None = None,
         low_level_channels: int | None = None,
         msc_scales: Sequence[float] = (1.0,),

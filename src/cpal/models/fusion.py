@@ -11,6 +11,7 @@ cores) run convolutions without reordering. Measured on the demo's ResNet-18 x0.
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import TypeVar
 
 import torch
@@ -40,7 +41,7 @@ def fuse_batchnorm(module: M) -> M:
                 setattr(parent, f"bn{index}", nn.Identity())
         if isinstance(parent, nn.Sequential):
             children = list(parent._modules)
-            for a, b in zip(children, children[1:], strict=False):
+            for a, b in itertools.pairwise(children):
                 conv, bn = parent._modules[a], parent._modules[b]
                 if _fusable(conv, bn):
                     parent._modules[a] = fuse_conv_bn_eval(conv, bn)  # type: ignore[arg-type]
