@@ -16,12 +16,13 @@ from typing import Any
 import torch
 
 from cpal.config import Config
-from cpal.data.images import image_size
+from cpal.data.images import image_size, load_mask
 from cpal.data.source import open_dataset
 from cpal.data.voc import VOCLayout
 from cpal.engine import distributed
 from cpal.engine.hooks import HookBase
 from cpal.engine.infer import infer, missing_maps
+from cpal.engine.label_dirs import RECORD
 from cpal.engine.output_dir import claim_output_dir, claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.pseudo import final_labels
@@ -215,22 +216,20 @@ def stage_figures(config: Config) -> list[Path]:
         threshold = choose_threshold(config, layout).value
 
     split = config.viz.split
-    pairs, _ = map_paths(config, layout, split)
-    step = max(1, len(pairs) // config.viz.num_images)
-    chosen = pairs[::step][: config.viz.num_images]
-    has_gt = layout.has_masks([i for i, _ in chosen])
-    rows = []
-    for image_id, map_path in chosen:
-        record = load_maps(map_path)
-        heat = record.maps.max(axis=0) if len(record.classes) else record.maps.sum(axis=0)
-        rows.append(OverlayRow(
-            image_id=image_id, image=layout.load_image(image_id),
-            gt=layout.load_mask(image_id) if has_gt else None,
-            heat=heat, pseudo=labels_from_maps(record, threshold),
-        ))
+    # The final pseudo masks where the labels stage made them, else the maps' seeds.
+    final = paths.labels(split) if (paths.labels(split) / RECORD).is_file() else None
+    rows = _overlay_rows(config, layout, split, threshold, final)
     target = paths.figures / f"overlay_{split}.png"
     overlay_grid(rows, target, layout.class_names, heat_title=f"{config.map_kind} heat map")
     written.append(target)
+    for seg_split in config.segment.splits:
+        predictions = paths.predictions(seg_split)
+        if seg_split in config.infer.splits and (predictions / RECORD).is_file():
+            target = paths.figures / f"segmentation_{seg_split}.png"
+            overlay_grid(_overlay_rows(config, layout, seg_split, threshold, predictions),
+                         target, layout.class_names, heat_title=f"{config.map_kind} heat map",
+                         label_title="segmentation")
+            written.append(target)
     if method_spec(config.method).has_prototypes:
         target = paths.figures / f"cam_vs_pacam_{split}.png"
         comparison_figure(config, layout, rows, target)
@@ -256,6 +255,11 @@ def stage_figures(config: Config) -> list[Path]:
         series[f"pseudo labels {pseudo['split']} (thr {threshold:g})"] = _fractions(
             pseudo["per_class"][n]["iou"] for n in layout.class_names
         )
+    segmentation = metrics.get("segmentation", {})
+    if segmentation.get("per_class"):
+        series[f"segmentation {segmentation['split']}"] = _fractions(
+            segmentation["per_class"][n]["iou"] for n in layout.class_names
+        )
     if series:
         target = paths.figures / "per_class_iou.png"
         per_class_iou_chart(layout.class_names, series, target, title="Per-class IoU (%)")
@@ -263,6 +267,27 @@ def stage_figures(config: Config) -> list[Path]:
     _record_stage(paths, "figures", time.perf_counter() - start,
                   files=[p.name for p in written])
     return written
+
+
+def _overlay_rows(config: Config, layout: VOCLayout, split: str, threshold: float,
+                  labels: Path | None) -> list[OverlayRow]:
+    """`viz.num_images` evenly spaced images of `split`: image, GT (where the split has
+    it), the maps' heat, and the labels of folder `labels` (None: the maps' seeds)."""
+    pairs, _ = map_paths(config, layout, split)
+    step = max(1, len(pairs) // config.viz.num_images)
+    chosen = pairs[::step][: config.viz.num_images]
+    has_gt = layout.has_masks([i for i, _ in chosen])
+    rows = []
+    for image_id, map_path in chosen:
+        record = load_maps(map_path)
+        heat = record.maps.max(axis=0) if len(record.classes) else record.maps.sum(axis=0)
+        shown = (labels_from_maps(record, threshold) if labels is None
+                 else load_mask(labels / f"{image_id}.png", layout.num_classes))
+        rows.append(OverlayRow(
+            image_id=image_id, image=layout.load_image(image_id),
+            gt=layout.load_mask(image_id) if has_gt else None, heat=heat, pseudo=shown,
+        ))
+    return rows
 
 
 def _fractions(percents: Iterable[float | None]) -> list[float | None]:

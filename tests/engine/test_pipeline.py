@@ -78,6 +78,7 @@ def test_run_whole_chain(tiny_dataset, tmp_path, capsys):
                             "segment_eval", "figures"]
     paths = RunPaths(out)
     ids = (tiny_dataset / "ImageSets/Segmentation/train.txt").read_text().split()
+    assert (paths.figures / "segmentation_val.png").is_file()
     for image_id in ids:  # the final pseudo masks are IRN's labels
         assert (paths.labels("train") / f"{image_id}.png").read_bytes() == (
             paths.refined("irn", "train") / f"{image_id}.png").read_bytes()
