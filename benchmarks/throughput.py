@@ -1,7 +1,9 @@
 """Training and inference throughput of a config on its dataset (default: the demo).
 
 Prints images/s for training steps (data loading, forward, backward, SGD step) and for
-multi-scale + flip map inference (data loading, forward over all scales, upsampling).
+multi-scale + flip map inference (data loading, forward over all scales, upsampling):
+plainly batched, as `cpal infer` runs it (BatchNorm folded, NHWC, present classes only),
+and the reference loop of one forward per image, scale and flip, with the ratios.
 A benchmark, not a test: it prints figures, it asserts nothing.
 
     python benchmarks/throughput.py [CONFIG] [KEY=VALUE ...] [--train-steps N] [--infer-images N]
@@ -13,6 +15,7 @@ import argparse
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler
@@ -21,10 +24,11 @@ from cpal.config import load_config
 from cpal.data.datasets import ClassificationDataset, InferenceDataset, SameSizeBatchSampler
 from cpal.data.source import open_dataset
 from cpal.data.transforms import TrainTransform
-from cpal.engine.infer import multiscale_cam
+from cpal.engine.infer import PrototypeInference, localisation_maps, multiscale_cam
 from cpal.engine.runtime import setup
 from cpal.engine.train import build_optimizer, compute_loss
 from cpal.models.cam_net import build_network
+from cpal.models.fusion import inference_copy
 from cpal.models.resnet import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,24 +81,20 @@ def main() -> None:
 
     ids = layout.split_ids(cfg.infer.splits[0])[: args.infer_images]
     infer_set = InferenceDataset(layout, ids)
-    infer_loader = DataLoader(
-        infer_set, batch_sampler=SameSizeBatchSampler(infer_set.sizes(), cfg.infer.batch_size),
-        num_workers=cfg.data.num_workers,
-    )
     model.eval()
     scales = cfg.infer.scales
-    # Warm up on one batch, then time the whole set.
-    multiscale_cam(model, next(iter(infer_loader))["image"].to(device), scales, cfg.infer.flip)
-    _sync(device)
-    start = time.perf_counter()
-    for batch in infer_loader:
-        multiscale_cam(model, batch["image"].to(device), scales, cfg.infer.flip)
-    _sync(device)
-    infer_rate = len(ids) / (time.perf_counter() - start)
     flip = " + flip" if cfg.infer.flip else ""
-    print(f"infer: {infer_rate:8.1f} images/s  (scales {scales}{flip}, "
-          f"batch {cfg.infer.batch_size}, {len(ids)} images)")
-    # Baseline: one forward per image, per scale and per flip (the reference scripts' loop).
+    # What `cpal infer` runs: BatchNorm folded, NHWC (infer.channels_last), batches of
+    # same-size images with their flips, present classes only upsampled.
+    fast = inference_copy(model, channels_last=cfg.infer.channels_last)
+    rates = {}
+    for name, net, layout_cl, present in (("plain", model, False, False),
+                                          ("cpal infer", fast, cfg.infer.channels_last, True)):
+        rates[name] = _batched_rate(net, infer_set, cfg, device, layout_cl, present)
+        print(f"infer ({name}): {rates[name]:8.1f} images/s  (scales {scales}{flip}, "
+              f"batch {cfg.infer.batch_size}, {len(ids)} images)")
+    # The reference: one forward per image, per scale and per flip (IRN's loop over a
+    # batch of one), on the network as trained.
     subset = ids[: max(1, len(ids) // 4)]
     start = time.perf_counter()
     for image_id in subset:
@@ -104,8 +104,35 @@ def main() -> None:
     _sync(device)
     single_rate = len(subset) / (time.perf_counter() - start)
     print(f"infer, one forward per image/scale/flip: {single_rate:8.1f} images/s  "
-          f"({len(subset)} images) -> batching speed-up {infer_rate / single_rate:.2f}x")
-    print(f"ratio infer/train images/s: {infer_rate / train_rate:.2f}")
+          f"({len(subset)} images)")
+    print(f"map generation vs that reference: plain batching {rates['plain'] / single_rate:.2f}x, "
+          f"cpal infer {rates['cpal infer'] / single_rate:.2f}x")
+    print(f"ratio infer/train images/s: {rates['cpal infer'] / train_rate:.2f}")
+
+
+def _batched_rate(net: torch.nn.Module, dataset: InferenceDataset, cfg: Any,
+                  device: torch.device, channels_last: bool, present: bool) -> float:
+    """Images/s of batched multi-scale + flip maps over `dataset` (loading included)."""
+    loader = DataLoader(
+        dataset, batch_sampler=SameSizeBatchSampler(dataset.sizes(), cfg.infer.batch_size),
+        num_workers=cfg.data.num_workers,
+    )
+
+    def run(batch: dict[str, Any]) -> None:
+        images = batch["image"].to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        localisation_maps(net, images, batch["label"].to(device), cfg.infer.scales,
+                          cfg.infer.flip, cfg.map_kind, PrototypeInference.of(cfg),
+                          present_only=present)
+
+    run(next(iter(loader)))  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    for batch in loader:
+        run(batch)
+    _sync(device)
+    return len(dataset) / (time.perf_counter() - start)
 
 
 def _sync(device: torch.device) -> None:

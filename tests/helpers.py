@@ -37,3 +37,42 @@ def killed_in_second_epoch() -> list[HookBase]:
     """Hooks for `stage_train`: training raises KeyboardInterrupt as its second epoch
     starts (its first checkpoint written), as a kill would."""
     return [Interrupt(at_epoch=1)]
+
+
+def chain_overrides(refine: str = "irn") -> list[str]:
+    """The rest of the chain, CPU-sized for `tiny_overrides`' run: refinement `refine`,
+    IRN on the CAM network's trunk, a DeepLab-v2 of the CAM network's trunk (resnet18
+    x0.125) trained for 3 steps and predicted on val."""
+    return [
+        f"refine.method={refine}",
+        "irn.trunk=cam",
+        "irn.radius=5",
+        "irn.train.epochs=1",
+        "irn.train.batch_size=8",
+        "irn.train.crop_size=48",
+        "irn.train.log_every=1",
+        "irn.exp_times=4",
+        "irn.walk_batch=4",
+        "segment.network=deeplab_v2",
+        "segment.arch=resnet18",
+        "segment.width=0.125",
+        "segment.output_stride=16",
+        "segment.msc_scales=[1.0, 0.75]",
+        "segment.trunk=cam",
+        "segment.train.steps=null",
+        "segment.train.epochs=2",
+        "segment.train.batch_size=8",
+        "segment.train.grad_accum=1",
+        "segment.train.crop_size=48",
+        "segment.train.lr=0.01",
+        "segment.train.log_every=1",
+        "segment.train.checkpoint_every_steps=null",
+        "segment.splits=[val]",
+    ]
+
+
+def cli_error(err: str) -> str:
+    """The one `cpal: error:` line of a command's stderr (exactly one, no traceback)."""
+    lines = [line for line in err.splitlines() if line.startswith("cpal: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

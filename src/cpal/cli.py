@@ -12,6 +12,7 @@ import errno
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,15 @@ from cpal.methods import ablation_ladder
 _log = get_logger(__name__)
 
 _STAGE_HELP = {
-    "run": "train -> maps -> evaluation -> pseudo labels -> figures",
+    "run": "train -> maps -> evaluation -> refinement -> pseudo masks -> segmentation "
+           "network -> its evaluation -> figures",
     "train": "train the CAM network (resumes from the newest checkpoint)",
     "infer": "multi-scale + flip maps, one .npz per image (skips finished images)",
     "evaluate": "score maps against GT over all background thresholds",
-    "labels": "export pseudo labels as palette PNGs and score them",
+    "refine": "refine the maps by refine.method (crf, irn) into label PNGs and score them",
+    "labels": "seeds and final pseudo masks (OUT/labels/<split>/) as palette PNGs, scored",
+    "segment": "train segment.network on the pseudo masks (resumes)",
+    "segment-eval": "predict segment.splits with the segmentation network and score them",
     "figures": "overlay grid, threshold-sweep curve, per-class IoU chart",
     "config": "print the resolved configuration",
 }
@@ -62,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
                                help="score the label PNGs in DIR instead of the run's maps")
             stage.add_argument("--split", default=None,
                                help="split of the --labels images (default: labels.split)")
+    predict = sub.add_parser(
+        "predict", help="a run's trained network on a folder of new images",
+        description="Writes OUT/<stem>.png (palette labels), <stem>_overlay.png and <stem>.json "
+                    "(classes found) per image of --images, with the run's segmentation "
+                    "network, or its CAM network and the image labels it predicts when there "
+                    "is none (predict.source). Skips images already done; names unreadable "
+                    "files in one line each and exits with status 2 if there was any.")
+    _add_config_args(predict)
+    predict.add_argument("--images", type=Path, required=True, metavar="DIR",
+                         help="folder of images (no labels or masks needed)")
+    predict.add_argument("--out", type=Path, required=True, metavar="DIR",
+                         help="where the predictions go")
     ablate = sub.add_parser(
         "ablate", help="train every variant on the same data and seeds; write a table",
         description=f"Runs {', '.join(ablation_ladder())} (and optional sweeps) "
@@ -171,6 +188,41 @@ def _cmd_labels(cfg: Config, args: argparse.Namespace) -> Any:
     print(summary_table(cfg))
 
 
+def _cmd_refine(cfg: Config, args: argparse.Namespace) -> Any:
+    from cpal.pipeline import stage_refine, summary_table
+
+    stage_refine(cfg, progress=not args.no_progress)
+    print(summary_table(cfg))
+
+
+def _cmd_segment(cfg: Config, args: argparse.Namespace) -> Any:
+    from cpal.pipeline import stage_segment
+
+    return stage_segment(cfg, progress=not args.no_progress)
+
+
+def _cmd_segment_eval(cfg: Config, args: argparse.Namespace) -> Any:
+    from cpal.pipeline import stage_segment_eval, summary_table
+
+    stage_segment_eval(cfg, progress=not args.no_progress)
+    print(summary_table(cfg))
+
+
+@dataclass(frozen=True)
+class ExitWith:
+    """A command's result printed as usual, then exit with `code` (partial failures)."""
+
+    result: Any
+    code: int
+
+
+def _cmd_predict(cfg: Config, args: argparse.Namespace) -> Any:
+    from cpal.predict import predict_folder
+
+    done = predict_folder(cfg, args.images, args.out, progress=not args.no_progress)
+    return ExitWith(done.to_dict(), 2 if done.failed else 0)
+
+
 def _cmd_figures(cfg: Config, args: argparse.Namespace) -> Any:
     from cpal.pipeline import stage_figures
 
@@ -260,7 +312,11 @@ _COMMANDS: dict[str, Callable[[Config, argparse.Namespace], Any]] = {
     "train": _cmd_train,
     "infer": _cmd_infer,
     "evaluate": _cmd_evaluate,
+    "refine": _cmd_refine,
     "labels": _cmd_labels,
+    "segment": _cmd_segment,
+    "segment-eval": _cmd_segment_eval,
+    "predict": _cmd_predict,
     "figures": _cmd_figures,
     "config": _cmd_config,
     "ablate": _cmd_ablate,
@@ -298,9 +354,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cpal: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    code = 0
+    if isinstance(result, ExitWith):
+        result, code = result.result, result.code
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
-    return 0
+    return code
 
 
 if __name__ == "__main__":

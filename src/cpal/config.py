@@ -284,29 +284,79 @@ class TrainConfig:
     log_every: int = 20
 
     def validate(self, at: str) -> None:
-        need(self.epochs >= 1, f"{at}.epochs", "must be >= 1")
-        need(self.steps is None or self.steps >= 1, f"{at}.steps", "must be >= 1 or null")
-        need(self.batch_size >= 1, f"{at}.batch_size", "must be >= 1")
         need(self.crop_size == "auto" or self.crop_size >= 16, f"{at}.crop_size",
              "must be >= 16 or auto")
         need(self.resize_long == "auto"
              or (len(self.resize_long) == 2 and 0 < self.resize_long[0] <= self.resize_long[1]),
              f"{at}.resize_long", "must be [min, max] with 0 < min <= max, or auto")
-        need(self.lr > 0, f"{at}.lr", "must be > 0")
         need(self.head_lr_mult > 0, f"{at}.head_lr_mult", "must be > 0")
-        need(0 <= self.momentum < 1, f"{at}.momentum", "must be in [0, 1)")
-        need(self.weight_decay >= 0, f"{at}.weight_decay", "must be >= 0")
-        need(self.poly_power >= 0, f"{at}.poly_power", "must be >= 0")
-        need(self.grad_clip is None or self.grad_clip > 0, f"{at}.grad_clip",
-             "must be > 0 or null")
-        need(self.grad_accum >= 1, f"{at}.grad_accum", "must be >= 1")
-        need(self.batch_size % self.grad_accum == 0, f"{at}.batch_size",
-             f"{self.batch_size} is not divisible by {at}.grad_accum ({self.grad_accum})")
-        need(self.checkpoint_every >= 1, f"{at}.checkpoint_every", "must be >= 1")
-        need(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
-             f"{at}.checkpoint_every_steps", "must be >= 1 or null")
-        need(self.keep_checkpoints >= 1, f"{at}.keep_checkpoints", "must be >= 1")
-        need(self.log_every >= 1, f"{at}.log_every", "must be >= 1")
+        validate_schedule(self, at)
+
+
+def validate_schedule(t: TrainConfig | StageTrainConfig, at: str) -> None:
+    """The checks of the fields the shared trainer reads, for every training section."""
+    need(t.epochs >= 1, f"{at}.epochs", "must be >= 1")
+    need(t.steps is None or t.steps >= 1, f"{at}.steps", "must be >= 1 or null")
+    need(t.batch_size >= 1, f"{at}.batch_size", "must be >= 1")
+    need(t.lr > 0, f"{at}.lr", "must be > 0")
+    need(0 <= t.momentum < 1, f"{at}.momentum", "must be in [0, 1)")
+    need(t.weight_decay >= 0, f"{at}.weight_decay", "must be >= 0")
+    need(t.poly_power >= 0, f"{at}.poly_power", "must be >= 0")
+    need(t.grad_clip is None or t.grad_clip > 0, f"{at}.grad_clip", "must be > 0 or null")
+    need(t.grad_accum >= 1, f"{at}.grad_accum", "must be >= 1")
+    need(t.batch_size % t.grad_accum == 0, f"{at}.batch_size",
+         f"{t.batch_size} is not divisible by {at}.grad_accum ({t.grad_accum})")
+    need(t.checkpoint_every >= 1, f"{at}.checkpoint_every", "must be >= 1")
+    need(t.checkpoint_every_steps is None or t.checkpoint_every_steps >= 1,
+         f"{at}.checkpoint_every_steps", "must be >= 1 or null")
+    need(t.keep_checkpoints >= 1, f"{at}.keep_checkpoints", "must be >= 1")
+    need(t.log_every >= 1, f"{at}.log_every", "must be >= 1")
+
+
+@dataclass
+class StageTrainConfig:
+    """The schedule of a network trained after the CAM network on its outputs (IRN's
+    boundary branch on IR labels, the segmentation network on pseudo masks): the fields
+    the shared trainer reads, plus the random scale / flip / crop of the training images
+    and their labels. Each section states its reference recipe as its default."""
+
+    epochs: int = 1
+    """Passes over the training split (ignored when `steps` is set)."""
+    steps: int | None = None
+    """Optimizer steps of the whole run, rounded up to whole epochs (as train.steps)."""
+    batch_size: int = 8
+    """The global batch (images per optimizer step over processes and micro-batches)."""
+    grad_accum: int = 1
+    precision: Precision = "fp32"
+    channels_last: bool = False
+    crop_size: int = 512
+    """Square training crop; smaller images are padded (image: the mean colour, label:
+    ignore)."""
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    """Random rescale of each image (and its labels) by a factor drawn from [min, max]."""
+    hflip: bool = True
+    lr: float = 0.01
+    """Base learning rate; each network's parameter groups scale it (IRN: displacement
+    branch x10; DeepLab-v2: ASPP weights x10, biases x20)."""
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    grad_clip: float | None = None
+    checkpoint_every: int = 1
+    checkpoint_every_steps: int | None = None
+    keep_checkpoints: int = 2
+    resume: bool = True
+    log_every: int = 20
+
+    def validate(self, at: str) -> None:
+        need(self.crop_size >= 16, f"{at}.crop_size", "must be >= 16")
+        need(len(self.scale_range) == 2 and 0 < self.scale_range[0] <= self.scale_range[1],
+             f"{at}.scale_range", "must be [min, max] with 0 < min <= max")
+        validate_schedule(self, at)
+
+
+LoopConfig = TrainConfig | StageTrainConfig
+"""What the shared trainer and its hooks read: any training section."""
 
 
 @dataclass
@@ -329,6 +379,9 @@ class InferConfig:
     summed (SIPE), or the backbone features averaged before the head (earlier)."""
     precision: Precision | None = None
     """Autocast dtype for map generation; null uses train.precision."""
+    channels_last: bool = True
+    """NHWC layout for map generation (with BatchNorm folded into the convolutions): the
+    same maps up to float rounding, faster on CPU (oneDNN) and on tensor cores."""
     shard: str | None = None
     """"I/N": write only shard I (0-based) of N of every split's images, for independent
     processes such as a SLURM array (`cpal infer --shard I/N`); null: all images."""
@@ -393,6 +446,191 @@ class LabelsConfig:
 
 
 @dataclass
+class RefineConfig:
+    """Refinement of the maps into pseudo masks, between the seeds and the final labels
+    (docs/pipeline.md, "refine"). `method` is a registered refinement
+    (`cpal.engine.refine.REFINEMENTS`): none (the seeds are the pseudo masks), crf (dense
+    CRF with `preset`) or irn (the `irn` section)."""
+
+    method: str = "none"
+    preset: str = "irn"
+    """CRF parameter set of method crf (`cpal.refine.crf.PRESETS`: irn, clip_es, deeplab);
+    a preset on a label unary refines the seeds, one on probabilities the maps."""
+    workers: int = 1
+    """Processes for per-image CRF work (CRF, IR labels, test-time CRF)."""
+    threads: int = 1
+    """torch threads of each worker: more workers than cores, or workers with several
+    threads each, slow each other down many times over."""
+
+    def validate(self, at: str) -> None:
+        from cpal.engine.refine import REFINEMENTS  # imports torch: on use
+        from cpal.refine.crf import PRESETS
+
+        self.method = REFINEMENTS.check(self.method, f"{at}.method")
+        self.preset = PRESETS.check(self.preset, f"{at}.preset")
+        need(self.workers >= 1, f"{at}.workers", "must be >= 1")
+        need(self.threads >= 1, f"{at}.threads", "must be >= 1")
+
+
+def _irn_schedule() -> StageTrainConfig:
+    # IRN's train_irn: crop 512, batch 32, 3 epochs, lr 0.1 (x10 displacement), weight
+    # decay 1e-4, poly 0.9; its PolyOptimizer passes the weight decay as momentum (none).
+    return StageTrainConfig(epochs=3, batch_size=32, crop_size=512, scale_range=[0.5, 1.5],
+                            lr=0.1, momentum=0.0, weight_decay=1e-4)
+
+
+@dataclass
+class IRNConfig:
+    """IRN (Ahn et al., CVPR 2019) as refinement method irn: IR labels from the maps,
+    the boundary branch of the inter-pixel relation network trained on them over a frozen
+    trunk, and the random walk of the maps along its boundaries (docs/pipeline.md)."""
+
+    fg_threshold: float = 0.30
+    """Confident foreground: background score of the first IR-label CRF (IRN: 0.30)."""
+    bg_threshold: float = 0.05
+    """Confident background: background score of the second CRF (IRN: 0.05)."""
+    crf_preset: str = "irn"
+    """CRF of the IR labels (a preset on a label unary)."""
+    trunk: Literal["pretrained", "cam"] = "pretrained"
+    """The frozen trunk: ImageNet weights (`pretrained`, IRN's) or the trunk of this run's
+    trained CAM network (`cam`: for data without an ImageNet start, e.g. the demo)."""
+    pretrained: str | None = None
+    """ImageNet file of the trunk (model.arch, model.width); null: model.pretrained."""
+    radius: int = 10
+    """Pairs related in training, on the stride-4 grid (IRN: 10)."""
+    displacement: bool = False
+    """Also train IRN's displacement branch (instance centroids; not used by the walk)."""
+    train: StageTrainConfig = field(default_factory=_irn_schedule)
+    boundary_flip: bool = True
+    """Average the boundary logits with those of the mirrored image (IRN)."""
+    walk_radius: int = 5
+    beta: float = 10.0
+    """Affinities raised to this power before normalisation (IRN: 10)."""
+    exp_times: int = 8
+    """The walk takes 2^exp_times steps (IRN: 8)."""
+    bg_score: float = 0.25
+    """Constant background plane of the walked maps (IRN: sem_seg_bg_thres 0.25)."""
+    walk_batch: int = 8
+    """Images per random-walk batch (padded to the largest grid of the batch)."""
+
+    def validate(self, at: str) -> None:
+        from cpal.refine.crf import PRESETS
+
+        need(0 <= self.bg_threshold <= self.fg_threshold <= 1, f"{at}.bg_threshold",
+             f"must satisfy 0 <= bg_threshold <= fg_threshold ({self.fg_threshold}) <= 1")
+        self.crf_preset = PRESETS.check(self.crf_preset, f"{at}.crf_preset")
+        need(PRESETS[self.crf_preset].unary == "labels", f"{at}.crf_preset",
+             f"IR labels refine label maps: preset {self.crf_preset} takes probabilities")
+        need(self.radius >= 2, f"{at}.radius", "must be >= 2")
+        need(self.walk_radius >= 2, f"{at}.walk_radius", "must be >= 2")
+        need(self.beta > 0, f"{at}.beta", "must be > 0")
+        need(0 <= self.exp_times <= 16, f"{at}.exp_times", "must lie in [0, 16]")
+        need(0 <= self.bg_score <= 1, f"{at}.bg_score", "must lie in [0, 1]")
+        need(self.walk_batch >= 1, f"{at}.walk_batch", "must be >= 1")
+        self.train.validate(f"{at}.train")
+
+
+def _deeplab_schedule() -> StageTrainConfig:
+    # deeplab-pytorch's VOC recipe: crop 321, scale 0.5-1.5, flip, batch 5 x iter_size 2,
+    # SGD lr 2.5e-4 momentum 0.9 weight decay 5e-4, poly 0.9, 20,000 iterations.
+    return StageTrainConfig(steps=20000, batch_size=10, grad_accum=2, crop_size=321,
+                            scale_range=[0.5, 1.5], lr=2.5e-4, momentum=0.9,
+                            weight_decay=5e-4, checkpoint_every_steps=1000)
+
+
+@dataclass
+class SegmentInferConfig:
+    """How the segmentation network predicts a split (deeplab-pytorch tests at one scale,
+    optionally multi-scale + flip, then the dense CRF)."""
+
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    crf: str | None = None
+    """A CRF preset on probabilities run on the softmax (deeplab: deeplab-pytorch's test
+    CRF); null: argmax of the logits."""
+    batch_size: int = 4
+    """Images per forward pass (grouped by size)."""
+    channels_last: bool = True
+    """NHWC layout, BatchNorm folded (as infer.channels_last)."""
+
+    def validate(self, at: str) -> None:
+        from cpal.refine.crf import PRESETS
+
+        need(bool(self.scales) and all(x > 0 for x in self.scales), f"{at}.scales",
+             "must be > 0")
+        need(self.batch_size >= 1, f"{at}.batch_size", "must be >= 1")
+        if self.crf is not None:
+            self.crf = PRESETS.check(self.crf, f"{at}.crf")
+            need(PRESETS[self.crf].unary == "probabilities", f"{at}.crf",
+                 f"preset {self.crf} takes a label map, not the network's probabilities")
+
+
+@dataclass
+class SegmentConfig:
+    """The segmentation network trained on the final pseudo masks (OUT/labels/<labels.
+    split>/, 255 ignored) and its predictions (docs/pipeline.md, "segment")."""
+
+    network: str | None = None
+    """A registered segmentation network (`cpal.models.registry.SEGMENTERS`: deeplab_v2,
+    deeplab_v3plus); null: no segmentation stage (`cpal run` ends with pseudo masks)."""
+    arch: str = "resnet101"
+    width: float = 1.0
+    output_stride: Literal[8, 16] = 8
+    msc_scales: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
+    """MSC training: logits at these input scales plus their max, each supervised."""
+    frozen_bn: bool = True
+    """Trunk BatchNorm fixed (statistics and affine), as deeplab-pytorch."""
+    trunk: Literal["pretrained", "cam", "scratch"] = "pretrained"
+    """Trunk initialisation: ImageNet weights (`pretrained`), this run's trained CAM
+    network's trunk (`cam`: same arch and width as `model`; image labels only, so still
+    weakly supervised), or none."""
+    pretrained: str | None = None
+    """ImageNet ResNet file of `arch` (torchvision/timm layout), loaded by key."""
+    pretrained_allow_leak: bool = False
+    """Acknowledge a `pretrained` file that saw pixel labels (a COCO-trained DeepLab)."""
+    train: StageTrainConfig = field(default_factory=_deeplab_schedule)
+    infer: SegmentInferConfig = field(default_factory=SegmentInferConfig)
+    splits: list[str] = field(default_factory=lambda: ["val"])
+    """Splits to predict: scored where every image has a GT mask; a split without masks
+    (VOC test) is also written in the VOC evaluation server's layout."""
+
+    def validate(self, at: str) -> None:
+        from cpal.models.registry import BACKBONES, SEGMENTERS
+
+        if self.network is not None:
+            self.network = SEGMENTERS.check(self.network, f"{at}.network")
+        self.arch = BACKBONES.check(self.arch, f"{at}.arch")
+        need(self.width > 0, f"{at}.width", "must be > 0")
+        need(bool(self.msc_scales) and all(x > 0 for x in self.msc_scales),
+             f"{at}.msc_scales", "must be > 0")
+        need(bool(self.splits), f"{at}.splits", "must name at least one split")
+        self.train.validate(f"{at}.train")
+        self.infer.validate(f"{at}.infer")
+
+
+@dataclass
+class PredictConfig:
+    """`cpal predict` on a folder of new images (no labels, no masks)."""
+
+    source: Literal["auto", "segmentation", "cam"] = "auto"
+    """auto: the trained segmentation network when there is one, else the CAM network
+    with the image labels it predicts."""
+    score_threshold: float = 0.5
+    """CAM network: a class is predicted present when its sigmoid score exceeds this."""
+    max_long_side: int | None = 1024
+    """Larger images are predicted at this long side and the labels resized back (memory
+    and time stay bounded); null: always at full size."""
+    overlay_alpha: float = 0.5
+    """Opacity of the label colours in the overlay pictures."""
+
+    def validate(self, at: str) -> None:
+        need(0 < self.score_threshold < 1, f"{at}.score_threshold", "must lie in (0, 1)")
+        need(self.max_long_side is None or self.max_long_side >= 32, f"{at}.max_long_side",
+             "must be >= 32 or null")
+        need(0 <= self.overlay_alpha <= 1, f"{at}.overlay_alpha", "must lie in [0, 1]")
+
+
+@dataclass
 class VizConfig:
     num_images: int = 8
     split: str = "train"
@@ -442,6 +680,10 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    irn: IRNConfig = field(default_factory=IRNConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     viz: VizConfig = field(default_factory=VizConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -720,6 +962,8 @@ def _resolve_paths(config: Config) -> Config:
     config.data.root = absolute(config.data.root)
     config.data.cache_dir = absolute(config.data.cache_dir)
     config.model.pretrained = absolute(config.model.pretrained)
+    config.irn.pretrained = absolute(config.irn.pretrained)
+    config.segment.pretrained = absolute(config.segment.pretrained)
     return config
 
 

@@ -16,35 +16,39 @@ from typing import Any
 import torch
 
 from cpal.config import Config
-from cpal.data.images import image_size
+from cpal.data.images import image_size, load_mask
 from cpal.data.source import open_dataset
+from cpal.data.voc import VOCLayout
 from cpal.engine import distributed
 from cpal.engine.hooks import HookBase
 from cpal.engine.infer import infer, missing_maps
+from cpal.engine.label_dirs import RECORD
 from cpal.engine.output_dir import claim_output_dir, claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
+from cpal.engine.pseudo import final_labels
+from cpal.engine.refine import REFINEMENTS
+from cpal.engine.segment import check_segmentation, predict_splits, train_segmentation
 from cpal.engine.train import train
-from cpal.errors import ConfigError, CpalError, DatasetError, warn
+from cpal.errors import ConfigError, CpalError, DatasetError
 from cpal.evaluation.diagnostics import split_separation
 from cpal.evaluation.metrics import labels_from_maps
 from cpal.evaluation.protocol import Protocol, results_table
 from cpal.evaluation.scoring import (
     choose_threshold,
-    evaluate_labels,
     evaluate_maps,
     map_paths,
     no_masks_note,
     tuning_overlap,
 )
-from cpal.io import load_maps, png_complete, read_json, save_label_png, write_json_atomic
+from cpal.io import load_maps, read_json, write_json_atomic
 from cpal.log import get_logger, iterate
 from cpal.methods import method_spec
 from cpal.viz.comparison import comparison_figure
 from cpal.viz.figures import OverlayRow, overlay_grid, per_class_iou_chart, sweep_curve
 
-STAGES = ("train", "infer", "evaluate", "labels", "figures")
+STAGES = ("train", "infer", "evaluate", "refine", "labels", "segment", "segment_eval",
+          "figures")
 _log = get_logger(__name__)
-_LABELS_META = "_labels.json"
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,37 +137,66 @@ def stage_evaluate(config: Config) -> dict[str, Any]:
     return results
 
 
-def stage_labels(config: Config, *, progress: bool = True) -> dict[str, Any]:
-    """Export pseudo labels as palette PNGs and score them against GT where it exists."""
+def stage_refine(config: Config, *, progress: bool = True,
+                 hooks: Sequence[HookBase] = ()) -> dict[str, Any]:
+    """Refine the maps of `labels.split` by `refine.method` (none: nothing to do) into
+    OUT/refine/<method>/<split>/; its scores go to metrics.json's `refine.<method>`.
+    `hooks` reach a method's training (IRN's), after the standard ones."""
     claim_output_dir(config)
     start = time.perf_counter()
     paths = RunPaths(config.output_path)
+    method = REFINEMENTS.get(config.refine.method)
+    if not method.refines:
+        _record_stage(paths, "refine", time.perf_counter() - start, method=method.name)
+        return {}
     layout = open_dataset(config.data)
-    split = config.labels.split
-    threshold = choose_threshold(config, layout)
-    out_dir = paths.labels(split)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pairs, identity = map_paths(config, layout, split)
-    meta_path = out_dir / _LABELS_META
-    meta = {"threshold": threshold.value, "maps": identity}
-    # Reuse finished files only if they were made from these maps at this threshold; the
-    # marker is removed while writing, so a killed run never passes for a finished one.
-    reuse = _read_json(meta_path) == meta
-    meta_path.unlink(missing_ok=True)
-    for image_id, map_path in iterate(pairs, f"labels {split}", enabled=progress):
-        target = out_dir / f"{image_id}.png"
-        if reuse and target.exists():
-            if png_complete(target):
-                continue
-            warn(f"{target}: damaged label file (truncated PNG); redoing it")
-        save_label_png(target, labels_from_maps(load_maps(map_path), threshold.value))
-    write_json_atomic(meta_path, meta)
+    result = method.run(config, layout, progress, hooks)  # type: ignore[misc]
+    refined = _read_json(paths.metrics).get("refine", {})
+    refined[method.name] = result
+    _update_json(paths.metrics, "refine", refined)
+    _record_stage(paths, "refine", time.perf_counter() - start, method=method.name)
+    return result
 
-    result = evaluate_labels(layout, split, [i for i, _ in pairs], out_dir, identity,
-                             threshold).to_dict()
-    _update_json(paths.metrics, "threshold", threshold.to_dict())
+
+def stage_labels(config: Config, *, progress: bool = True) -> dict[str, Any]:
+    """The seeds (maps + background threshold) and the final pseudo masks of
+    `labels.split` (the seeds, or the refinement's labels) as palette PNGs in
+    OUT/labels/<split>/, each scored against GT where it exists."""
+    claim_output_dir(config)
+    start = time.perf_counter()
+    paths = RunPaths(config.output_path)
+    made = final_labels(config, open_dataset(config.data), progress=progress)
+    result = {**made.final.to_dict(), "source": made.source}
+    _update_json(paths.metrics, "threshold", made.threshold.to_dict())
+    _update_json(paths.metrics, "seeds", made.seeds.to_dict())
     _update_json(paths.metrics, "pseudo_labels", result)
-    _record_stage(paths, "labels", time.perf_counter() - start, threshold=threshold.value)
+    _record_stage(paths, "labels", time.perf_counter() - start,
+                  threshold=made.threshold.value, source=made.source)
+    return result
+
+
+def stage_segment(config: Config, *, progress: bool = True,
+                  hooks: Sequence[HookBase] = ()) -> dict[str, Any]:
+    """Train (or resume) `segment.network` on OUT/labels/<labels.split>/."""
+    start = time.perf_counter()
+    checkpoint = train_segmentation(config, progress=progress, hooks=hooks)
+    details = {"checkpoint": checkpoint.name, "network": config.segment.network}
+    if distributed.ranks().is_main:
+        _record_stage(RunPaths(config.output_path), "segment", time.perf_counter() - start,
+                      **details)
+    return details
+
+
+def stage_segment_eval(config: Config, *, progress: bool = True) -> dict[str, Any]:
+    """Predict `segment.splits` with the trained segmentation network and score them:
+    metrics.json's `segmentation` (its `miou`: the first split with GT masks)."""
+    claim_output_dir(config)
+    start = time.perf_counter()
+    paths = RunPaths(config.output_path)
+    result = predict_splits(config, progress=progress)
+    _update_json(paths.metrics, "segmentation", result)
+    _record_stage(paths, "segment_eval", time.perf_counter() - start,
+                  splits=list(result["splits"]))
     return result
 
 
@@ -183,22 +216,20 @@ def stage_figures(config: Config) -> list[Path]:
         threshold = choose_threshold(config, layout).value
 
     split = config.viz.split
-    pairs, _ = map_paths(config, layout, split)
-    step = max(1, len(pairs) // config.viz.num_images)
-    chosen = pairs[::step][: config.viz.num_images]
-    has_gt = layout.has_masks([i for i, _ in chosen])
-    rows = []
-    for image_id, map_path in chosen:
-        record = load_maps(map_path)
-        heat = record.maps.max(axis=0) if len(record.classes) else record.maps.sum(axis=0)
-        rows.append(OverlayRow(
-            image_id=image_id, image=layout.load_image(image_id),
-            gt=layout.load_mask(image_id) if has_gt else None,
-            heat=heat, pseudo=labels_from_maps(record, threshold),
-        ))
+    # The final pseudo masks where the labels stage made them, else the maps' seeds.
+    final = paths.labels(split) if (paths.labels(split) / RECORD).is_file() else None
+    rows = _overlay_rows(config, layout, split, threshold, final)
     target = paths.figures / f"overlay_{split}.png"
     overlay_grid(rows, target, layout.class_names, heat_title=f"{config.map_kind} heat map")
     written.append(target)
+    for seg_split in config.segment.splits:
+        predictions = paths.predictions(seg_split)
+        if seg_split in config.infer.splits and (predictions / RECORD).is_file():
+            target = paths.figures / f"segmentation_{seg_split}.png"
+            overlay_grid(_overlay_rows(config, layout, seg_split, threshold, predictions),
+                         target, layout.class_names, heat_title=f"{config.map_kind} heat map",
+                         label_title="segmentation")
+            written.append(target)
     if method_spec(config.method).has_prototypes:
         target = paths.figures / f"cam_vs_pacam_{split}.png"
         comparison_figure(config, layout, rows, target)
@@ -224,6 +255,11 @@ def stage_figures(config: Config) -> list[Path]:
         series[f"pseudo labels {pseudo['split']} (thr {threshold:g})"] = _fractions(
             pseudo["per_class"][n]["iou"] for n in layout.class_names
         )
+    segmentation = metrics.get("segmentation", {})
+    if segmentation.get("per_class"):
+        series[f"segmentation {segmentation['split']}"] = _fractions(
+            segmentation["per_class"][n]["iou"] for n in layout.class_names
+        )
     if series:
         target = paths.figures / "per_class_iou.png"
         per_class_iou_chart(layout.class_names, series, target, title="Per-class IoU (%)")
@@ -231,6 +267,27 @@ def stage_figures(config: Config) -> list[Path]:
     _record_stage(paths, "figures", time.perf_counter() - start,
                   files=[p.name for p in written])
     return written
+
+
+def _overlay_rows(config: Config, layout: VOCLayout, split: str, threshold: float,
+                  labels: Path | None) -> list[OverlayRow]:
+    """`viz.num_images` evenly spaced images of `split`: image, GT (where the split has
+    it), the maps' heat, and the labels of folder `labels` (None: the maps' seeds)."""
+    pairs, _ = map_paths(config, layout, split)
+    step = max(1, len(pairs) // config.viz.num_images)
+    chosen = pairs[::step][: config.viz.num_images]
+    has_gt = layout.has_masks([i for i, _ in chosen])
+    rows = []
+    for image_id, map_path in chosen:
+        record = load_maps(map_path)
+        heat = record.maps.max(axis=0) if len(record.classes) else record.maps.sum(axis=0)
+        shown = (labels_from_maps(record, threshold) if labels is None
+                 else load_mask(labels / f"{image_id}.png", layout.num_classes))
+        rows.append(OverlayRow(
+            image_id=image_id, image=layout.load_image(image_id),
+            gt=layout.load_mask(image_id) if has_gt else None, heat=heat, pseudo=shown,
+        ))
+    return rows
 
 
 def _fractions(percents: Iterable[float | None]) -> list[float | None]:
@@ -260,6 +317,13 @@ def check_run_inputs(config: Config, *, progress: bool = True) -> None:
             "labels.threshold to a fixed value"
         )
     tuning_overlap(config, layout)
+    method = REFINEMENTS.get(config.refine.method)
+    if method.check is not None:
+        method.check(config, layout)
+    if config.segment.network is not None:
+        check_segmentation(config)
+        for split in config.segment.splits:
+            _check_images(layout, split)
     scored = []  # (split, id) of the splits stage_evaluate will score (every mask present)
     for split in dict.fromkeys(config.infer.splits):
         ids = layout.split_ids(split)
@@ -276,27 +340,54 @@ def check_run_inputs(config: Config, *, progress: bool = True) -> None:
             )
 
 
+def _check_images(layout: VOCLayout, split: str) -> None:
+    """A split that is only predicted (VOC test: no image labels, no masks): its list
+    and every image present."""
+    ids = layout.split_ids(split)
+    for image_id in ids:
+        try:
+            layout.image_path(image_id)
+        except DatasetError as error:
+            raise DatasetError(f"{error} (listed in {layout.split_file(split)})") from error
+
+
 def summary_table(config: Config) -> str:
-    """The results table of a run: every number beside its protocol."""
+    """The results table of a run: every stage's number beside its protocol (maps,
+    seeds, each refinement, the final pseudo masks, the segmentation network)."""
     metrics = _read_json(RunPaths(config.output_path).metrics)
     rows: list[tuple[str, float, Protocol]] = []
+
+    def add(name: str, result: dict[str, Any] | None) -> None:
+        if result and result.get("miou") is not None and "protocol" in result:
+            rows.append((name, result["miou"] / 100, Protocol.from_dict(result["protocol"])))
+
     for split, result in metrics.get("maps", {}).items():
         if "oracle_best" in result:
-            best = result["oracle_best"]
-            rows.append((f"{result['map']} maps ({split})", best["miou"] / 100,
-                         Protocol.from_dict(best["protocol"])))
+            add(f"{result['map']} maps ({split})", result["oracle_best"])
     pseudo = metrics.get("pseudo_labels", {})
-    if pseudo.get("miou") is not None:
-        rows.append((f"pseudo labels ({pseudo['split']})", pseudo["miou"] / 100,
-                     Protocol.from_dict(pseudo["protocol"])))
+    refined = pseudo.get("source", "seeds") != "seeds"
+    if refined:
+        seeds = metrics.get("seeds", {})
+        add(f"seeds ({seeds.get('split')})", seeds)
+    for name, result in metrics.get("refine", {}).items():
+        if "ir_labels" in result:
+            ir = result["ir_labels"]
+            add(f"{name}: IR labels ({ir.get('split')}, {ir.get('ignored')}% unsure as bg)", ir)
+        add(f"{name} labels ({result['labels'].get('split')})", result["labels"])
+    source = f", from {pseudo['source']}" if refined else ""
+    add(f"pseudo labels ({pseudo.get('split')}{source})", pseudo)
+    segmentation = metrics.get("segmentation", {})
+    add(f"segmentation ({segmentation.get('split')})", segmentation)
     return results_table(rows)
 
 
 def run(config: Config, *, progress: bool = True) -> dict[str, Any]:
-    """train -> maps -> evaluation -> pseudo labels -> figures; returns metrics.json.
+    """train -> maps -> evaluation -> refinement -> pseudo masks -> segmentation network ->
+    its evaluation -> figures; returns metrics.json.
 
     Under torchrun every process trains and writes its share of the maps; rank 0 alone
-    then evaluates, exports labels and draws figures (the others return {})."""
+    then runs the rest as a single process (the others return {}): launch
+    `torchrun ... cpal segment` separately to train the segmentation network on every GPU."""
     if config.infer.shard is not None:
         raise ConfigError(
             "'infer.shard': `cpal run` evaluates every map; run `cpal infer --shard I/N` "
@@ -323,10 +414,18 @@ def run(config: Config, *, progress: bool = True) -> dict[str, Any]:
     _log.info("stage infer: done")
     if not main:
         return {}
-    stage_evaluate(config)
-    _log.info("stage evaluate: done")
-    stage_labels(config, progress=progress)
-    _log.info("stage labels: done")
-    figures = stage_figures(config)
+    with distributed.alone():
+        stage_evaluate(config)
+        _log.info("stage evaluate: done")
+        stage_refine(config, progress=progress)
+        _log.info("stage refine: done (%s)", config.refine.method)
+        stage_labels(config, progress=progress)
+        _log.info("stage labels: done")
+        if config.segment.network is not None:
+            stage_segment(config, progress=progress)
+            _log.info("stage segment: done")
+            stage_segment_eval(config, progress=progress)
+            _log.info("stage segment_eval: done")
+        figures = stage_figures(config)
     _log.info("stage figures: %s", ", ".join(str(p) for p in figures))
     return _read_json(paths.metrics)

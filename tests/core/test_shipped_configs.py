@@ -22,7 +22,7 @@ PROTOTYPE_SECTIONS = ("prototype", "bank", "awareness", "alignment", "loss")
 ROOT = "data.root=/datasets/root"
 # Reference numbers as published, each stated in its dataset's base only.
 NUMBERS = {"voc12": ("48.3", "66.5", "63.5", "64.8", "58.6", "68.8", "69.7", "71.9", "74.5",
-                     "74.7"),
+                     "74.7", "72.2", "70.7"),
            "coco14": ("34.4", "40.6", "46.8")}
 
 
@@ -94,11 +94,34 @@ def test_paper_recipe(name):
     assert cfg.data.require_root
 
 
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_chain_recipe(name):
+    """IRN's refinement and deeplab-pytorch's DeepLab-v2 VOC recipe (docs/pipeline.md)."""
+    cfg = shipped(name)
+    r, irn, seg = cfg.refine, cfg.irn, cfg.segment
+    assert r.method == "irn" and r.threads == 1
+    assert (irn.fg_threshold, irn.bg_threshold, irn.crf_preset, irn.trunk, irn.radius) == (
+        0.30, 0.05, "irn", "pretrained", 10)
+    t = irn.train
+    assert (t.epochs, t.batch_size, t.crop_size, t.scale_range, t.lr, t.weight_decay) == (
+        3, 32, 512, [0.5, 1.5], 0.1, 1e-4)
+    assert (irn.walk_radius, irn.beta, irn.exp_times, irn.bg_score) == (5, 10.0, 8, 0.25)
+    assert (seg.network, seg.arch, seg.output_stride, seg.msc_scales, seg.frozen_bn) == (
+        "deeplab_v2", "resnet101", 8, [1.0, 0.75, 0.5], True)
+    assert seg.trunk == "pretrained" and seg.pretrained is None  # required, no placeholder
+    t = seg.train
+    assert (t.steps, t.batch_size, t.grad_accum, t.crop_size, t.scale_range, t.hflip) == (
+        20000, 10, 2, 321, [0.5, 1.5], True)
+    assert (t.lr, t.momentum, t.weight_decay, t.poly_power) == (2.5e-4, 0.9, 5e-4, 0.9)
+    assert seg.infer.crf == "deeplab" and seg.splits == ["val"]
+
+
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_run_instructions_and_reference_numbers_are_stated_once_per_dataset(dataset):
     base = f"_base_/{dataset}.yaml"
     assert f"cpal run configs/{dataset}/cpal_r50.yaml data.root=/path/" in text(base)
     assert "model.pretrained=/path/resnet50-19c8e357.pth" in text(base)
+    assert "segment.pretrained=/path/resnet101-63fe2227.pth" in text(base)
     for number in NUMBERS[dataset]:
         assert number in text(base)
         assert [n for n in CONFIGS if n != base and number in text(n)] == [], number
@@ -112,7 +135,7 @@ def test_run_instructions_and_reference_numbers_are_stated_once_per_dataset(data
 def test_paper_configs_state_every_setting(name):
     """Nothing that shapes a paper run is left to a default that could change later."""
     stated = flat(read_config_tree(REPO / "configs" / name))
-    sections = ["model", "train", "infer", "labels"]
+    sections = ["model", "train", "infer", "labels", "refine", "irn", "segment"]
     if not name.split("/")[1].startswith("cam"):
         sections += PROTOTYPE_SECTIONS
     schema = flat(Config().to_dict())

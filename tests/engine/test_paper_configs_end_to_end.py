@@ -24,6 +24,12 @@ SMALL = [  # a network and sizes for 8 px images on a CPU; everything else as sh
     "train.resize_long=[32,32]", "train.checkpoint_every_steps=null", "infer.scales=[1.0]",
     "infer.batch_size=2", "data.num_workers=0", "bank.size=8",
     "bank.clusters=2", "awareness.top_k=1", "viz.num_images=1", "threads=1",
+    # The later stages' trunks from this run's CAM network (no ImageNet files in tests).
+    "irn.trunk=cam", "irn.train.epochs=1", "irn.train.batch_size=2", "irn.train.crop_size=32",
+    "refine.workers=1", "segment.trunk=cam", "segment.arch=resnet18", "segment.width=0.125",
+    "segment.train.steps=2", "segment.train.batch_size=2", "segment.train.grad_accum=1",
+    "segment.train.crop_size=32", "segment.train.checkpoint_every_steps=null",
+    "segment.infer.crf=null", "segment.infer.batch_size=2",
 ]
 
 
@@ -44,7 +50,11 @@ def test_voc12_config_on_a_prepared_voc_with_sbd(tmp_path):
     # Trained on train_aug (VOC train + SBD, 6 images here: 3 steps of 2), scored on train.
     assert log[-1]["step"] == len(TRAIN_AUG) // 2
     assert metrics["maps"]["train"]["num_images"] == len(VOC_TRAIN)
-    assert metrics["pseudo_labels"]["protocol"]["threshold_choice"] == "tuned"
+    # The seeds' background threshold is tuned on val GT; IRN's labels use its fixed ones.
+    assert metrics["seeds"]["protocol"]["threshold_choice"] == "tuned"
+    assert metrics["pseudo_labels"]["source"] == "irn"
+    assert metrics["pseudo_labels"]["protocol"]["threshold_choice"] == "fixed"
+    assert "miou" in metrics["segmentation"]
     assert metrics["maps"]["train"]["own_background"]["protocol"]["threshold_choice"] == "none"
 
 

@@ -16,7 +16,7 @@ from cpal.engine.paths import RunPaths
 from cpal.errors import CheckpointError, ConfigError, DatasetError
 from cpal.io import load_maps
 from cpal.pipeline import run, stage_infer, stage_labels, stage_train
-from tests.helpers import killed_in_second_epoch, tiny_overrides
+from tests.helpers import chain_overrides, killed_in_second_epoch, tiny_overrides
 
 
 @pytest.mark.slow
@@ -48,7 +48,40 @@ def test_run_writes_every_artifact(tiny_config):
     for name in ("overlay_train.png", "threshold_sweep.png", "per_class_iou.png"):
         assert Image.open(paths.figures / name).size[0] > 100
     stages = json.loads(paths.stages.read_text())
-    assert set(stages) == {"train", "infer", "evaluate", "labels", "figures"}
+    assert set(stages) == {"train", "infer", "evaluate", "refine", "labels", "figures"}
+    assert stages["refine"]["method"] == "none" and stages["labels"]["source"] == "seeds"
+    # Without a refinement the seeds are the pseudo masks, scored once with one protocol.
+    assert metrics["seeds"] == {k: v for k, v in pseudo.items() if k != "source"}
+    assert not paths.seeds("train").exists()
+
+
+@pytest.mark.slow
+def test_run_whole_chain(tiny_dataset, tmp_path, capsys):
+    """train -> maps -> IRN -> pseudo masks -> DeepLab -> its evaluation, one command, every
+    stage's number in one table with its protocol."""
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    out = tmp_path / "run"
+    assert main(["run", str(config), *tiny_overrides(tiny_dataset, out),
+                 *chain_overrides("irn"), "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    for row in ("| cam maps (train) |", "| seeds (train) |", "| irn: IR labels (train, ",
+                "| irn labels (train) |", "| pseudo labels (train, from irn) |",
+                "| segmentation (val) |"):
+        assert row in table
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pseudo_labels"]["source"] == "irn"
+    assert metrics["pseudo_labels"]["miou"] == metrics["refine"]["irn"]["labels"]["miou"]
+    assert metrics["segmentation"]["protocol"]["threshold_choice"] == "fixed"
+    stages = json.loads((out / "stages.json").read_text())
+    assert list(stages) == ["train", "infer", "evaluate", "refine", "labels", "segment",
+                            "segment_eval", "figures"]
+    paths = RunPaths(out)
+    ids = (tiny_dataset / "ImageSets/Segmentation/train.txt").read_text().split()
+    assert (paths.figures / "segmentation_val.png").is_file()
+    for image_id in ids:  # the final pseudo masks are IRN's labels
+        assert (paths.labels("train") / f"{image_id}.png").read_bytes() == (
+            paths.refined("irn", "train") / f"{image_id}.png").read_bytes()
 
 
 def test_resume_after_crash_equals_uninterrupted_run(tiny_dataset, tmp_path):
@@ -183,7 +216,7 @@ def test_infer_refuses_unfinished_training_and_stale_maps(tiny_config, tiny_data
 
 
 def test_killed_labels_run_is_not_reused(tiny_config, tiny_dataset, monkeypatch):
-    import cpal.pipeline as pipeline_module
+    import cpal.engine.label_dirs as pipeline_module
 
     fixed = [*tiny_overrides(tiny_dataset, tiny_config.output_path), "labels.threshold=0.4"]
     cfg = load_config(None, fixed)

@@ -203,3 +203,19 @@ def test_cuda_matches_cpu(reference: dict[str, np.ndarray]) -> None:
     cpu = dense_crf(reference["image"], unary, params)
     cuda = dense_crf(reference["image"], unary, params, device="cuda").cpu()
     assert (cpu - cuda).abs().max() < 1e-4
+
+
+def test_grouped_fields_equal_separate_ones() -> None:
+    """Two unaries on one image in one grouped mean field give each field's own marginals
+    (the update is per label before each softmax): float32 rounding of another column
+    count in the sparse products only."""
+    from cpal.refine.crf import dense_crf, dense_crf_group, unary_from_labels
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (12, 17, 3), dtype=np.uint8)
+    unaries = torch.stack([unary_from_labels(rng.integers(0, 3, (12, 17)), 3)
+                           for _ in range(2)])
+    grouped = dense_crf_group(image, unaries, PRESETS["irn"])
+    for field, unary in zip(grouped, unaries, strict=True):
+        torch.testing.assert_close(field, dense_crf(image, unary, PRESETS["irn"]),
+                                   rtol=0, atol=1e-6)

@@ -1,21 +1,25 @@
 """torch Datasets over a VOC-layout root.
 
-Both read images and image-level labels only: pixel masks are for evaluation and are
-never touched here (a test checks that training runs with SegmentationClass removed).
+`ClassificationDataset` and `InferenceDataset` read images and image-level labels only:
+pixel masks are for evaluation and are never touched here (a test checks that training
+runs with SegmentationClass removed). `LabelledDataset` reads the pipeline's own label
+files (pseudo masks, IR labels), never the GT folder.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from cpal.data.images import image_size
+from cpal.data.images import image_size, load_mask
 from cpal.data.transforms import normalize
 from cpal.data.voc import VOCLayout
+from cpal.errors import DatasetError
 
 SampleTransform = Callable[[np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -46,19 +50,24 @@ class ClassificationDataset(Dataset):
 
 
 class InferenceDataset(Dataset):
-    """Normalised full-size images with their labels, for multi-scale map inference."""
+    """Normalised full-size images with their labels, for multi-scale map inference;
+    `labels=False` for images without image-level labels (a segmentation network's test
+    split: VOC test lists none)."""
 
-    def __init__(self, layout: VOCLayout, ids: Sequence[str]) -> None:
+    def __init__(self, layout: VOCLayout, ids: Sequence[str], *, labels: bool = True) -> None:
         self.layout = layout
         self.ids = list(ids)
-        self.labels = torch.from_numpy(layout.image_labels(self.ids))
+        self.labels = torch.from_numpy(layout.image_labels(self.ids)) if labels else None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = self.layout.load_image(self.ids[index])
-        return {"image": normalize(image), "label": self.labels[index], "id": self.ids[index]}
+        item = {"image": normalize(image), "id": self.ids[index]}
+        if self.labels is not None:
+            item["label"] = self.labels[index]
+        return item
 
     def sizes(self) -> list[tuple[int, int]]:
         return [image_size(self.layout.image_path(i)) for i in self.ids]
@@ -82,3 +91,55 @@ class SameSizeBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+PairTransformFn = Callable[[np.ndarray, np.ndarray, np.random.Generator],
+                           tuple[torch.Tensor, torch.Tensor]]
+
+
+class LabelledDataset(Dataset):
+    """Augmented images with label maps read from `label_dir`/<id>.png: the pseudo masks
+    (or IR labels) a later network trains on. Never the dataset's GT masks: the labels
+    are the pipeline's own files. Each sample's augmentation depends on (seed, epoch,
+    index) only, as `ClassificationDataset`'s (exact resume)."""
+
+    def __init__(self, layout: VOCLayout, ids: Sequence[str], label_dir: Path,
+                 transform: PairTransformFn, seed: int) -> None:
+        self.layout = layout
+        self.ids = list(ids)
+        self.label_dir = Path(label_dir)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def label_path(self, image_id: str) -> Path:
+        return self.label_dir / f"{image_id}.png"
+
+    def check(self) -> None:
+        """Every label file present and the size of its image (headers only): a mismatch
+        is one DatasetError naming both files, before the first training step."""
+        for image_id in self.ids:
+            path = self.label_path(image_id)
+            if not path.is_file():
+                raise DatasetError(f"{path}: label file missing")
+            label_size = image_size(path)
+            size = image_size(self.layout.image_path(image_id))
+            if label_size != size:
+                raise DatasetError(
+                    f"{path} is {label_size[1]}x{label_size[0]} but its image "
+                    f"{self.layout.image_path(image_id)} is {size[1]}x{size[0]} (width x "
+                    "height)"
+                )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image_id = self.ids[index]
+        label = load_mask(self.label_path(image_id), self.layout.num_classes)
+        image, target = self.transform(self.layout.load_image(image_id), label, rng)
+        return {"image": image, "label": target, "index": index}

@@ -75,3 +75,38 @@ def _offsets(length: int, size: int, rng: np.random.Generator) -> tuple[int, int
     if length >= size:
         return int(rng.integers(0, length - size + 1)), 0
     return 0, int(rng.integers(0, size - length + 1))
+
+
+class PairTransform:
+    """Random rescale (image bilinear, labels nearest, one factor from `scale_range`),
+    horizontal flip, normalisation, padding to the crop (image: zero = the mean colour,
+    labels: `ignore_index`) and one random crop of both: deeplab-pytorch's and IRN's
+    training augmentation of an image with its label map."""
+
+    def __init__(self, crop_size: int, scale_range: tuple[float, float], hflip: bool,
+                 ignore_index: int = 255) -> None:
+        self.crop_size = crop_size
+        self.scale_range = scale_range
+        self.hflip = hflip
+        self.ignore_index = ignore_index
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crop (3, S, S) float32, labels (S, S) int64)."""
+        lo, hi = self.scale_range
+        factor = float(rng.uniform(lo, hi))
+        h, w = image.shape[:2]
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        if size != (w, h):
+            image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+            label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+        if self.hflip and rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        x = normalize(image)
+        y = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+        # The label plane rides along with the image through one crop: offset by one so
+        # that the canvas's zero marks padding, which becomes the ignore label.
+        both = random_crop(torch.cat([x, (y + 1).to(x.dtype)[None]]), self.crop_size, rng)
+        labels = both[3].round().to(torch.int64) - 1
+        labels[labels < 0] = self.ignore_index
+        return both[:3], labels

@@ -63,11 +63,36 @@ def launched_ranks() -> Ranks:
     return Ranks(rank=rank, world_size=world, local_rank=_env_int("LOCAL_RANK", rank))
 
 
+# Set while rank 0 runs stages alone (`alone`): every helper acts as in a single process.
+_alone = False
+
+
+def _grouped() -> bool:
+    """Whether collectives go to a process group (joined, and not inside `alone`)."""
+    return not _alone and dist.is_available() and dist.is_initialized()
+
+
 def ranks() -> Ranks:
-    """This process's ranks: from the process group once joined, else from the environment."""
+    """This process's ranks: from the process group once joined, else from the environment
+    (a single process inside `alone`)."""
+    if _alone:
+        return Ranks()
     if dist.is_available() and dist.is_initialized():
         return Ranks(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0))
     return launched_ranks()
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Run the block as a single process although a process group exists: what rank 0
+    does after the others have finished their part of `cpal run` (refinement, the
+    segmentation network), where a collective would wait for processes that are gone."""
+    global _alone
+    previous, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = previous
 
 
 def init(device: torch.device) -> torch.device:
@@ -140,7 +165,7 @@ def _destroy() -> None:
 
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _grouped():
         return
     if dist.get_backend() == "nccl":
         dist.barrier(device_ids=[torch.cuda.current_device()])
@@ -150,7 +175,7 @@ def barrier() -> None:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks in place (returned for chaining)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not (_grouped() and dist.get_world_size() > 1):
         return tensor
     if dist.get_backend() == "nccl" and not tensor.is_cuda:  # nccl reduces GPU tensors only
         on_gpu = tensor.cuda()
@@ -164,7 +189,7 @@ def main_value(value: _T) -> _T:
     """Rank 0's `value` on every rank (`value` itself in a single process): decisions taken
     from the file system (which checkpoint to resume, which maps are missing) are taken
     once, so processes whose views differ (a network file system's caches) still agree."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not (_grouped() and dist.get_world_size() > 1):
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -174,7 +199,7 @@ def main_value(value: _T) -> _T:
 def same_everywhere(value: object) -> bool:
     """Whether every rank holds an equal `value` (True in a single process); every rank
     gets the same answer, so all can stop together rather than wait for each other."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not (_grouped() and dist.get_world_size() > 1):
         return True
     values: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)

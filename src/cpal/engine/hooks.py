@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cpal.config import TrainConfig
+from cpal.config import LoopConfig
 from cpal.engine import distributed
 from cpal.engine.checkpoint import prune_checkpoints, save_checkpoint
 from cpal.errors import warn
@@ -58,7 +58,7 @@ class CheckpointHook(HookBase):
     `checkpoint_every_steps` optimizer steps inside epochs; keeps the newest
     `keep_checkpoints`. Rank 0 writes, every process waits for it."""
 
-    def __init__(self, train: TrainConfig) -> None:
+    def __init__(self, train: LoopConfig) -> None:
         self.every_epochs = train.checkpoint_every
         self.every_steps = train.checkpoint_every_steps
         self.keep = train.keep_checkpoints
@@ -101,7 +101,7 @@ class JSONLogHook(HookBase):
     they are made, so every checkpoint's steps are on disk when it is; and the epoch's
     one-line summary in the log."""
 
-    def __init__(self, train: TrainConfig) -> None:
+    def __init__(self, train: LoopConfig) -> None:
         self.every = train.log_every
 
     def _append(self, row: dict[str, Any]) -> None:
@@ -133,7 +133,7 @@ class ProgressHook(HookBase):
     """A bar over each epoch's global batches (on a terminal; rank 0). Off a terminal it
     stays silent: the epoch's log line says more."""
 
-    def __init__(self, train: TrainConfig, *, enabled: bool) -> None:
+    def __init__(self, train: LoopConfig, *, enabled: bool) -> None:
         self.every = train.log_every
         self.enabled = enabled
         self._bar: Progress | None = None
@@ -173,7 +173,7 @@ class TensorBoardHook(HookBase):
     images/s every `log_every` steps, the mean loss per epoch (at the epoch's last step).
     `writer` defaults to a SummaryWriter in `log_dir`, made when training starts."""
 
-    def __init__(self, train: TrainConfig, log_dir: Path, writer: ScalarWriter | None = None
+    def __init__(self, train: LoopConfig, log_dir: Path, writer: ScalarWriter | None = None
                  ) -> None:
         self.every, self.log_dir, self.writer = train.log_every, log_dir, writer
 
@@ -221,7 +221,7 @@ class Interrupt(HookBase):
             raise KeyboardInterrupt
 
 
-def standard_hooks(train: TrainConfig, *, progress: bool) -> list[HookBase]:
+def standard_hooks(train: LoopConfig, *, progress: bool) -> list[HookBase]:
     """The JSONL log, progress and checkpoints, in that order."""
     return [JSONLogHook(train), ProgressHook(train, enabled=progress), CheckpointHook(train)]
 

@@ -9,6 +9,8 @@ files of an earlier format) are `cpal.engine.checkpoint`'s business and `MAPS_FO
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,11 @@ def training_fingerprint(config: Config) -> dict[str, Any]:
     }
 
 
+def fingerprint_digest(fingerprint: Any) -> str:
+    """A short stable digest of a fingerprint (or any JSON-ready record)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two (nested) settings records."""
     keys = []
@@ -103,24 +110,49 @@ def load_final_checkpoint(
     with other settings or one from an unfinished run, and names a damaged newest one
     (never falling back to an older checkpoint). `newest`: the `resume_point` (newest
     complete checkpoint, damaged newer ones) as rank 0 saw it (default: looked up here)."""
-    directory = RunPaths(config.output_path).checkpoints
+    return load_finished_checkpoint(RunPaths(config.output_path).checkpoints,
+                                    training_fingerprint(config), "cpal train", newest)
+
+
+def load_finished_checkpoint(
+    directory: Path, fingerprint: dict[str, Any] | None, command: str,
+    newest: tuple[Path | None, list[Damaged]] | None = None,
+) -> tuple[Path, Checkpoint]:
+    """`load_final_checkpoint` for any trained network: the newest complete checkpoint in
+    `directory`, made with `fingerprint` (None: not compared here) and finished; `command`
+    is what (re)trains it."""
     latest, damaged = resume_point(directory) if newest is None else newest
     if damaged:
         redo = f"from {latest.name}" if latest is not None else "from the start"
         raise CheckpointError(
-            f"{damaged[-1].describe()}; run `cpal train` to redo it ({redo})"
+            f"{damaged[-1].describe()}; run `{command}` to redo it ({redo})"
         )
     if latest is None:
-        raise CheckpointError(f"{directory}: no checkpoint; run `cpal train` first")
+        raise CheckpointError(f"{directory}: no checkpoint; run `{command}` first")
     ckpt = load_shared_checkpoint(latest)
-    check_fingerprint(latest, ckpt, training_fingerprint(config))
+    if fingerprint is not None:
+        check_fingerprint(latest, ckpt, fingerprint)
     total = int(ckpt.meta["epochs"])
     if ckpt.epoch < total:
         raise CheckpointError(
             f"{latest}: training stopped at epoch {ckpt.epoch} of {total}; "
-            "run `cpal train` to finish it"
+            f"run `{command}` to finish it"
         )
     return latest, ckpt
+
+
+def stage_fingerprint(config: Config, section: Any, **inputs: Any) -> dict[str, Any]:
+    """The fingerprint of a network trained after the CAM network: the seed, its config
+    section (run-independent training keys left out, as in `training_fingerprint`) and
+    the records of what it trains on (`inputs`: label folders, trunk source)."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in RUN_INDEPENDENT}
+        return value
+
+    fields = section if isinstance(section, dict) else asdict(section)
+    return {"seed": config.seed, "section": strip(fields), **inputs}
 
 
 def read_maps_identity(directory: Path) -> dict[str, Any]:

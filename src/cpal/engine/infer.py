@@ -16,8 +16,6 @@ independent jobs (a SLURM array) can fill one folder.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
 import uuid
@@ -42,6 +40,7 @@ from cpal.engine.identity import (
     MAPS_FORMAT,
     MAPS_META,
     changed_keys,
+    fingerprint_digest,
     load_final_checkpoint,
     read_maps_identity,
     resume_point,
@@ -60,6 +59,7 @@ from cpal.io import (
 from cpal.log import Progress
 from cpal.methods import CAM_MAP, FUSED_MAP, PACAM_MAP
 from cpal.models.cam_net import CAMNet, CAMOutput, build_network, normalized_cam
+from cpal.models.fusion import inference_copy
 from cpal.prototypes.module import CPALOutput
 
 _NAMED = 10  # damaged files named one per line; the rest are counted
@@ -85,9 +85,7 @@ def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[st
     """What made a folder of maps: stored beside them, compared before any reuse, and
     the source of the inference text in every protocol computed from them. The same for
     every shard and process of one configuration."""
-    digest = hashlib.sha256(
-        json.dumps(ckpt.meta.get("fingerprint"), sort_keys=True).encode()
-    ).hexdigest()[:16]
+    digest = fingerprint_digest(ckpt.meta.get("fingerprint"))
     precision = inference_precision(config)
     identity = {
         "format": MAPS_FORMAT,
@@ -177,7 +175,7 @@ def _prototype_scale(
 def multiscale_maps(
     model: CAMNet, images: Tensor, scales: Sequence[float], flip: bool,
     labels: Tensor | None = None, kinds: Sequence[str] = (CAM_MAP,),
-    proto: PrototypeInference = PrototypeInference(),
+    proto: PrototypeInference = PrototypeInference(), present_only: bool = False,
 ) -> dict[str, Tensor]:
     """Sums over scales of relu CAMs and/or prototype maps at the input's resolution,
     (B, C, H, W) each (foreground classes; pacam adds `pacam_background` (B, 1, H, W) and,
@@ -189,14 +187,23 @@ def multiscale_maps(
     computed on them (against the frozen bank for context), and the raw relu-cosine map
     of each scale is resized straight to the image; the caller normalises the sum once
     (`proto.maps == "sipe"`; "per_scale" is the earlier, per-scale normalised variant).
+
+    `present_only` (with `labels`): class channels absent from every image of the batch
+    are left 0 instead of being upsampled (what `infer` keeps are the present ones).
     """
     batch, _, height, width = images.shape
     stride = model.output_stride
     # IRN aligns the CAM grid to the top-left: upsample to a multiple of the stride, crop.
     padded = (math.ceil(height / stride) * stride, math.ceil(width / stride) * stride)
     totals: dict[str, Tensor] = {}
+    keep = None
+    if present_only and labels is not None:
+        keep = torch.nonzero(labels.sum(dim=0) > 0).flatten().to(images.device)
 
     def add(kind: str, value: Tensor, grid_aligned: bool) -> None:
+        if keep is not None and kind in (CAM_MAP, PACAM_MAP):
+            full = value
+            value = value[:, keep]
         value = value.float()  # sums over scales in float32 whatever the network ran in
         if grid_aligned:
             value = F.interpolate(value, size=padded, mode="bilinear", align_corners=False)
@@ -204,6 +211,9 @@ def multiscale_maps(
         else:
             value = F.interpolate(value, size=(height, width), mode="bilinear",
                                   align_corners=False)
+        if keep is not None and kind in (CAM_MAP, PACAM_MAP):
+            value = value.new_zeros((batch, full.shape[1], height, width)).index_copy_(
+                1, keep, value)
         totals[kind] = value if kind not in totals else totals[kind] + value
 
     for scale in scales:
@@ -242,10 +252,11 @@ def multiscale_cam(model: CAMNet, images: Tensor, scales: Sequence[float], flip:
 def normalised_maps(
     model: CAMNet, images: Tensor, labels: Tensor, scales: Sequence[float], flip: bool,
     kinds: Sequence[str], proto: PrototypeInference = PrototypeInference(),
+    present_only: bool = False,
 ) -> dict[str, Tensor]:
     """Multi-scale maps of each kind (cam, pacam; pacam brings pacam_background), each
     channel max-normalised to [0, 1] once, after the sum over scales."""
-    sums = multiscale_maps(model, images, scales, flip, labels, kinds, proto)
+    sums = multiscale_maps(model, images, scales, flip, labels, kinds, proto, present_only)
     return {kind: value if kind.endswith("_seeds") else normalized_cam(value)
             for kind, value in sums.items()}
 
@@ -263,13 +274,14 @@ class Localisation:
 
 def localisation_maps(
     model: CAMNet, images: Tensor, labels: Tensor, scales: Sequence[float], flip: bool,
-    kind: str, proto: PrototypeInference = PrototypeInference(),
+    kind: str, proto: PrototypeInference = PrototypeInference(), present_only: bool = False,
 ) -> Localisation:
     """The map of kind cam, pacam or fused (the mean of the two), values in [0, 1], with
     its own background channel (B, 1, H, W) where it has one (pacam: the background
-    prototype's map; fused: the mean of that and the CAM's 1 - max)."""
+    prototype's map; fused: the mean of that and the CAM's 1 - max). `present_only`: as
+    `multiscale_maps` (absent classes' channels 0)."""
     needed = (CAM_MAP, PACAM_MAP) if kind == FUSED_MAP else (kind,)
-    normed = normalised_maps(model, images, labels, scales, flip, needed, proto)
+    normed = normalised_maps(model, images, labels, scales, flip, needed, proto, present_only)
     seeds = normed.get("pacam_seeds")
     if kind == FUSED_MAP:
         present = labels[:, :, None, None].to(normed[CAM_MAP].dtype)
@@ -330,12 +342,12 @@ def infer_split(
     for batch in loader:
         labels = batch["label"].to(device)
         images = batch["image"].to(device)
-        if config.train.channels_last:
+        if config.infer.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             loc = localisation_maps(
                 model, images, labels, identity["scales"], config.infer.flip, config.map_kind,
-                PrototypeInference.of(config),
+                PrototypeInference.of(config), present_only=True,
             )
         for i, (label, image_id) in enumerate(zip(batch["label"], batch["id"], strict=True)):
             _write_record(out_dir / f"{image_id}.npz", loc, i, label)
@@ -427,7 +439,9 @@ def infer(config: Config, splits: Sequence[str] | None = None, *, progress: bool
     # Every process makes maps from the checkpoint rank 0 found (the folders record it).
     newest = resume_point(RunPaths(config.output_path).checkpoints)
     checkpoint, ckpt = load_final_checkpoint(config, distributed.main_value(newest))
-    model = load_trained_model(ckpt, config, layout.num_foreground, device)
+    # BatchNorm folded (and NHWC): the same maps up to float rounding, faster.
+    model = inference_copy(load_trained_model(ckpt, config, layout.num_foreground, device),
+                           channels_last=config.infer.channels_last)
     identity = maps_identity(config, checkpoint, ckpt)
     progress = progress and distributed.ranks().is_main
     return {

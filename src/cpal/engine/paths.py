@@ -43,4 +43,30 @@ class RunPaths:
         return self.root / "maps" / split
 
     def labels(self, split: str) -> Path:
+        """The final pseudo masks of `split` (what the segmentation network trains on)."""
         return self.root / "labels" / split
+
+    def seeds(self, split: str) -> Path:
+        """The un-refined labels (maps + background threshold) when a refinement follows;
+        without one they are `labels(split)` themselves."""
+        return self.root / "seeds" / split
+
+    def refinement(self, method: str) -> Path:
+        """Everything refinement `method` makes (IRN: IR labels, checkpoints, log)."""
+        return self.root / "refine" / method
+
+    def refined(self, method: str, split: str) -> Path:
+        return self.refinement(method) / split
+
+    @property
+    def segmentation(self) -> Path:
+        """The segmentation network's checkpoints, log and predictions."""
+        return self.root / "segmentation"
+
+    def predictions(self, split: str) -> Path:
+        return self.segmentation / split
+
+    def server_results(self, split: str) -> Path:
+        """The VOC evaluation server's layout for a split without GT masks (VOC test):
+        results/VOC2012/Segmentation/comp6_<split>_cls/<id>.png, index PNGs."""
+        return self.segmentation / "results" / "VOC2012" / "Segmentation" / f"comp6_{split}_cls"

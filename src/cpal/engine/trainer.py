@@ -33,11 +33,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from cpal.config import TrainConfig
+from cpal.config import LoopConfig
 from cpal.engine import distributed
 from cpal.engine.checkpoint import Checkpoint
 from cpal.engine.distributed import Ranks
-from cpal.engine.hooks import HookBase, truncate_log
+from cpal.engine.hooks import HookBase, standard_hooks, truncate_log
 from cpal.engine.identity import check_fingerprint, load_shared_checkpoint, resume_point
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import autocast
@@ -55,7 +55,7 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
     return base * (1.0 - step / total) ** power
 
 
-def run_epochs(train: TrainConfig, steps_per_epoch: int) -> int:
+def run_epochs(train: LoopConfig, steps_per_epoch: int) -> int:
     """Whole epochs of a run: `train.epochs`, or enough to reach `train.steps` updates."""
     if train.steps is None:
         return train.epochs
@@ -192,7 +192,7 @@ class Trainer:
         task: TrainTask,
         optimizer: torch.optim.Optimizer,
         *,
-        train: TrainConfig,
+        train: LoopConfig,
         seed: int,
         num_workers: int,
         device: torch.device,
@@ -367,3 +367,27 @@ class Trainer:
         values = distributed.all_reduce_sum(terms).tolist()
         return StepResult({"loss": sum(values), **dict(zip(sums, values, strict=True))},
                           applied)
+
+
+def fit(task: TrainTask, optimizer: torch.optim.Optimizer, *, schedule: LoopConfig,
+        seed: int, num_workers: int, device: torch.device, paths: RunPaths,
+        fingerprint: dict[str, Any], steps_per_epoch: int, meta: dict[str, Any] | None = None,
+        task_hooks: Sequence[HookBase] = (), hooks: Sequence[HookBase] = (),
+        progress: bool = True) -> Path:
+    """Train `task` to the end of `schedule`, resuming from the newest checkpoint under
+    `paths` made with `fingerprint`; `task_hooks` run before the standard ones, `hooks`
+    after them (a test's `Interrupt`). Returns the final checkpoint's marker: what a
+    trainer for a new network calls (docs/development.md)."""
+    trainer = Trainer(
+        task, optimizer, train=schedule, seed=seed, num_workers=num_workers, device=device,
+        paths=paths, meta={"fingerprint": fingerprint, **(meta or {})},
+        epochs=run_epochs(schedule, steps_per_epoch), steps_per_epoch=steps_per_epoch,
+        hooks=[*task_hooks, *standard_hooks(schedule, progress=progress), *hooks],
+    )
+    trainer.resume(fingerprint, allowed=schedule.resume)
+    if trainer.finished:
+        distributed.barrier()
+    else:
+        trainer.train()
+    assert trainer.latest is not None
+    return trainer.latest

@@ -215,26 +215,35 @@ def tuning_overlap(config: Config, layout: VOCLayout, *, report: bool = True) ->
 @dataclass(frozen=True)
 class ChosenThreshold:
     """The background threshold of pseudo labels and how it was chosen (`Protocol`'s
-    threshold_choice: fixed, tuned or oracle)."""
+    threshold_choice: fixed, tuned or oracle); `tuning_overlap` counts the images the
+    tuning split shares with `applied_to`, the split the labels are made for."""
 
     value: float
     choice: str
     tuned_on: str | None = None
     tuning_overlap: int = 0
+    applied_to: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         chosen: dict[str, Any] = {"value": self.value, "choice": self.choice,
                                   "tuned_on": self.tuned_on}
         if self.tuning_overlap:
             chosen["tuning_overlap"] = self.tuning_overlap
+        if self.applied_to is not None:
+            chosen["applied_to"] = self.applied_to
         return chosen
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChosenThreshold:
+        return cls(float(data["value"]), data["choice"], data.get("tuned_on"),
+                   int(data.get("tuning_overlap", 0)), data.get("applied_to"))
 
 
 def choose_threshold(config: Config, layout: VOCLayout) -> ChosenThreshold:
     """`labels.threshold`, or the best one on `labels.tune_split`'s GT."""
     lc = config.labels
     if lc.threshold is not None:
-        return ChosenThreshold(lc.threshold, "fixed")
+        return ChosenThreshold(lc.threshold, "fixed", applied_to=lc.split)
     tune_ids = layout.split_ids(lc.tune_split)
     if not layout.has_masks(tune_ids):
         raise ConfigError(
@@ -244,7 +253,7 @@ def choose_threshold(config: Config, layout: VOCLayout) -> ChosenThreshold:
     overlap = tuning_overlap(config, layout)
     value, _ = sweep_split(config, layout, lc.tune_split, own_background=False).sweep.best()
     choice = "oracle" if lc.tune_split == lc.split else "tuned"
-    return ChosenThreshold(value, choice, lc.tune_split, overlap)
+    return ChosenThreshold(value, choice, lc.tune_split, overlap, applied_to=lc.split)
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,9 +304,63 @@ class LabelsEvaluation:
         return result
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """What made a folder of labels, as the protocol of its scores states it: what it was
+    made from (`source`, `inference`), the background threshold that entered it (None:
+    none did) and the refinement. Stored in the folder's record, so that a later stage
+    (segmentation) reports what its training labels owe to ground truth."""
+
+    source: str
+    inference: str
+    threshold: ChosenThreshold | None = None
+    refinement: str = "none"
+
+    def protocol(self, split: str, num_images: int, *, image_labels: str = "ground truth"
+                 ) -> Protocol:
+        """The protocol of a number on `split` computed from these labels (or from a
+        network trained on them): a threshold tuned on `split`'s own GT is an oracle for
+        that number, one tuned on another split's is held out from it."""
+        t = self.threshold
+        if t is None:
+            choice, value, tuned_on, overlap = "none", None, None, 0
+        else:
+            choice, value, tuned_on, overlap = t.choice, t.value, t.tuned_on, t.tuning_overlap
+            if choice in ("tuned", "oracle"):
+                choice = "oracle" if tuned_on == split else "tuned"
+                overlap = overlap if choice == "tuned" and split == t.applied_to else 0
+        return Protocol(
+            split=split, num_images=num_images, source=self.source,
+            threshold=value, threshold_choice=choice,  # type: ignore[arg-type]
+            tuned_on=tuned_on, inference=self.inference, refinement=self.refinement,
+            tuning_overlap=overlap, image_labels=image_labels,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "inference": self.inference,
+                "threshold": None if self.threshold is None else self.threshold.to_dict(),
+                "refinement": self.refinement}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Provenance:
+        t = data.get("threshold")
+        return cls(source=data["source"], inference=data["inference"],
+                   threshold=None if t is None else ChosenThreshold.from_dict(t),
+                   refinement=data.get("refinement", "none"))
+
+
+def maps_provenance(identity: dict[str, Any], threshold: ChosenThreshold | None,
+                    what: str = "labels", refinement: str = "none") -> Provenance:
+    """Labels made from the maps `identity` describes."""
+    return Provenance(source_text(what, identity), identity["inference"], threshold,
+                      refinement)
+
+
 def evaluate_labels(layout: VOCLayout, split: str, ids: Sequence[str], label_dir: Path,
-                    identity: dict[str, Any], threshold: ChosenThreshold) -> LabelsEvaluation:
-    """Score the pseudo labels written from maps `identity` at `threshold`."""
+                    provenance: Provenance, *, image_labels: str = "ground truth"
+                    ) -> LabelsEvaluation:
+    """Score a folder of labels of `split` made as `provenance` says (`image_labels`: what
+    gated their classes, for the protocol)."""
     if not layout.has_masks(ids):
         return LabelsEvaluation(split, len(ids), label_dir,
                                 skipped=no_masks_note(layout, ids))
@@ -305,12 +368,7 @@ def evaluate_labels(layout: VOCLayout, split: str, ids: Sequence[str], label_dir
     for image_id in ids:
         border.update(load_mask(label_dir / f"{image_id}.png", layout.num_classes),
                       layout.load_mask(image_id))
-    protocol = Protocol(
-        split=split, num_images=len(ids), source=source_text("labels", identity),
-        threshold=threshold.value, threshold_choice=threshold.choice,  # type: ignore[arg-type]
-        tuned_on=threshold.tuned_on, inference=identity["inference"],
-        tuning_overlap=threshold.tuning_overlap,
-    )
+    protocol = provenance.protocol(split, len(ids), image_labels=image_labels)
     return LabelsEvaluation(split, len(ids), label_dir,
                             Scored(scores, protocol, layout.class_names), border)
 

@@ -8,20 +8,23 @@ projected by a 1x1 conv + BN + ReLU. Decoder: layer1 features reduced to 48 chan
 concatenated with the upsampled ASPP output, two 3x3 conv + BN + ReLU of 256, then a 1x1
 classifier. Logits come out at stride 4 (the inference helpers and the loss resize them).
 
-Head widths follow the trunk's `width` (256 and 48 at width 1) unless given. The image
+Head widths follow the trunk's `width` (256 and 48 at width 1) unless given. Multi-grid
+(1, 2, 4) applies to trunks whose layer4 has three blocks (ResNet-34/50/101); ResNet-18's
+two blocks keep one dilation. The image
 pooling branch applies BatchNorm to a 1x1 map: training needs at least 2 images a batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpal.models.registry import SEGMENTERS, build_backbone
-from cpal.models.resnet import ArchName
+from cpal.models.resnet import ArchName, stage_depths
 from cpal.models.seg_base import ParamGroup, SegmentationNet, param_group, split_weights
 
 __all__ = ["ASPP", "DeepLabV3Plus"]
@@ -81,7 +84,7 @@ class DeepLabV3Plus(SegmentationNet):
         width: float = 1.0,
         output_stride: int = 16,
         rates: Sequence[int] | None = None,
-        multi_grid: Sequence[int] | None = (1, 2, 4),
+        multi_grid: Sequence[int] | Literal["auto"] | None = "auto",
         aspp_channels: int | None = None,
         low_level_channels: int | None = None,
         msc_scales: Sequence[float] = (1.0,),
@@ -93,6 +96,8 @@ class DeepLabV3Plus(SegmentationNet):
             raise ValueError(f"DeepLab-v3+ output_stride must be 8 or 16, got {output_stride}")
         if rates is None:
             rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
+        if multi_grid == "auto":  # DeepLab-v3's (1, 2, 4) needs layer4's three blocks
+            multi_grid = (1, 2, 4) if stage_depths(arch)[3] == 3 else None
         self.num_classes = num_classes
         self.msc_scales = tuple(msc_scales)
         self.backbone = build_backbone(

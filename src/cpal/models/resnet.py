@@ -85,6 +85,13 @@ _SPECS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int
 }
 
 
+def stage_depths(arch: str) -> tuple[int, int, int, int]:
+    """Blocks per stage (layer1..layer4) of `arch`."""
+    if arch not in _SPECS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(_SPECS)}")
+    return _SPECS[arch][1]
+
+
 class ResNet(nn.Module):
     """A ResNet trunk without the ImageNet classifier; returns all four stage outputs."""
 

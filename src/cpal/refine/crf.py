@@ -27,7 +27,7 @@ features are (column / sxy, row / sxy), colour features channel / srgb.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,7 +45,9 @@ __all__ = [
     "CRFParams",
     "crf_labels",
     "dense_crf",
+    "dense_crf_group",
     "mean_field_exact",
+    "refine_label_group",
     "refine_labels",
     "refine_probabilities",
     "unary_from_labels",
@@ -205,10 +207,28 @@ def dense_crf(image: np.ndarray | Tensor, unary: np.ndarray | Tensor, params: CR
     unary's); returns a tensor there.
     """
     unary = _as_float_maps("unary", unary)
-    num_labels, height, width = unary.shape
+    return dense_crf_group(image, unary[None], params, device)[0]
+
+
+def dense_crf_group(image: np.ndarray | Tensor, unaries: np.ndarray | Tensor,
+                    params: CRFParams, device: torch.device | str | None = None) -> Tensor:
+    """Marginals (G, L, H, W) of G independent CRFs on one image, unaries (G, L, H, W).
+
+    The mean-field update is linear in Q per label before each softmax, so the G fields
+    share one lattice per kernel and one filtering pass over G x L columns (IRN's two IR
+    label CRFs cost little more than one): the same marginals as G `dense_crf` calls.
+    """
+    tensor = (torch.from_numpy(np.asarray(unaries)) if isinstance(unaries, np.ndarray)
+              else unaries)
+    if tensor.ndim != 4 or min(tensor.shape[:2]) < 1:
+        raise ValueError(f"unaries must be (G, L, H, W) with G, L >= 1, got shape "
+                         f"{tuple(tensor.shape)}")
+    groups, num_labels, height, width = tensor.shape
+    unary = _as_float_maps("unary", tensor.reshape(groups * num_labels, height, width))
     image = _check_image(image, height, width)
     device = torch.device(device) if device is not None else unary.device
-    unary = unary.to(device).reshape(num_labels, -1).T.contiguous()  # (N, L)
+    # (N, G * L): column g * L + l is label l of field g.
+    unary = unary.to(device).reshape(groups * num_labels, -1).T.contiguous()
     image = image.to(device)
     kernels = []
     if params.gaussian_compat != 0:
@@ -218,13 +238,18 @@ def dense_crf(image: np.ndarray | Tensor, unary: np.ndarray | Tensor, params: CR
         features = _features(image, params.bilateral_sxy, params.bilateral_srgb)
         kernels.append(_normalised_kernel(features, params.bilateral_compat))
     logits = -unary
-    q = torch.softmax(logits, dim=1)
+
+    def softmax(energy: Tensor) -> Tensor:
+        return torch.softmax(energy.view(-1, groups, num_labels), dim=2).view(-1, groups
+                                                                              * num_labels)
+
+    q = softmax(logits)
     for _ in range(params.iterations):
         energy = logits
         for kernel in kernels:
             energy = kernel(q).add_(energy)  # a fresh tensor each time: logits stay intact
-        q = torch.softmax(energy, dim=1)
-    return q.T.reshape(num_labels, height, width)
+        q = softmax(energy)
+    return q.T.reshape(groups, num_labels, height, width)
 
 
 def mean_field_exact(image: np.ndarray | Tensor, unary: np.ndarray | Tensor,
@@ -279,6 +304,16 @@ def refine_labels(image: np.ndarray | Tensor, labels: np.ndarray | Tensor, num_l
     unary; returns (H, W) int64 labels (ignore index where `params.confidence` says)."""
     q = dense_crf(image, unary_from_labels(labels, num_labels, params.gt_prob), params, device)
     return crf_labels(q, params.confidence)
+
+
+def refine_label_group(image: np.ndarray | Tensor, labels: Sequence[np.ndarray | Tensor],
+                       num_labels: int, params: CRFParams = PRESETS["irn"],
+                       device: torch.device | str | None = None) -> list[np.ndarray]:
+    """`refine_labels` of several label maps of one image in one grouped mean field
+    (`dense_crf_group`): one (H, W) int64 result per map."""
+    unaries = torch.stack([unary_from_labels(x, num_labels, params.gt_prob) for x in labels])
+    q = dense_crf_group(image, unaries, params, device)
+    return [crf_labels(field, params.confidence) for field in q]
 
 
 _UNARY_INPUTS: dict[str, tuple[str, ...]] = {

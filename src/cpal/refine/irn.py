@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from cpal.io import IGNORE_INDEX
-from cpal.refine.crf import PRESETS, CRFParams, refine_labels
+from cpal.refine.crf import PRESETS, CRFParams, refine_label_group
 
 __all__ = [
     "AffinityLabels",
@@ -94,10 +94,10 @@ def ir_labels(image: np.ndarray, maps: np.ndarray, classes: np.ndarray,
     if classes.size == 0:  # nothing but background to be confident about
         return np.zeros(maps.shape[1:], dtype=np.uint8)
     work = maps.astype(np.result_type(maps.dtype, np.float32), copy=False)
-    fg = keys[refine_labels(image, _threshold_argmax(work, params.fg_threshold), len(keys),
-                            params.crf, device)]
-    bg = keys[refine_labels(image, _threshold_argmax(work, params.bg_threshold), len(keys),
-                            params.crf, device)]
+    # Both CRFs in one grouped mean field: they share the image's lattices.
+    fg, bg = (keys[x] for x in refine_label_group(
+        image, [_threshold_argmax(work, params.fg_threshold),
+                _threshold_argmax(work, params.bg_threshold)], len(keys), params.crf, device))
     out = np.where(fg == 0, params.ignore_index, fg)
     out[(fg == 0) & (bg == 0)] = 0
     return out.astype(np.uint8)

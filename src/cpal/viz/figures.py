@@ -164,7 +164,7 @@ def _draw_context(ax: Axes, panel: ContextPanel | None) -> None:
 
 def overlay_grid(
     rows: Sequence[OverlayRow], path: Path, class_names: Sequence[str],
-    heat_title: str = "heat map",
+    heat_title: str = "heat map", label_title: str = "pseudo label",
 ) -> None:
     """One row per image: image | GT | heat over image (jet) [| more heats] | pseudo label
     [| context].
@@ -182,7 +182,7 @@ def overlay_grid(
     if any(list(row.more_heats) != extra for row in rows):
         raise ValueError("overlay_grid: every row needs the same more_heats keys")
     with_context = any(row.context is not None for row in rows)
-    titles = ("image", "ground truth", heat_title, *extra, "pseudo label")
+    titles = ("image", "ground truth", heat_title, *extra, label_title)
     if with_context:
         titles = (*titles, "context: nearest bank entries")
     columns = len(titles)

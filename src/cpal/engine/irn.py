@@ -1,0 +1,340 @@
+"""Refinement method `irn`: IRN (Ahn, Cho & Kwak, CVPR 2019) on the run's maps.
+
+Three steps, each resumable, each writing under OUT/refine/irn/:
+
+1. IR labels (`ir_labels/<split>/`): per image, confident foreground (background score
+   `irn.fg_threshold`) and confident background (`irn.bg_threshold`), each cleaned by the
+   dense CRF, 255 between; images over `refine.workers` processes.
+2. The boundary branch of the inter-pixel relation network trained on them over a frozen
+   trunk (`checkpoints/`, `train_log.jsonl`), through the shared trainer (`IRNTask`):
+   pair affinity = 1 - the largest boundary probability on the path between two pixels,
+   -log(a) for pairs of one label, -log(1 - a) for pairs of two.
+3. The random walk (`<split>/`): the maps on the stride-4 grid times (1 - boundary),
+   propagated 2^exp_times steps along affinity^beta (`cpal.refine.random_walk`, batched),
+   upsampled, divided by their maximum, argmax against the background plane.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cpal.config import Config, IRNConfig
+from cpal.data.datasets import InferenceDataset, LabelledDataset, SameSizeBatchSampler
+from cpal.data.images import load_rgb
+from cpal.data.transforms import PairTransform
+from cpal.data.voc import VOCLayout
+from cpal.engine.hooks import HookBase
+from cpal.engine.identity import fingerprint_digest, load_finished_checkpoint, stage_fingerprint
+from cpal.engine.label_dirs import LabelFolder
+from cpal.engine.paths import RunPaths
+from cpal.engine.refine import MapInputs, RefinementMethod, refine_with_workers, register_refinement
+from cpal.engine.runtime import autocast, setup
+from cpal.engine.trainer import fit
+from cpal.engine.trunks import init_trunk, trunk_problem
+from cpal.errors import ConfigError
+from cpal.evaluation.scoring import (
+    ChosenThreshold,
+    Provenance,
+    evaluate_labels,
+    map_paths,
+    source_text,
+)
+from cpal.io import IGNORE_INDEX, load_maps
+from cpal.log import Progress, get_logger
+from cpal.models import irnet
+from cpal.models.irnet import IRNet, boundary_map
+from cpal.refine.crf import PRESETS
+from cpal.refine.irn import (
+    IRLabelParams,
+    affinity_from_boundary,
+    affinity_labels,
+    ir_labels,
+    pair_offsets,
+    valid_pairs,
+)
+from cpal.refine.random_walk import (
+    RandomWalkParams,
+    random_walk,
+    random_walk_labels,
+    stack_for_walk,
+)
+from cpal.segmentation.losses import resize_labels
+
+__all__ = ["IRNTask", "train_irn"]
+
+_log = get_logger(__name__)
+NAME = "irn"
+# Keys of the irn section that shape IRNet's training (the walk's do not).
+_TRAINING_KEYS = ("fg_threshold", "bg_threshold", "crf_preset", "trunk", "pretrained",
+                  "radius", "displacement", "train")
+
+
+# ---------------------------------------------------------------------------------------
+# 1. IR labels
+
+
+@dataclass(frozen=True)
+class IRJob:
+    image: Path
+    maps: Path
+    params: IRLabelParams
+
+
+def ir_one(job: IRJob) -> np.ndarray:
+    """One image's IR labels (a worker's function)."""
+    record = load_maps(job.maps)
+    inputs = MapInputs(load_rgb(job.image), record, None, job.maps)  # checks the sizes
+    return ir_labels(inputs.image, record.maps, record.classes, job.params)
+
+
+def _ir_params(irn: IRNConfig) -> IRLabelParams:
+    return IRLabelParams(irn.fg_threshold, irn.bg_threshold, PRESETS[irn.crf_preset])
+
+
+def _ir_text(irn: IRNConfig) -> str:
+    return (f"IR labels (confident fg {irn.fg_threshold:g} / bg {irn.bg_threshold:g}, "
+            f"CRF {irn.crf_preset}; unsure 255)")
+
+
+def make_ir_labels(config: Config, layout: VOCLayout, progress: bool
+                   ) -> tuple[LabelFolder, Provenance, list[str]]:
+    split = config.labels.split
+    pairs, identity = map_paths(config, layout, split)
+    irn = config.irn
+    provenance = Provenance(source_text("labels", identity), identity["inference"],
+                            ChosenThreshold(irn.fg_threshold, "fixed", applied_to=split),
+                            _ir_text(irn))
+    folder = LabelFolder(RunPaths(config.output_path).refinement(NAME) / "ir_labels" / split, {
+        "kind": "ir_labels", "maps": identity, "params": asdict(_ir_params(irn)),
+        "provenance": provenance.to_dict()})
+    folder.claim()
+    todo = set(folder.pending([i for i, _ in pairs]))
+    params = _ir_params(irn)
+    jobs = {i: IRJob(layout.image_path(i), path, params) for i, path in pairs if i in todo}
+    refine_with_workers(ir_one, jobs, folder, config, f"IR labels {split}", progress)
+    return folder, provenance, [i for i, _ in pairs]
+
+
+# ---------------------------------------------------------------------------------------
+# 2. The boundary network
+
+
+class IRNTask:
+    """IRNet's boundary branch (and optional displacement branch) on IR labels."""
+
+    def __init__(self, net: IRNet, dataset: LabelledDataset, irn: IRNConfig,
+                 device: torch.device) -> None:
+        self.net, self.dataset, self.irn, self.device = net, dataset, irn, device
+
+    def loss(self, model: nn.Module, item: dict[str, Any], batch: Sequence[int]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        share = len(item["label"]) / self.irn.train.batch_size
+        images = item["image"].to(self.device, non_blocking=True)
+        if self.irn.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        out = model(images)
+        boundary = torch.sigmoid(out.boundary.float())[:, 0]
+        height, width = boundary.shape[-2:]
+        # IRN reduces the labels to the boundary grid by nearest (pil_rescale 0.25).
+        labels = resize_labels(item["label"].to(self.device), (height, width))
+        radius = self.irn.radius
+        targets = affinity_labels(labels, radius, IGNORE_INDEX)
+        masks = irnet.AffinityLabels(targets.bg_pos.float(), targets.fg_pos.float(),
+                                     targets.neg.float())
+        terms = irnet.affinity_loss(affinity_from_boundary(boundary, radius), masks)
+        parts = {"bg_pos": terms.bg_pos, "fg_pos": terms.fg_pos, "neg": terms.neg}
+        total = terms.total
+        if out.displacement is not None:
+            src, dst, pick = _flat_pairs(height, width, radius, labels.device)
+            flat = irnet.AffinityLabels(*(m.flatten(1)[:, pick] for m in masks))
+            fg, bg = irnet.displacement_loss(out.displacement.float(), src, dst, flat)
+            parts.update(dp_fg=fg, dp_bg=bg)
+            total = total + (fg + bg) / 2
+        return total * share, {k: v.detach() * share for k, v in parts.items()}
+
+
+def _flat_pairs(height: int, width: int, radius: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grid's valid pairs as flat (src, dst) indices and their positions in a
+    flattened (P, H, W) pair tensor (what the displacement loss takes)."""
+    valid = valid_pairs(height, width, radius, device)
+    p, ys, xs = valid.nonzero(as_tuple=True)
+    offsets = torch.as_tensor(pair_offsets(radius).offsets, device=device)[p]
+    src = ys * width + xs
+    dst = (ys + offsets[:, 0]) * width + xs + offsets[:, 1]
+    return src, dst, (p * height + ys) * width + xs
+
+
+def build_irnet(config: Config) -> IRNet:
+    return IRNet(arch=config.model.arch, width=config.model.width,  # type: ignore[arg-type]
+                 output_stride=config.model.output_stride,
+                 displacement=config.irn.displacement)
+
+
+def irn_fingerprint(config: Config, ir_record: dict[str, Any], trunk: dict[str, Any]
+                    ) -> dict[str, Any]:
+    fields = {k: v for k, v in asdict(config.irn).items() if k in _TRAINING_KEYS}
+    return stage_fingerprint(config, fields, ir_labels=fingerprint_digest(ir_record),
+                             trunk=trunk, arch=[config.model.arch, config.model.width,
+                                                config.model.output_stride])
+
+
+def train_irn(config: Config, layout: VOCLayout, ir_folder: LabelFolder, ids: Sequence[str],
+              *, progress: bool = True, hooks: Sequence[HookBase] = ()
+              ) -> tuple[Path, dict[str, Any]]:
+    """Train (or resume) IRNet on the IR labels; returns the final checkpoint and its
+    fingerprint."""
+    device = setup(config)
+    irn, t = config.irn, config.irn.train
+    net = build_irnet(config)
+    trunk = init_trunk(net.backbone, config, irn.trunk, _irn_pretrained(config),
+                       config.model.pretrained_allow_leak, "irn")
+    net.to(device)
+    if t.channels_last:
+        net.to(memory_format=torch.channels_last)
+    transform = PairTransform(t.crop_size, (t.scale_range[0], t.scale_range[1]), t.hflip)
+    dataset = LabelledDataset(layout, ids, ir_folder.directory, transform, config.seed)
+    dataset.check()
+    steps = len(dataset) // t.batch_size
+    if steps == 0:
+        raise ConfigError(f"'irn.train.batch_size': {t.batch_size} exceeds the {len(dataset)} "
+                          f"images of split '{config.labels.split}'")
+    groups = net.param_groups(t.lr, t.weight_decay)
+    optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum,
+                                weight_decay=t.weight_decay)
+    fingerprint = irn_fingerprint(config, ir_folder.record, trunk)
+    paths = RunPaths(RunPaths(config.output_path).refinement(NAME))
+    checkpoint = fit(IRNTask(net, dataset, irn, device), optimizer, schedule=t,
+                     seed=config.seed, num_workers=config.data.num_workers, device=device,
+                     paths=paths, fingerprint=fingerprint, steps_per_epoch=steps,
+                     hooks=hooks, progress=progress)
+    return checkpoint, fingerprint
+
+
+def _irn_pretrained(config: Config) -> str | None:
+    return config.irn.pretrained or config.model.pretrained
+
+
+# ---------------------------------------------------------------------------------------
+# 3. The random walk
+
+
+def walk_params(irn: IRNConfig) -> RandomWalkParams:
+    return RandomWalkParams(radius=irn.walk_radius, beta=irn.beta, exp_times=irn.exp_times,
+                            bg_score=irn.bg_score, stride=irnet.GRID_STRIDE)
+
+
+def grid_maps(maps: np.ndarray, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Full-resolution maps (C, H, W) averaged down to the boundary grid (IRN walks its
+    stride-4 CAMs)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)).to(device)
+    if tensor.shape[0] == 0:
+        return tensor.new_zeros((0, *grid))
+    return F.interpolate(tensor[None], size=grid, mode="area")[0]
+
+
+def walk_split(config: Config, layout: VOCLayout, checkpoint: Path, fingerprint: dict,
+               progress: bool) -> tuple[LabelFolder, list[str]]:
+    """Random-walk labels of every image of `labels.split` not yet written."""
+    split, irn = config.labels.split, config.irn
+    pairs, identity = map_paths(config, layout, split)
+    paths = RunPaths(config.output_path)
+    params = walk_params(irn)
+    folder = LabelFolder(paths.refined(NAME, split), {
+        "kind": "irn", "maps": identity, "checkpoint": checkpoint.name,
+        "irnet": fingerprint_digest(fingerprint), "walk": asdict(params),
+        "boundary_flip": irn.boundary_flip,
+        "provenance": irn_provenance(config, identity).to_dict()})
+    folder.claim()
+    todo = folder.pending([i for i, _ in pairs])
+    if not todo:
+        return folder, [i for i, _ in pairs]
+    device = setup(config)
+    _, ckpt = load_finished_checkpoint(paths.refinement(NAME) / "checkpoints", fingerprint,
+                                       "cpal refine")
+    net = build_irnet(config)
+    net.load_state_dict(ckpt.model)
+    net.to(device).eval()
+    map_file = dict(pairs)
+    dataset = InferenceDataset(layout, todo)
+    loader = DataLoader(dataset, batch_sampler=SameSizeBatchSampler(dataset.sizes(),
+                                                                    irn.walk_batch),
+                        num_workers=config.data.num_workers)
+    bar = Progress(len(todo), f"random walk {split}", enabled=progress)
+    for batch in loader:
+        images = batch["image"].to(device)
+        with torch.inference_mode(), autocast(device, irn.train.precision):
+            boundary = boundary_map(net, images, flip=irn.boundary_flip)[:, 0].float()
+        records = [load_maps(map_file[i]) for i in batch["id"]]
+        grid = tuple(boundary.shape[-2:])
+        maps, walls = stack_for_walk([grid_maps(r.maps, grid, device) for r in records],
+                                     list(boundary))
+        with torch.inference_mode():
+            walked = random_walk(maps, walls, params)
+        height, width = images.shape[-2:]
+        for i, (image_id, record) in enumerate(zip(batch["id"], records, strict=True)):
+            count = len(record.classes)
+            folder.write(image_id, random_walk_labels(walked[i, :count], record.classes,
+                                                      (height, width), params))
+        bar.update(len(records))
+    bar.close()
+    return folder, [i for i, _ in pairs]
+
+
+def irn_provenance(config: Config, identity: dict[str, Any]) -> Provenance:
+    irn = config.irn
+    text = (f"IRN: {_ir_text(irn)}; IRNet boundary ({config.model.arch} x"
+            f"{config.model.width:g}, trunk {irn.trunk}, {irn.train.epochs} epochs); random walk "
+            f"radius {irn.walk_radius}, beta {irn.beta:g}, 2^{irn.exp_times} steps")
+    return Provenance(source_text("labels", identity), identity["inference"],
+                      ChosenThreshold(irn.bg_score, "fixed", applied_to=config.labels.split),
+                      text)
+
+
+def _refine_irn(config: Config, layout: VOCLayout, progress: bool,
+                hooks: Sequence[HookBase] = ()) -> dict[str, Any]:
+    ir_folder, ir_provenance, ids = make_ir_labels(config, layout, progress)
+    checkpoint, fingerprint = train_irn(config, layout, ir_folder, ids, progress=progress,
+                                        hooks=hooks)
+    folder, ids = walk_split(config, layout, checkpoint, fingerprint, progress)
+    split = config.labels.split
+    ir_scores = evaluate_labels(layout, split, ids, ir_folder.directory, ir_provenance)
+    provenance = Provenance.from_dict(folder.record["provenance"])
+    return {
+        "labels": evaluate_labels(layout, split, ids, folder.directory, provenance).to_dict(),
+        "ir_labels": {**ir_scores.to_dict(), "ignored": _ignored_share(ir_folder, ids)},
+        "checkpoint": checkpoint.name,
+    }
+
+
+def _ignored_share(folder: LabelFolder, ids: Sequence[str]) -> float:
+    """Percent of IR-label pixels left unsure (255): what IRNet does not learn from."""
+    ignored = total = 0
+    for image_id in ids:
+        with Image.open(folder.path(image_id)) as image:
+            label = np.asarray(image)
+        ignored += int((label == IGNORE_INDEX).sum())
+        total += label.size
+    return round(100.0 * ignored / max(total, 1), 2)
+
+
+def _check_irn(config: Config, layout: VOCLayout) -> None:
+    problem = trunk_problem(config, config.irn.trunk, _irn_pretrained(config), "irn",
+                            config.model.arch, config.model.width)
+    if problem is not None:
+        raise problem
+
+
+register_refinement(RefinementMethod(
+    NAME, "IRN: IR labels, IRNet's boundary branch on a frozen trunk, random walk",
+    run=_refine_irn, check=_check_irn))

@@ -1,0 +1,84 @@
+"""Where the trunk of a later network (IRN's, the segmentation network's) starts from.
+
+`pretrained`: an ImageNet ResNet file, through the shared weights loader (key checks,
+pixel-label leak warnings). `cam`: the trunk of this run's finished CAM network, which was
+trained on image labels only, so a chain started from it is still weakly supervised: the
+start for data without an ImageNet-like domain (the built-in demo). `scratch`: none.
+The returned record goes into the network's training fingerprint, so that a checkpoint
+is never resumed on top of another start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from cpal.config import Config
+from cpal.engine.identity import fingerprint_digest, load_final_checkpoint, resume_point
+from cpal.engine.paths import RunPaths
+from cpal.errors import CheckpointError, ConfigError
+from cpal.io import read_json
+from cpal.log import get_logger
+
+_log = get_logger(__name__)
+
+
+def trunk_problem(config: Config, source: str, pretrained: str | None, key: str,
+                  arch: str, width: float) -> ConfigError | None:
+    """Why a trunk source cannot work for a network of `arch` x `width` (None: it can)."""
+    if source == "pretrained" and pretrained is None:
+        return ConfigError(
+            f"'{key}.pretrained': the {key} trunk starts from ImageNet weights ({key}.trunk: "
+            f"pretrained) but no file is given; pass {key}.pretrained=/path/resnet.pth, or "
+            f"{key}.trunk=cam to start from this run's CAM network")
+    if source == "cam" and (arch, width) != (config.model.arch, config.model.width):
+        return ConfigError(
+            f"'{key}.trunk': cam starts from the CAM network's trunk ({config.model.arch} x"
+            f"{config.model.width:g}), not {arch} x{width:g}; set {key}.arch and width to "
+            "match, or use pretrained weights")
+    return None
+
+
+def trunk_record(config: Config, source: str, pretrained: str | None) -> dict[str, Any]:
+    """What a trunk starts from, without loading it (for the fingerprint of a network
+    whose checkpoint is read back): the file's name, or the CAM checkpoint's name and
+    training fingerprint (from its marker alone)."""
+    if source == "scratch":
+        return {"trunk": "scratch"}
+    if source == "pretrained":
+        name = None if pretrained is None else Path(pretrained).name
+        return {"trunk": "pretrained", "file": name}
+    latest, _ = resume_point(RunPaths(config.output_path).checkpoints)
+    if latest is None:
+        raise CheckpointError(f"{RunPaths(config.output_path).checkpoints}: no checkpoint of the "
+                              "CAM network, whose trunk starts this network; run `cpal train`")
+    meta = read_json(latest).get("meta", {})
+    return {"trunk": "cam", "checkpoint": latest.name,
+            "training_fingerprint": fingerprint_digest(meta.get("fingerprint"))}
+
+
+def init_trunk(trunk: nn.Module, config: Config, source: str, pretrained: str | None,
+               allow_leak: bool, key: str) -> dict[str, Any]:
+    """Initialise `trunk` from `source`; returns `trunk_record` of that start."""
+    if source == "scratch":
+        return trunk_record(config, source, pretrained)
+    if source == "pretrained":
+        if pretrained is None:
+            raise ConfigError(f"'{key}.pretrained': no ImageNet file given")
+        from cpal.models.weights import load_backbone_weights
+
+        report = load_backbone_weights(trunk, pretrained, allow_leak=allow_leak)
+        _log.info("%s trunk: %s", key, report.summary())
+        return trunk_record(config, source, pretrained)
+    path, ckpt = load_final_checkpoint(config)
+    prefix = "backbone."
+    state = {k[len(prefix):]: v for k, v in ckpt.model.items() if k.startswith(prefix)}
+    try:
+        trunk.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: its trunk does not fit the {key} network "
+                              f"({' '.join(str(exc).split())[:200]})") from exc
+    _log.info("%s trunk: the CAM network's (%s)", key, path.name)
+    return trunk_record(config, source, pretrained)
