@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cpal.errors import ConfigError
 from cpal.models.weights import WeightLayout
 from cpal.registry import Registry
 
@@ -277,6 +278,13 @@ class VisionTransformer(nn.Module):
         if not 0 <= resolved < self.depth:
             raise ValueError(f"block {index} does not exist in a {self.depth}-block trunk")
         return resolved
+
+    def feature_blocks(self, blocks: Sequence[int]) -> tuple[int, ...]:
+        """`vit.feature_blocks` resolved, or a ConfigError naming the key."""
+        try:
+            return tuple(self.block_index(b) for b in blocks)
+        except ValueError as exc:
+            raise ConfigError(f"'vit.feature_blocks': {exc}") from None
 
     def embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Patch tokens with the prefix tokens in front, plus position embeddings
