@@ -212,7 +212,7 @@ def clip_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 def _clip_hint(missing: list[str], unexpected: list[str], own: dict) -> str:
     if any(k.startswith(("cls_token", "blocks.", "patch_embed.")) for k in unexpected):
         return " - a DeiT/ViT file: the CLIP-ES methods need a CLIP file (ViT-B-16.pt)"
-    if missing and all(k.startswith("text.") for k in missing):
+    if missing and all(k.startswith("text.") or k == "logit_scale" for k in missing):
         return " - an image encoder only: CLIP-ES needs the text encoder too"
     return " - check model.arch and that the file is CLIP ViT-B/16 (OpenAI or Hugging Face)"
 
