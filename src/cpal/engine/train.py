@@ -194,9 +194,6 @@ def train(config: Config, *, progress: bool = True, hooks: Sequence[HookBase] = 
     with distributed.main_first():  # rank 0 fills the dataset cache; the others reuse it
         layout = open_dataset(config.data)
     layout.check(config.data.train_split)  # every image present: fail now, not mid-epoch
-    if config.model.frozen_bn and not config.model.pretrained and ranks.is_main:
-        warn("model.frozen_bn=true without model.pretrained: BatchNorm keeps its initial "
-             "statistics (an identity); set model.frozen_bn=false to train from scratch")
     BatchPlan(t.batch_size, ranks.world_size, t.grad_accum)  # refuses an uneven split now
     ids = layout.split_ids(config.data.train_split)
     auto = "auto" in (t.crop_size, t.resize_long) or config.data.min_long_side is not None
@@ -220,6 +217,10 @@ def train(config: Config, *, progress: bool = True, hooks: Sequence[HookBase] = 
 
     net, report = build_network(config, layout.num_foreground,
                                 class_names=layout.class_names[1:])
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    if config.model.frozen_bn and not config.model.pretrained and has_bn and ranks.is_main:
+        warn("model.frozen_bn=true without model.pretrained: BatchNorm keeps its initial "
+             "statistics (an identity); set model.frozen_bn=false to train from scratch")
     if report is not None and ranks.is_main:
         _log.info("pretrained: %s", report.summary())
     net.to(device)
