@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from cpal.engine.hooks import HookBase, Interrupt
 
@@ -37,3 +41,16 @@ def killed_in_second_epoch() -> list[HookBase]:
     """Hooks for `stage_train`: training raises KeyboardInterrupt as its second epoch
     starts (its first checkpoint written), as a kill would."""
     return [Interrupt(at_epoch=1)]
+
+
+def torchscript_archive(make: type[nn.Module], folder: Path, name: str = "ViT-B-16.pt"
+                        ) -> tuple[nn.Module, Path]:
+    """(module, its TorchScript archive) of `make()` seeded with 0, as OpenAI ships CLIP:
+    scripting takes seconds, so module-scoped fixtures build it once."""
+    torch.manual_seed(0)
+    model = make().eval()
+    path = folder / name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated
+        torch.jit.save(torch.jit.script(model), str(path))
+    return model, path

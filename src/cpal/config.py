@@ -239,6 +239,9 @@ class VitConfig:
     image_size: int | None = None
     """Input side the position embeddings are made for (null: the arch's, 224); a
     pretrained file's grid is resized to it on load, other inputs at run time."""
+    patch_size: int | None = None
+    """Side of a patch in pixels (null: the arch's, 16); smaller patches give a finer map
+    for small images (CPU demos); pretrained files fix it."""
     feature_blocks: list[int] | None = None
     """Blocks whose patch tokens feed the prototype branch (negative: from the end);
     null: the network's own (MCTformer: the last block [-1], as its patch CAM; CLIP-ES:
@@ -249,6 +252,8 @@ class VitConfig:
         need(0 <= self.drop_path < 1, f"{at}.drop_path", "must be in [0, 1)")
         need(self.image_size is None or self.image_size >= 16, f"{at}.image_size",
              "must be >= 16 or null")
+        need(self.patch_size is None or self.patch_size >= 1, f"{at}.patch_size",
+             "must be >= 1 or null")
         need(self.feature_blocks is None or len(self.feature_blocks) >= 1,
              f"{at}.feature_blocks", "must name at least one block, or be null")
 

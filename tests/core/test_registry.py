@@ -88,3 +88,12 @@ def test_every_refiner_runs_on_one_small_image():
         assert labels.shape == (12, 16), name
     with pytest.raises(ValueError, match="takes image, probabilities"):
         REFINERS.get("crf_deeplab")(image)
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_a_methods_refiner_and_network_are_registered(method):
+    from cpal.refine import REFINERS
+
+    spec = method_spec(method)
+    assert spec.network in NETWORKS
+    assert spec.refiner is None or spec.refiner in REFINERS

@@ -4,7 +4,6 @@ HF's naming, written out here), each loaded into our CLIP and checked against a 
 pass of the OpenAI-structured module, which runs on torch's own MultiheadAttention."""
 
 import dataclasses
-import warnings
 from collections import OrderedDict
 
 import pytest
@@ -15,6 +14,7 @@ from torch import nn
 from cpal.errors import CheckpointError
 from cpal.models.clip import CLIP, CLIP_ARCHS, CLIP_LAYOUT
 from cpal.models.weights import load_weights
+from tests.helpers import torchscript_archive
 
 _B16 = CLIP_ARCHS["clip_vit_b16"].scaled(1 / 48, depth=1)  # real layout, tiny: width 12
 SPEC = dataclasses.replace(_B16, vocab_size=40, context_length=7,
@@ -164,13 +164,7 @@ def hf_state(reference: OpenAIClip) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The OpenAI-structured model and its TorchScript archive (as ViT-B-16.pt is)."""
-    torch.manual_seed(0)
-    model = OpenAIClip().eval()
-    path = tmp_path_factory.mktemp("clip") / "ViT-B-16.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated
-        torch.jit.save(torch.jit.script(model), str(path))
-    return model, path
+    return torchscript_archive(OpenAIClip, tmp_path_factory.mktemp("clip"))
 
 
 def _check_equivalent(ours: CLIP, reference: OpenAIClip) -> None:

@@ -68,3 +68,16 @@ def test_class_tokens_from_a_deit_file_and_the_recipe_config(tmp_path):
         torch.testing.assert_close(net.vit.cls_token[0, c], state["cls_token"][0, 0])
     with pytest.raises(ValueError, match="needs 3 class tokens"):
         MCTformer(VisionTransformer(SPEC, prefix=1), C, MCTformerConfig())
+
+
+def test_vit_section_shapes_the_trunk():
+    cfg = load_config(None, ["method=mctformer", "model.arch=deit_small", "model.width=0.0625",
+                             "vit.depth=2", "vit.patch_size=8", "vit.image_size=64",
+                             "vit.drop_path=0.1"])
+    net, _ = build_network(cfg, C)
+    spec = net.vit.spec
+    assert (spec.dim, spec.depth, spec.patch, spec.grid) == (24, 2, 8, 8)
+    assert net.vit.blocks[-1].drop_path.p == pytest.approx(0.1)
+    with torch.no_grad():
+        out = net.eval()(torch.randn(1, 3, 64, 64))
+    assert out.cam.shape == (1, C, 8, 8)

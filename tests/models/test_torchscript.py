@@ -3,7 +3,6 @@ torch.jit.save here, read back without torch.jit.load, and archives whose pickle
 anything else refused before anything is imported or called."""
 
 import pickle
-import warnings
 import zipfile
 
 import pytest
@@ -13,6 +12,7 @@ from torch import nn
 from cpal.errors import CheckpointError
 from cpal.models.torchscript import is_torchscript_archive, read_torchscript_tensors
 from cpal.models.weights import read_weight_file
+from tests.helpers import torchscript_archive
 
 
 class _Block(nn.Module):
@@ -40,14 +40,7 @@ class _Model(nn.Module):
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    """(module, its archive): scripting takes seconds, so once for the module."""
-    torch.manual_seed(0)
-    model = _Model().eval()
-    path = tmp_path_factory.mktemp("jit") / "ViT-B-16.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated
-        torch.jit.save(torch.jit.script(model), str(path))
-    return model, path
+    return torchscript_archive(_Model, tmp_path_factory.mktemp("jit"))
 
 
 def test_tensors_of_a_saved_script_module_are_read_exactly(archive):

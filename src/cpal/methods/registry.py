@@ -59,6 +59,10 @@ class MethodSpec:
     trains: bool = True
     """False: maps come straight from pretrained weights (CLIP-ES); `cpal run` skips the
     training stage and `cpal train` refuses."""
+    refiner: str | None = None
+    """The refiner (`cpal.refine.REFINERS`) its reference turns maps into pseudo masks
+    with, for a refinement stage to apply (CLIP-ES: `crf_clip_es` on [1 - max, maps]);
+    None: the stage's own choice."""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.maps if m not in MAP_KINDS]

@@ -45,7 +45,7 @@ from cpal.models.cam_net import CAMOutput, MapNorm, build_cpal_module, valid_are
 from cpal.models.clip import CLIP, CLIP_ARCHS, CLIP_LAYOUT, CLIP_MEAN, CLIP_STD
 from cpal.models.registry import NetworkSpec, register_network
 from cpal.models.tokenizer import BPETokenizer
-from cpal.models.vit import patch_multiple
+from cpal.models.vit import patch_multiple, vit_spec
 from cpal.models.weights import LoadReport, load_weights
 from cpal.prototypes.module import CPALModule
 from cpal.prototypes.pooling import min_max_normalised
@@ -302,9 +302,7 @@ def build_clip_es(config: Config, num_classes: int, *, pretrained: bool = True,
     spec = CLIP_ARCHS[config.model.arch].scaled(config.model.width, config.vit.depth)
     spec = dataclasses.replace(spec, vocab_size=tokenizer.vocab_size,
                                context_length=s.context_length)
-    if config.vit.image_size is not None:
-        spec = dataclasses.replace(spec, vision=dataclasses.replace(
-            spec.vision, image_size=config.vit.image_size))
+    spec = dataclasses.replace(spec, vision=vit_spec(config, spec.vision, scaled=False))
     # A random trunk is drawn from the run's seed alone, so that training and inference
     # of clip-es-cpal (which rebuild the frozen trunk) see the same one.
     with torch.random.fork_rng(devices=[]):

@@ -18,7 +18,6 @@ tokens (B, D, h, w) as its feature maps and the patch CAM as its CAM; docs/metho
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 from cpal.config import Config, MCTformerConfig
 from cpal.models.cam_net import CAMOutput, MapNorm, build_cpal_module, valid_area
 from cpal.models.registry import NetworkSpec, register_network
-from cpal.models.vit import VIT_ARCHS, VisionTransformer, ViTOutput, ViTSpec, deit_layout
+from cpal.models.vit import VIT_ARCHS, VisionTransformer, ViTOutput, deit_layout, vit_spec
 from cpal.models.weights import LoadReport, load_weights
 from cpal.prototypes.module import CPALModule
 
@@ -114,14 +113,6 @@ class MCTformer(nn.Module):
 
 def add(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
     sums[key] = value if key not in sums else sums[key] + value
-
-
-def vit_spec(config: Config, arch: ViTSpec) -> ViTSpec:
-    """The arch of `model.arch` at `model.width`, `vit.depth` and `vit.image_size`."""
-    spec = arch.scaled(config.model.width, config.vit.depth)
-    if config.vit.image_size is not None:
-        spec = dataclasses.replace(spec, image_size=config.vit.image_size)
-    return spec
 
 
 def build_mctformer(config: Config, num_classes: int, *, pretrained: bool = True,

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cpal.config import Config
 from cpal.errors import ConfigError
 from cpal.models.weights import WeightLayout
 from cpal.registry import Registry
@@ -325,8 +326,13 @@ class VisionTransformer(nn.Module):
                          collected if return_attention else None)
 
 
-def grid_of(height: int, width: int, patch: int) -> tuple[int, int]:
-    return height // patch, width // patch
+def vit_spec(config: Config, arch: ViTSpec, *, scaled: bool = True) -> ViTSpec:
+    """`arch` at `model.width` and `vit.depth` (unless already `scaled`), with `vit`'s
+    input and patch sizes."""
+    spec = arch.scaled(config.model.width, config.vit.depth) if scaled else arch
+    v = config.vit
+    return dataclasses.replace(spec, image_size=v.image_size or spec.image_size,
+                               patch=v.patch_size or spec.patch)
 
 
 def patch_multiple(size: int, patch: int) -> int:
