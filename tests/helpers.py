@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from cpal.engine.hooks import HookBase, Interrupt
 
@@ -76,3 +80,16 @@ def cli_error(err: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith("cpal: error: ")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def torchscript_archive(make: type[nn.Module], folder: Path, name: str = "ViT-B-16.pt"
+                        ) -> tuple[nn.Module, Path]:
+    """(module, its TorchScript archive) of `make()` seeded with 0, as OpenAI ships CLIP:
+    scripting takes seconds, so module-scoped fixtures build it once."""
+    torch.manual_seed(0)
+    model = make().eval()
+    path = folder / name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated
+        torch.jit.save(torch.jit.script(model), str(path))
+    return model, path

@@ -89,24 +89,34 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet50"
-    """A registered backbone (`cpal.models.registry.BACKBONES`: resnet18/34/50/101)."""
+    """A registered trunk of the method's network: a backbone (`BACKBONES`:
+    resnet18/34/50/101) for the CAM network, a DeiT (`VIT_ARCHS`: deit_tiny/small/base)
+    for MCTformer, a CLIP model (`CLIP_ARCHS`: clip_vit_b16) for CLIP-ES."""
     width: float = 1.0
-    """Channel multiplier of the backbone (1.0 = torchvision widths; <1 for CPU-sized runs)."""
+    """Channel multiplier of the trunk (1.0 = the published widths; <1 for CPU-sized runs;
+    a transformer keeps its heads and narrows each)."""
     output_stride: Literal[8, 16] = 16
     frozen_bn: bool = True
     """BatchNorm running statistics never update (affine parameters still train)."""
     frozen_stages: int = 0
     """0: train everything; 1: freeze the stem; 2: + layer1; 3: + layer2 (IRN/SIPE)."""
     pretrained: str | None = None
-    """A local torchvision/timm ResNet checkpoint, loaded by key."""
+    """A local weight file of the trunk, loaded by key: torchvision/timm ResNet, timm
+    DeiT, OpenAI CLIP (`ViT-B-16.pt`) or Hugging Face CLIP (`model.safetensors`)."""
+    require_pretrained: bool = False
+    """Refuse a null `pretrained` (the CLIP-ES configs: maps of random weights mean
+    nothing, and training-free methods have nothing else to start from)."""
     pretrained_allow_leak: bool = False
     """Acknowledge a `pretrained` file that looks trained on VOC/COCO pixel labels: the
     warning becomes a printed note (results are then not weakly supervised)."""
 
     def validate(self, at: str) -> None:
-        from cpal.models.registry import BACKBONES  # builds torch modules: imported on use
+        from cpal.models.registry import check_arch  # builds torch modules: imported on use
 
-        self.arch = BACKBONES.check(self.arch, f"{at}.arch")
+        self.arch = check_arch(self.arch, f"{at}.arch")
+        need(self.pretrained is not None or not self.require_pretrained, f"{at}.pretrained",
+             "required by this config (model.require_pretrained=true): pass "
+             "model.pretrained=/path/to/the/weights")
         need(self.width > 0, f"{at}.width", "must be > 0")
         need(0 <= self.frozen_stages <= 3, f"{at}.frozen_stages", "must be 0, 1, 2 or 3")
 
@@ -219,6 +229,108 @@ class AlignmentConfig:
 
 
 @dataclass
+class VitConfig:
+    """Transformer trunks (the MCTformer and CLIP-ES networks; CAM networks ignore it)."""
+
+    depth: int | None = None
+    """Blocks of the trunk (null: the arch's own, 12); CPU demos use fewer."""
+    drop_path: float = 0.0
+    """Stochastic depth rate of the last block (linear from 0; DeiT / MCTformer: 0.1)."""
+    image_size: int | None = None
+    """Input side the position embeddings are made for (null: the arch's, 224); a
+    pretrained file's grid is resized to it on load, other inputs at run time."""
+    patch_size: int | None = None
+    """Side of a patch in pixels (null: the arch's, 16); smaller patches give a finer map
+    for small images (CPU demos); pretrained files fix it."""
+    feature_blocks: list[int] | None = None
+    """Blocks whose patch tokens feed the prototype branch (negative: from the end);
+    null: the network's own (MCTformer: the last block [-1], as its patch CAM; CLIP-ES:
+    the input of the last block [-2], the tokens its GradCAM reads)."""
+
+    def validate(self, at: str) -> None:
+        need(self.depth is None or self.depth >= 1, f"{at}.depth", "must be >= 1 or null")
+        need(0 <= self.drop_path < 1, f"{at}.drop_path", "must be in [0, 1)")
+        need(self.image_size is None or self.image_size >= 16, f"{at}.image_size",
+             "must be >= 16 or null")
+        need(self.patch_size is None or self.patch_size >= 1, f"{at}.patch_size",
+             "must be >= 1 or null")
+        need(self.feature_blocks is None or len(self.feature_blocks) >= 1,
+             f"{at}.feature_blocks", "must name at least one block, or be null")
+
+
+@dataclass
+class MCTformerConfig:
+    """MCTformer-V2's maps (Xu et al., CVPR 2022; docs/transformers.md): what `infer`
+    makes from the trained network. Training does not read it."""
+
+    fusion: Literal["fused", "attention", "patch_cam"] = "fused"
+    """fused: class-to-patch attention x relu(patch CAM) (V2); attention: the attention
+    alone (V1's map); patch_cam: relu(patch CAM) alone."""
+    class_attention_blocks: int = 3
+    """Class-to-patch attention (mean over heads) summed over the last K blocks (3)."""
+    patch_refine: bool = True
+    """Refine the maps by the patch-to-patch attention (their --patch-attn-refine)."""
+    refine_blocks: int | None = None
+    """Patch-to-patch attention summed over the last K blocks; null: all of them (the
+    reference sums every block)."""
+
+    def validate(self, at: str) -> None:
+        need(self.class_attention_blocks >= 1, f"{at}.class_attention_blocks", "must be >= 1")
+        need(self.refine_blocks is None or self.refine_blocks >= 1, f"{at}.refine_blocks",
+             "must be >= 1 or null")
+
+
+CLIP_ES_BACKGROUND = [
+    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river",
+    "sea", "railway", "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean",
+    "road", "rock", "street", "valley", "bridge", "sign",
+]
+"""CLIP-ES's background text classes for VOC (COCO's list drops keyboard and sign)."""
+
+
+@dataclass
+class ClipEsConfig:
+    """CLIP-ES's maps (Lin et al., CVPR 2023; docs/transformers.md): prompts, softmax
+    GradCAM and the class-aware attention affinity refinement."""
+
+    tokenizer: str | None = None
+    """The BPE vocabulary: OpenAI's bpe_simple_vocab_16e6.txt.gz, or Hugging Face's
+    vocab.json (with merges.txt beside it), or a folder holding either; null: bytes only
+    (no merges), which suits randomly initialised text encoders only."""
+    template: str = "a clean origami {}."
+    """The prompt; {} is replaced by each class's text."""
+    class_names: list[str] | None = None
+    """Text of each foreground class in the dataset's order (synonyms comma-separated,
+    as CLIP-ES writes 'person with clothes,people,human'); null: the dataset's names, with
+    CLIP-ES's texts for the VOC and COCO names it rewrites."""
+    background: list[str] = field(default_factory=lambda: list(CLIP_ES_BACKGROUND))
+    """Background text classes, competing with the image's classes in the softmax."""
+    context_length: int = 77
+    attention_blocks: int = 8
+    """The affinity is the mean over heads and over the last K blocks of the patch-to-
+    patch attention (8)."""
+    refine: bool = True
+    """Apply the class-aware attention affinity refinement (else the GradCAM alone)."""
+    box_threshold: float = 0.4
+    """A class's refinement is confined to the boxes around the regions where its map
+    exceeds this fraction of its maximum."""
+    sinkhorn_iterations: int = 3
+    """Rounds of column-then-row normalisation of the affinity (3)."""
+    affinity_squarings: int = 1
+    """The symmetrised affinity is squared this many times (1: T @ T)."""
+
+    def validate(self, at: str) -> None:
+        need("{}" in self.template, f"{at}.template", "must contain {} for the class text")
+        need(self.class_names is None or all(n.strip() for n in self.class_names),
+             f"{at}.class_names", "names must not be empty")
+        need(self.context_length >= 3, f"{at}.context_length", "must be >= 3")
+        need(self.attention_blocks >= 1, f"{at}.attention_blocks", "must be >= 1")
+        need(0 <= self.box_threshold < 1, f"{at}.box_threshold", "must be in [0, 1)")
+        need(self.sinkhorn_iterations >= 1, f"{at}.sinkhorn_iterations", "must be >= 1")
+        need(self.affinity_squarings >= 0, f"{at}.affinity_squarings", "must be >= 0")
+
+
+@dataclass
 class LossConfig:
     self_weight: float = 1.0
     """lambda_self: weight of |CAM - PACAM| (step 9)."""
@@ -261,17 +373,33 @@ class TrainConfig:
     """Random resize: the long side is drawn uniformly from [min, max]; auto: [0.875, 1.25]
     x the median long side of the training images."""
     hflip: bool = True
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    """sgd (the references': momentum below, poly schedule) or adam (betas 0.9/0.999, the
-    same poly schedule and weight decay as L2 in the gradient, like torch.optim.Adam)."""
+    optimizer: str = "sgd"
+    """A registered optimizer (`cpal.engine.optim.OPTIMIZERS`): sgd (the references':
+    momentum below), adam (betas 0.9/0.999, weight decay as L2 in the gradient, like
+    torch.optim.Adam) or adamw (decoupled weight decay: DeiT's and MCTformer's)."""
+    schedule: str = "poly"
+    """A registered schedule (`cpal.engine.optim.SCHEDULES`), per optimizer step: poly
+    (IRN/SIPE: lr (1 - step/total)^poly_power) or cosine (timm's: down to min_lr)."""
     lr: float = 0.1
     """Backbone learning rate; the classifier uses lr * head_lr_mult."""
+    lr_reference_batch: int | None = None
+    """The batch `lr` is stated for: the run uses lr x batch_size / this (DeiT's linear
+    scaling, 512: MCTformer's 5e-4 at batch 64 is 6.25e-5); null: lr as is."""
     head_lr_mult: float = 10.0
     momentum: float = 0.0
     """The references' SGD wrapper passed weight decay into the momentum slot, so their
     published numbers used (almost) no momentum; 0.9 is the usual choice elsewhere."""
     weight_decay: float = 1e-4
+    decay_norm_and_bias: bool = True
+    """Weight decay on every parameter (the references' SGD); false exempts 1-d tensors
+    (norms, biases) and the token / position embeddings, as timm's AdamW recipe does."""
     poly_power: float = 0.9
+    warmup_epochs: float = 0.0
+    """Linear warm-up from warmup_lr to the learning rate over this many epochs (DeiT /
+    MCTformer: 5); 0: none."""
+    warmup_lr: float = 1e-6
+    min_lr: float = 0.0
+    """Where the cosine schedule ends (timm / MCTformer: 1e-5)."""
     grad_clip: float | None = None
     checkpoint_every: int = 1
     """Epochs between checkpoints (the last epoch is always saved)."""
@@ -289,6 +417,11 @@ class TrainConfig:
         need(self.resize_long == "auto"
              or (len(self.resize_long) == 2 and 0 < self.resize_long[0] <= self.resize_long[1]),
              f"{at}.resize_long", "must be [min, max] with 0 < min <= max, or auto")
+        from cpal.engine.optim import OPTIMIZERS  # torch: imported on use
+
+        self.optimizer = OPTIMIZERS.check(self.optimizer, f"{at}.optimizer")
+        need(self.lr_reference_batch is None or self.lr_reference_batch >= 1,
+             f"{at}.lr_reference_batch", "must be >= 1 or null")
         need(self.head_lr_mult > 0, f"{at}.head_lr_mult", "must be > 0")
         validate_schedule(self, at)
 
@@ -302,6 +435,12 @@ def validate_schedule(t: TrainConfig | StageTrainConfig, at: str) -> None:
     need(0 <= t.momentum < 1, f"{at}.momentum", "must be in [0, 1)")
     need(t.weight_decay >= 0, f"{at}.weight_decay", "must be >= 0")
     need(t.poly_power >= 0, f"{at}.poly_power", "must be >= 0")
+    from cpal.engine.optim import SCHEDULES  # torch: imported on use
+
+    t.schedule = SCHEDULES.check(t.schedule, f"{at}.schedule")
+    need(t.warmup_epochs >= 0, f"{at}.warmup_epochs", "must be >= 0")
+    need(t.warmup_lr >= 0, f"{at}.warmup_lr", "must be >= 0")
+    need(t.min_lr >= 0, f"{at}.min_lr", "must be >= 0")
     need(t.grad_clip is None or t.grad_clip > 0, f"{at}.grad_clip", "must be > 0 or null")
     need(t.grad_accum >= 1, f"{at}.grad_accum", "must be >= 1")
     need(t.batch_size % t.grad_accum == 0, f"{at}.batch_size",
@@ -340,7 +479,12 @@ class StageTrainConfig:
     branch x10; DeepLab-v2: ASPP weights x10, biases x20)."""
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    schedule: str = "poly"
+    """As train.schedule: poly (the references') or cosine."""
     poly_power: float = 0.9
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 0.0
     grad_clip: float | None = None
     checkpoint_every: int = 1
     checkpoint_every_steps: int | None = None
@@ -668,7 +812,8 @@ class Config:
     """torch CPU threads; null keeps torch's default."""
     method: str = DEFAULT_METHOD
     """A registered method (`cpal.methods.METHODS`): cam, sipe, cpal-mean, cpal-topk or
-    cpal (the ablation ladder)."""
+    cpal (the ablation ladder) on a ResNet; mctformer, mctformer-cpal; clip-es,
+    clip-es-cpal."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
@@ -676,6 +821,9 @@ class Config:
     awareness: AwarenessConfig = field(default_factory=AwarenessConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    vit: VitConfig = field(default_factory=VitConfig)
+    mctformer: MCTformerConfig = field(default_factory=MCTformerConfig)
+    clip_es: ClipEsConfig = field(default_factory=ClipEsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -717,6 +865,12 @@ class Config:
         spec, i = method_spec(self.method), self.infer
         need(i.map == "auto" or i.map in spec.maps, "infer.map",
              f"method {self.method} writes {', '.join(spec.maps)}, not {i.map}")
+        from cpal.models.registry import NETWORKS  # torch: imported on use
+
+        archs = NETWORKS.get(spec.network).archs()
+        need(self.model.arch in archs, "model.arch",
+             f"method {self.method} runs on {archs.kind}s ({', '.join(archs.names())}), "
+             f"not {self.model.arch}")
         # Later stages read the maps of these splits: catch a missing one before training.
         tune = self.labels.tune_split if self.labels.threshold is None else None
         for key, split in (("labels.split", self.labels.split), ("viz.split", self.viz.split),
@@ -964,6 +1118,7 @@ def _resolve_paths(config: Config) -> Config:
     config.model.pretrained = absolute(config.model.pretrained)
     config.irn.pretrained = absolute(config.irn.pretrained)
     config.segment.pretrained = absolute(config.segment.pretrained)
+    config.clip_es.tokenizer = absolute(config.clip_es.tokenizer)
     return config
 
 

@@ -85,6 +85,11 @@ def _record_stage(paths: RunPaths, stage: str, seconds: float, **details: Any) -
 def stage_train(config: Config, *, progress: bool = True,
                 hooks: Sequence[HookBase] = ()) -> dict[str, Any]:
     """Train (or resume); `hooks` run after the standard ones (`cpal.engine.train.train`)."""
+    if not method_spec(config.method).trains:
+        raise ConfigError(
+            f"'method': {config.method} makes its maps from pretrained weights and has no "
+            "training stage; run `cpal infer` (or `cpal run`)"
+        )
     start = time.perf_counter()
     checkpoint = train(config, progress=progress, hooks=hooks)
     details = {"checkpoint": checkpoint.name}
@@ -383,7 +388,8 @@ def summary_table(config: Config) -> str:
 
 def run(config: Config, *, progress: bool = True) -> dict[str, Any]:
     """train -> maps -> evaluation -> refinement -> pseudo masks -> segmentation network ->
-    its evaluation -> figures; returns metrics.json.
+    its evaluation -> figures; returns metrics.json. Methods that do not train
+    (`MethodSpec.trains`, CLIP-ES) start at the maps.
 
     Under torchrun every process trains and writes its share of the maps; rank 0 alone
     then runs the rest as a single process (the others return {}): launch
@@ -408,8 +414,12 @@ def run(config: Config, *, progress: bool = True) -> dict[str, Any]:
     problem = distributed.main_value(problem)
     if problem is not None:
         raise problem
-    stage_train(config, progress=progress)
-    _log.info("stage train: done")
+    if method_spec(config.method).trains:
+        stage_train(config, progress=progress)
+        _log.info("stage train: done")
+    else:
+        _log.info("stage train: none (method %s makes maps from pretrained weights)",
+                  config.method)
     stage_infer(config, progress=progress)  # returns once every process has written its maps
     _log.info("stage infer: done")
     if not main:

@@ -105,7 +105,7 @@ class Predictor:
         self.class_names = list(ckpt.meta["class_names"])
         model = load_trained_model(ckpt, config, len(self.class_names) - 1, self.device)
         self.net = inference_copy(model, channels_last=config.infer.channels_last)
-        self.scales = inference_scales(config, ckpt)
+        self.scales = inference_scales(config, float(ckpt.meta.get("image_scale", 1.0)))
         self.threshold = self._threshold()
 
     def _threshold(self) -> float:

@@ -37,10 +37,11 @@ def test_unknown_key_names_valid_choices(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.arch=resnet99", r"'model\.arch': unknown backbone 'resnet99' \(did you mean "
+        ("model.arch=resnet99", r"'model\.arch': unknown arch 'resnet99' \(did you mean "
                                 r"'resnet50'\?\); choose one of resnet18, resnet34, "),
         ("method=cpall", r"'method': unknown method 'cpall' \(did you mean 'cpal'\?\); choose "
-                         r"one of cam, sipe, cpal-mean, cpal-topk, cpal$"),
+                         r"one of cam, sipe, cpal-mean, cpal-topk, cpal, mctformer, "
+                         r"mctformer-cpal, clip-es, clip-es-cpal$"),
         ("train.epochs=two", r"'train\.epochs': expected an integer"),
         ("train.hflip=maybe", r"'train\.hflip': expected true or false"),
         ("model.output_stride=32", r"'model\.output_stride'"),

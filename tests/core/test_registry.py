@@ -10,7 +10,7 @@ from cpal.config import load_config
 from cpal.errors import ConfigError
 from cpal.methods import METHODS, MethodSpec, PrototypeBranch, ablation_ladder, method_spec
 from cpal.models.cam_net import build_network
-from cpal.models.registry import BACKBONES, SEGMENTERS, build_backbone
+from cpal.models.registry import BACKBONES, NETWORKS, SEGMENTERS, build_backbone
 from cpal.refine import REFINERS
 from cpal.registry import Registry, UnknownNameError
 
@@ -51,8 +51,10 @@ def test_a_method_spec_that_cannot_work_is_refused():
 
 @pytest.mark.parametrize("method", METHODS.names())
 def test_every_method_builds_its_network(method):
-    cfg = load_config(None, [f"method={method}", "model.arch=resnet18", "model.width=0.125"])
-    net, _ = build_network(cfg, 3)
+    arch = NETWORKS.get(method_spec(method).network).archs().names()[0]
+    cfg = load_config(None, [f"method={method}", f"model.arch={arch}", "model.width=0.125",
+                             "vit.depth=2"])
+    net, _ = build_network(cfg, 3, class_names=["a", "b", "c"])
     branch = method_spec(method).branch
     assert (net.cpal is None) == (branch is None)
     if net.cpal is not None:
@@ -86,3 +88,12 @@ def test_every_refiner_runs_on_one_small_image():
         assert labels.shape == (12, 16), name
     with pytest.raises(ValueError, match="takes image, probabilities"):
         REFINERS.get("crf_deeplab")(image)
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_a_methods_refiner_and_network_are_registered(method):
+    from cpal.refine import REFINERS
+
+    spec = method_spec(method)
+    assert spec.network in NETWORKS
+    assert spec.refiner is None or spec.refiner in REFINERS

@@ -20,10 +20,18 @@ METHODS = ("cam", "sipe", "cpal")
 PAPER = [f"{d}/{m}_r50.yaml" for d in DATASETS for m in METHODS]
 PROTOTYPE_SECTIONS = ("prototype", "bank", "awareness", "alignment", "loss")
 ROOT = "data.root=/datasets/root"
+WEIGHTS = "model.pretrained=/weights/file"
 # Reference numbers as published, each stated in its dataset's base only.
 NUMBERS = {"voc12": ("48.3", "66.5", "63.5", "64.8", "58.6", "68.8", "69.7", "71.9", "74.5",
-                     "74.7", "72.2", "70.7"),
-           "coco14": ("34.4", "40.6", "46.8")}
+                     "74.7", "72.2", "70.7", "71.6", "70.8", "75.0", "71.1", "71.4", "73.8",
+                     "73.9"),
+           "coco14": ("34.4", "40.6", "46.8", "42.0", "45.4")}
+# The transformer and CLIP bases: (overlay, method, its map section) per dataset.
+BASES = (("mctformer_deit_s", "mctformer", "mctformer"),
+         ("mctformer_cpal_deit_s", "mctformer-cpal", "mctformer"),
+         ("clip_es_vit_b16", "clip-es", "clip_es"),
+         ("clip_es_cpal_vit_b16", "clip-es-cpal", "clip_es"))
+TRANSFORMER = [f"{d}/{name}.yaml" for d in DATASETS for name, _, _ in BASES]
 
 
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -39,8 +47,10 @@ def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def shipped(name: str) -> Config:
     """A shipped config as a user runs it: paper configs need a dataset root."""
     path = REPO / "configs" / name
-    needs_root = read_config_tree(path).get("data", {}).get("require_root", False)
-    return load_config(path, [ROOT] if needs_root else [])
+    tree = read_config_tree(path)
+    needs_root = tree.get("data", {}).get("require_root", False)
+    needs_weights = tree.get("model", {}).get("require_pretrained", False)
+    return load_config(path, [ROOT] * needs_root + [WEIGHTS] * needs_weights)
 
 
 def resolved(name: str) -> dict[str, Any]:
@@ -125,8 +135,9 @@ def test_run_instructions_and_reference_numbers_are_stated_once_per_dataset(data
     for number in NUMBERS[dataset]:
         assert number in text(base)
         assert [n for n in CONFIGS if n != base and number in text(n)] == [], number
-    for method in METHODS:  # every overlay points its reader at its dataset's base
-        overlay = f"{dataset}/{method}_r50.yaml"
+    overlays = [f"{dataset}/{m}_r50.yaml" for m in METHODS]
+    overlays += [f"{dataset}/{name}.yaml" for name, _, _ in BASES]
+    for overlay in overlays:  # every overlay points its reader at its dataset's base
         assert f"../_base_/{dataset}.yaml" in own_keys(overlay)[1]
         assert f"../_base_/{dataset}.yaml." in " ".join(text(overlay).split())
 
@@ -178,3 +189,72 @@ def test_paper_configs_refuse_a_missing_dataset_root(name):
     # A null root would otherwise select the built-in synthetic dataset without a word.
     with pytest.raises(ConfigError, match=r"'data.root': required"):
         load_config(REPO / "configs" / name)
+
+
+@pytest.mark.parametrize("name", TRANSFORMER)
+def test_transformer_overlays_state_only_what_differs_and_every_setting(name):
+    own, bases = own_keys(name)
+    path = REPO / "configs" / name
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = merge_configs(merged, read_config_tree(path.parent / base))
+    given = {"data": {"root": "/x"}, "model": {"pretrained": "/w"}}  # required paths
+    below = flat(config_from_dict(merge_configs(merged, given)).to_dict())
+    above = flat(config_from_dict(merge_configs(read_config_tree(path), given)).to_dict())
+    assert {k for k in below if below[k] != above[k]} == set(flat(own))
+    method = shipped(name).method
+    section = next(s for _, m, s in BASES if m == method)
+    stated = flat(read_config_tree(REPO / "configs" / name))
+    sections = ["model", "train", "infer", "labels", "vit", section]
+    if method.endswith("-cpal"):
+        sections += PROTOTYPE_SECTIONS
+    schema = flat(Config().to_dict())
+    needed = {k for k in schema if k.split(".")[0] in sections}
+    needed |= {"data.root", "data.train_split", "method", "seed"}
+    assert needed - set(stated) == set()
+    tree = read_config_tree(REPO / "configs" / name)
+    assert tree["data"]["root"] is None and tree["model"]["pretrained"] is None
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_mctformer_recipe(dataset):
+    cfg = shipped(f"{dataset}/mctformer_deit_s.yaml")
+    m, t, v, i = cfg.model, cfg.train, cfg.vit, cfg.infer
+    assert (m.arch, m.width, v.depth, v.drop_path) == ("deit_small", 1.0, None, 0.1)
+    assert (t.optimizer, t.schedule, t.lr, t.lr_reference_batch, t.batch_size) == (
+        "adamw", "cosine", 5e-4, 512, 64)
+    assert (t.epochs, t.weight_decay, t.decay_norm_and_bias, t.crop_size) == (60, 0.05, False,
+                                                                              224)
+    assert (t.warmup_epochs, t.warmup_lr, t.min_lr, t.head_lr_mult) == (5, 1e-6, 1e-5, 1.0)
+    mct = cfg.mctformer
+    assert (mct.fusion, mct.class_attention_blocks, mct.patch_refine, mct.refine_blocks) == (
+        "fused", 3, True, None)
+    assert (i.scales, i.flip) == ([1.0], True)
+    assert differing(f"{dataset}/mctformer_deit_s.yaml",
+                     f"{dataset}/mctformer_cpal_deit_s.yaml") == {
+        "output_dir", "method", "train.grad_clip"}
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_clip_es_settings(dataset):
+    cfg = shipped(f"{dataset}/clip_es_vit_b16.yaml")
+    c = cfg.clip_es
+    assert (cfg.model.arch, cfg.model.require_pretrained) == ("clip_vit_b16", True)
+    assert (c.template, c.attention_blocks, c.box_threshold, c.refine) == (
+        "a clean origami {}.", 8, 0.4, True)
+    assert (c.sinkhorn_iterations, c.affinity_squarings) == (3, 1)
+    assert len(c.background) == {"voc12": 25, "coco14": 23}[dataset]
+    assert ("keyboard" in c.background) == (dataset == "voc12")  # a COCO class
+    assert (cfg.infer.scales, cfg.infer.flip) == ([1.0], False)
+    with pytest.raises(ConfigError, match=r"'model.pretrained': required"):
+        load_config(REPO / "configs" / dataset / "clip_es_vit_b16.yaml", [ROOT])
+    assert differing(f"{dataset}/clip_es_vit_b16.yaml",
+                     f"{dataset}/clip_es_cpal_vit_b16.yaml") == {"output_dir", "method",
+                                                                 "train.grad_clip"}
+
+
+@pytest.mark.parametrize("name", [n for n, _, _ in BASES])
+def test_transformer_datasets_differ_only_in_data_keys(name):
+    voc, coco = (f"{d}/{name}.yaml" for d in DATASETS)
+    extra = {"clip_es.background"} if name.startswith("clip") else set()
+    assert differing(voc, coco) == {"output_dir", "data.train_split", *extra}

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cpal.engine.infer import multiscale_cam
-from cpal.engine.trainer import poly_lr
+from cpal.engine.optim import poly_lr
 from cpal.models.cam_net import CAMNet
 from cpal.models.resnet import ResNet
 

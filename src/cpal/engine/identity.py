@@ -33,11 +33,20 @@ from cpal.io import read_json
 RUN_INDEPENDENT = frozenset({
     "num_workers", "resume", "log_every", "keep_checkpoints", "checkpoint_every",
     "checkpoint_every_steps", "grad_accum", "channels_last", "require_root",
-    "pretrained_allow_leak",
+    "pretrained_allow_leak", "require_pretrained",
 })
 # Sections of the config that shape training (besides seed and method).
 _TRAINING_SECTIONS = ("data", "model", "train", "prototype", "bank", "awareness",
-                      "alignment", "loss")
+                      "alignment", "loss", "vit", "clip_es")
+# Keys and sections added after checkpoint format 2 (the transformer methods' recipes):
+# left out of the fingerprint while they hold their defaults, which every run made before
+# they existed used, so that those runs still resume and make maps. Set to anything else,
+# they are in it like every other key.
+_LATER_KEYS: dict[str, frozenset[str]] = {
+    "train": frozenset({"schedule", "lr_reference_batch", "decay_norm_and_bias",
+                        "warmup_epochs", "warmup_lr", "min_lr"}),
+}
+_LATER_SECTIONS = frozenset({"vit", "clip_es"})
 
 MAPS_META = "_maps.json"
 MAPS_FORMAT = 2
@@ -49,14 +58,18 @@ def training_fingerprint(config: Config) -> dict[str, Any]:
     """The settings that shape training (precision included, process count not); a
     checkpoint made under another fingerprint cannot be resumed or used for maps."""
 
-    def strip(section: Any) -> dict[str, Any]:
-        return {k: v for k, v in asdict(section).items() if k not in RUN_INDEPENDENT}
+    def strip(name: str) -> dict[str, Any]:
+        section = getattr(config, name)
+        default = asdict(type(section)())
+        later = _LATER_KEYS.get(name, frozenset())
+        return {k: v for k, v in asdict(section).items()
+                if k not in RUN_INDEPENDENT and not (k in later and v == default[k])}
 
-    return {
-        "seed": config.seed,
-        "method": config.method,
-        **{name: strip(getattr(config, name)) for name in _TRAINING_SECTIONS},
-    }
+    sections = {name: strip(name) for name in _TRAINING_SECTIONS}
+    for name in _LATER_SECTIONS:
+        if asdict(getattr(config, name)) == asdict(type(getattr(config, name))()):
+            del sections[name]
+    return {"seed": config.seed, "method": config.method, **sections}
 
 
 def fingerprint_digest(fingerprint: Any) -> str:

@@ -20,7 +20,7 @@ import math
 import os
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from cpal.config import Config
 from cpal.data.datasets import InferenceDataset, SameSizeBatchSampler
+from cpal.data.images import image_size
 from cpal.data.source import open_dataset
 from cpal.data.voc import VOCLayout
 from cpal.engine import distributed
@@ -48,6 +49,7 @@ from cpal.engine.identity import (
 from cpal.engine.output_dir import claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import autocast, check_precision, setup
+from cpal.engine.train import image_scale
 from cpal.errors import ConfigError, warn
 from cpal.io import (
     IGNORE_INDEX,
@@ -56,13 +58,21 @@ from cpal.io import (
     save_maps,
     write_json_atomic,
 )
-from cpal.log import Progress
-from cpal.methods import CAM_MAP, FUSED_MAP, PACAM_MAP
-from cpal.models.cam_net import CAMNet, CAMOutput, build_network, normalized_cam
+from cpal.log import Progress, get_logger
+from cpal.methods import CAM_MAP, FUSED_MAP, PACAM_MAP, method_spec
+from cpal.models.cam_net import (
+    CAMOutput,
+    LocalisationNet,
+    build_network,
+    network_spec,
+    normalized_cam,
+)
 from cpal.models.fusion import inference_copy
 from cpal.prototypes.module import CPALOutput
+from cpal.prototypes.pooling import min_max_normalised
 
 _NAMED = 10  # damaged files named one per line; the rest are counted
+_log = get_logger(__name__)
 
 
 def describe_inference(scales: Sequence[float], flip: bool) -> str:
@@ -74,30 +84,56 @@ def inference_precision(config: Config) -> str:
     return config.infer.precision or config.train.precision
 
 
-def inference_scales(config: Config, ckpt: Checkpoint) -> list[float]:
+def inference_scales(config: Config, factor: float = 1.0) -> list[float]:
     """`infer.scales` times the dataset's upscaling factor that training recorded
     (`data.min_long_side`; 1 when none), so maps see images as training did."""
-    factor = float(ckpt.meta.get("image_scale", 1.0))
     return [round(float(s) * factor, 6) for s in config.infer.scales]
 
 
-def maps_identity(config: Config, checkpoint: Path, ckpt: Checkpoint) -> dict[str, Any]:
+@dataclass(frozen=True)
+class MapSource:
+    """What a network's weights come from: a run's final checkpoint, or, for a method
+    that does not train (CLIP-ES), its pretrained file and the settings it runs with."""
+
+    record: dict[str, Any]
+    """What the maps folder records of it (and compares before any reuse)."""
+    image_scale: float = 1.0
+    """The dataset's upscaling factor (`data.min_long_side`) maps are made at."""
+
+    @classmethod
+    def of_checkpoint(cls, path: Path, ckpt: Checkpoint) -> MapSource:
+        return cls({"checkpoint": path.name,
+                    "training_fingerprint": fingerprint_digest(ckpt.meta.get("fingerprint"))},
+                   float(ckpt.meta.get("image_scale", 1.0)))
+
+    @classmethod
+    def of_weights(cls, config: Config, image_scale: float) -> MapSource:
+        pretrained = config.model.pretrained
+        settings = {"seed": config.seed, "model": asdict(config.model),
+                    **{s: asdict(getattr(config, s)) for s in ("vit", "clip_es")}}
+        return cls({"weights": Path(pretrained).name if pretrained else "random initialisation",
+                    "settings_fingerprint": fingerprint_digest(settings)}, image_scale)
+
+
+def maps_identity(config: Config, source: MapSource) -> dict[str, Any]:
     """What made a folder of maps: stored beside them, compared before any reuse, and
     the source of the inference text in every protocol computed from them. The same for
     every shard and process of one configuration."""
-    digest = fingerprint_digest(ckpt.meta.get("fingerprint"))
     precision = inference_precision(config)
+    scales = inference_scales(config, source.image_scale)
     identity = {
         "format": MAPS_FORMAT,
-        "checkpoint": checkpoint.name,
-        "training_fingerprint": digest,
+        **source.record,
         "method": config.method,
         "map": config.map_kind,
-        "scales": inference_scales(config, ckpt),
+        "scales": scales,
         "flip": config.infer.flip,
-        "inference": describe_inference(inference_scales(config, ckpt), config.infer.flip),
+        "inference": describe_inference(scales, config.infer.flip),
         "precision": precision,
     }
+    sections = network_spec(config).map_sections
+    if sections:
+        identity["map_settings"] = {s: asdict(getattr(config, s)) for s in sections}
     if config.map_kind != CAM_MAP:
         proto = PrototypeInference.of(config)
         identity["prototype_inference"] = {
@@ -118,9 +154,12 @@ def every_nth(items: Sequence[str], start: int, step: int) -> list[str]:
 
 
 def load_trained_model(ckpt: Checkpoint, config: Config, num_classes: int,
-                       device: torch.device) -> CAMNet:
-    # Weights (and the support bank) come from the checkpoint, not the ImageNet file.
-    model, _ = build_network(config, num_classes, pretrained=False)
+                       device: torch.device) -> LocalisationNet:
+    # Weights (and the support bank) come from the checkpoint, not the ImageNet file; a
+    # frozen trunk is not in checkpoints and comes from its file again.
+    names = ckpt.meta.get("class_names")
+    model, _ = build_network(config, num_classes, pretrained=network_spec(config).frozen_trunk,
+                             class_names=names[1:] if names else None)
     model.load_state_dict(ckpt.model)
     model.to(device)
     if config.train.channels_last:
@@ -149,7 +188,7 @@ def _flip_sum(x: Tensor, batch: int) -> Tensor:
 
 
 def _prototype_scale(
-    model: CAMNet, out: CAMOutput, x: Tensor, labels: Tensor, flip: bool,
+    model: LocalisationNet, out: CAMOutput, x: Tensor, labels: Tensor, flip: bool,
     proto: PrototypeInference,
 ) -> CPALOutput:
     """The prototype branch on one scale's forward of [image, flip] (or the image alone)."""
@@ -173,7 +212,7 @@ def _prototype_scale(
 
 @torch.inference_mode()
 def multiscale_maps(
-    model: CAMNet, images: Tensor, scales: Sequence[float], flip: bool,
+    model: LocalisationNet, images: Tensor, scales: Sequence[float], flip: bool,
     labels: Tensor | None = None, kinds: Sequence[str] = (CAM_MAP,),
     proto: PrototypeInference = PrototypeInference(), present_only: bool = False,
 ) -> dict[str, Tensor]:
@@ -221,10 +260,12 @@ def multiscale_maps(
         if scale != 1.0:
             size = (max(1, round(height * scale)), max(1, round(width * scale)))
             x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        out = model(torch.cat([x, x.flip(-1)]) if flip else x)
+        both = None if labels is None else torch.cat([labels, labels]) if flip else labels
+        out = model.inference(torch.cat([x, x.flip(-1)]) if flip else x, both)
         if CAM_MAP in kinds:
-            cam = F.relu(out.cam)
-            add(CAM_MAP, _flip_sum(cam, batch) if flip else cam, grid_aligned=True)
+            cam = out.localisation
+            add(CAM_MAP, _flip_sum(cam, batch) if flip else cam,
+                grid_aligned=model.align_to_stride)
         if PACAM_MAP in kinds:
             if model.cpal is None or labels is None:
                 raise ValueError("PACAM needs a network with the CPAL module and image labels")
@@ -244,21 +285,29 @@ def multiscale_maps(
     return totals
 
 
-def multiscale_cam(model: CAMNet, images: Tensor, scales: Sequence[float], flip: bool) -> Tensor:
+def multiscale_cam(model: LocalisationNet, images: Tensor, scales: Sequence[float],
+                   flip: bool) -> Tensor:
     """Sum over scales (and flips) of relu CAMs at the input's resolution: (B, C, H, W)."""
     return multiscale_maps(model, images, scales, flip)[CAM_MAP]
 
 
 def normalised_maps(
-    model: CAMNet, images: Tensor, labels: Tensor, scales: Sequence[float], flip: bool,
+    model: LocalisationNet, images: Tensor, labels: Tensor, scales: Sequence[float], flip: bool,
     kinds: Sequence[str], proto: PrototypeInference = PrototypeInference(),
     present_only: bool = False,
 ) -> dict[str, Tensor]:
     """Multi-scale maps of each kind (cam, pacam; pacam brings pacam_background), each
     channel max-normalised to [0, 1] once, after the sum over scales."""
     sums = multiscale_maps(model, images, scales, flip, labels, kinds, proto, present_only)
-    return {kind: value if kind.endswith("_seeds") else normalized_cam(value)
-            for kind, value in sums.items()}
+    out = {}
+    for kind, value in sums.items():
+        if kind.endswith("_seeds"):
+            out[kind] = value
+        elif kind == CAM_MAP and model.map_norm == "min_max":
+            out[kind] = min_max_normalised(value)
+        else:
+            out[kind] = normalized_cam(value)
+    return out
 
 
 @dataclass
@@ -273,7 +322,7 @@ class Localisation:
 
 
 def localisation_maps(
-    model: CAMNet, images: Tensor, labels: Tensor, scales: Sequence[float], flip: bool,
+    model: LocalisationNet, images: Tensor, labels: Tensor, scales: Sequence[float], flip: bool,
     kind: str, proto: PrototypeInference = PrototypeInference(), present_only: bool = False,
 ) -> Localisation:
     """The map of kind cam, pacam or fused (the mean of the two), values in [0, 1], with
@@ -320,7 +369,7 @@ def pending_maps(
 
 
 def infer_split(
-    config: Config, layout: VOCLayout, model: CAMNet, split: str, device: torch.device,
+    config: Config, layout: VOCLayout, model: LocalisationNet, split: str, device: torch.device,
     identity: dict[str, Any], *, shard: tuple[int, int] = (0, 1), progress: bool = True,
 ) -> int:
     """Write maps for every image of `split` in `shard` not yet done (this process's deal
@@ -436,19 +485,39 @@ def infer(config: Config, splits: Sequence[str] | None = None, *, progress: bool
     splits = list(splits or config.infer.splits)
     for split in splits:
         layout.check(split)  # fail before any work, not halfway through
-    # Every process makes maps from the checkpoint rank 0 found (the folders record it).
-    newest = resume_point(RunPaths(config.output_path).checkpoints)
-    checkpoint, ckpt = load_final_checkpoint(config, distributed.main_value(newest))
-    # BatchNorm folded (and NHWC): the same maps up to float rounding, faster.
-    model = inference_copy(load_trained_model(ckpt, config, layout.num_foreground, device),
-                           channels_last=config.infer.channels_last)
-    identity = maps_identity(config, checkpoint, ckpt)
+    model, source = maps_network(config, layout, device)
+    identity = maps_identity(config, source)
     progress = progress and distributed.ranks().is_main
     return {
         split: infer_split(config, layout, model, split, device, identity,
                            shard=config.infer.shard_spec, progress=progress)
         for split in splits
     }
+
+
+def maps_network(config: Config, layout: VOCLayout, device: torch.device
+                 ) -> tuple[LocalisationNet, MapSource]:
+    """The network maps are made with: the run's final training checkpoint (the one rank
+    0 found, for every process), or for a method that does not train the network built
+    from its pretrained file."""
+    if method_spec(config.method).trains:
+        newest = resume_point(RunPaths(config.output_path).checkpoints)
+        checkpoint, ckpt = load_final_checkpoint(config, distributed.main_value(newest))
+        model = load_trained_model(ckpt, config, layout.num_foreground, device)
+        # BatchNorm folded (and NHWC): the same maps up to float rounding, faster.
+        model = inference_copy(model, channels_last=config.infer.channels_last)
+        return model, MapSource.of_checkpoint(checkpoint, ckpt)
+    net, report = build_network(config, layout.num_foreground, pretrained=True,
+                                class_names=layout.class_names[1:])
+    if report is not None and distributed.ranks().is_main:
+        _log.info("pretrained: %s", report.summary())
+    scale = 1.0
+    if config.data.min_long_side is not None:
+        ids = layout.split_ids(config.data.train_split)
+        scale = image_scale(config.data.min_long_side,
+                            [max(image_size(layout.image_path(i))) for i in ids])
+    net.to(device)
+    return net.eval(), MapSource.of_weights(config, scale)
 
 
 def missing_maps(config: Config, layout: VOCLayout, split: str) -> list[str]:

@@ -30,6 +30,7 @@ from cpal.engine import distributed
 from cpal.engine.distributed import unwrap
 from cpal.engine.hooks import HookBase, TensorBoardHook, standard_hooks
 from cpal.engine.identity import training_fingerprint
+from cpal.engine.optim import build_optimizer
 from cpal.engine.output_dir import claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import check_precision, setup
@@ -37,7 +38,7 @@ from cpal.engine.trainer import BatchPlan, Trainer, run_epochs
 from cpal.errors import ConfigError, DatasetError, warn
 from cpal.io import write_text_atomic
 from cpal.log import get_logger
-from cpal.models.cam_net import CAMNet, build_network, classification_loss
+from cpal.models.cam_net import LocalisationNet, build_network, classification_loss
 from cpal.prototypes.module import CPALModule
 from cpal.prototypes.pacam import self_supervision_loss
 
@@ -65,14 +66,17 @@ def compute_loss(
     share: LossShare = LossShare(), sample_ids: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L = L_cls + lambda_self L_self + lambda_fda L_fda (the last two for prototype methods).
+    """L = L_cls + lambda_self L_self + lambda_fda L_fda (the last two for prototype methods);
+    L_cls is one multilabel soft margin term per image score the network trains (the CAM
+    net's one; MCTformer's class tokens and patch CAM; none on frozen CLIP-ES).
 
-    `model` is a CAMNet or a DistributedDataParallel around one; `sample_ids` (dataset
+    `model` is a localisation network or a DistributedDataParallel around one; `sample_ids` (dataset
     indices) let the support bank record which image each entry came from; `valid`
     (B, H, W) marks the image pixels of each crop (the rest is padding)."""
     with_cpal = unwrap(model).cpal is not None
     out = model(images, labels, sample_ids, valid) if with_cpal else model(images)
-    parts = {"cls": classification_loss(out.logits.float(), labels) * share.images}
+    parts = {name: classification_loss(scores.float(), labels) * share.images
+             for name, scores in out.scores.items()}
     if out.cpal is not None:
         self_loss = out.cpal.losses["self"]
         if config.loss.self_detach_cam:
@@ -120,22 +124,10 @@ def crop_geometry(
     return crop, (lo, hi)
 
 
-def build_optimizer(model: CAMNet, config: Config) -> torch.optim.Optimizer:
-    t = config.train
-    proto = config.prototype.lr_mult
-    mult = {"backbone": 1.0, "head": t.head_lr_mult,
-            "prototype": t.head_lr_mult if proto is None else proto}
-    groups = [{"params": params, "lr": t.lr * mult[role], "base_lr": t.lr * mult[role]}
-              for params, role in model.param_groups()]
-    if t.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-
-
 class CAMTask:
     """The CAM network on image-level labels: one micro-batch's weighted loss."""
 
-    def __init__(self, config: Config, net: CAMNet, dataset: ClassificationDataset,
+    def __init__(self, config: Config, net: LocalisationNet, dataset: ClassificationDataset,
                  device: torch.device) -> None:
         self.config, self.net, self.dataset, self.device = config, net, dataset, device
 
@@ -202,9 +194,6 @@ def train(config: Config, *, progress: bool = True, hooks: Sequence[HookBase] = 
     with distributed.main_first():  # rank 0 fills the dataset cache; the others reuse it
         layout = open_dataset(config.data)
     layout.check(config.data.train_split)  # every image present: fail now, not mid-epoch
-    if config.model.frozen_bn and not config.model.pretrained and ranks.is_main:
-        warn("model.frozen_bn=true without model.pretrained: BatchNorm keeps its initial "
-             "statistics (an identity); set model.frozen_bn=false to train from scratch")
     BatchPlan(t.batch_size, ranks.world_size, t.grad_accum)  # refuses an uneven split now
     ids = layout.split_ids(config.data.train_split)
     auto = "auto" in (t.crop_size, t.resize_long) or config.data.min_long_side is not None
@@ -226,7 +215,12 @@ def train(config: Config, *, progress: bool = True, hooks: Sequence[HookBase] = 
                   "(split '%s', %d images)", scale, crop, list(resize), epochs,
                   steps_per_epoch, config.data.train_split, len(dataset))
 
-    net, report = build_network(config, layout.num_foreground)
+    net, report = build_network(config, layout.num_foreground,
+                                class_names=layout.class_names[1:])
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    if config.model.frozen_bn and not config.model.pretrained and has_bn and ranks.is_main:
+        warn("model.frozen_bn=true without model.pretrained: BatchNorm keeps its initial "
+             "statistics (an identity); set model.frozen_bn=false to train from scratch")
     if report is not None and ranks.is_main:
         _log.info("pretrained: %s", report.summary())
     net.to(device)

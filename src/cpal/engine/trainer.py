@@ -2,7 +2,7 @@
 
 `Trainer` owns what does not depend on the model: the sample order of each epoch, the
 global batch cut into per-process micro-batches (`BatchPlan`), gradient accumulation,
-precision (autocast, fp16's gradient scaler), clipping, the poly schedule, DDP, the
+precision (autocast, fp16's gradient scaler), clipping, the learning-rate schedule, DDP, the
 resume point and exact resume. What does depend on it is a `TrainTask`: the network, its
 dataset and the loss of one micro-batch. Everything around the loop (checkpoints, the
 JSONL log, progress, the CPAL bank, a test's kill) is a hook (`cpal.engine.hooks`)
@@ -39,6 +39,7 @@ from cpal.engine.checkpoint import Checkpoint
 from cpal.engine.distributed import Ranks
 from cpal.engine.hooks import HookBase, standard_hooks, truncate_log
 from cpal.engine.identity import check_fingerprint, load_shared_checkpoint, resume_point
+from cpal.engine.optim import schedule_lr
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import autocast
 from cpal.errors import CheckpointError, ConfigError, warn
@@ -49,10 +50,6 @@ _log = get_logger(__name__)
 
 # ---------------------------------------------------------------------------------------
 # Schedule and batches
-
-
-def poly_lr(base: float, step: int, total: int, power: float) -> float:
-    return base * (1.0 - step / total) ** power
 
 
 def run_epochs(train: LoopConfig, steps_per_epoch: int) -> int:
@@ -320,7 +317,7 @@ class Trainer:
             result = self._optimizer_step(micro, batches[position.batch], position.step)
             micro = []
             position.batch += 1
-            position.step += 1  # a skipped update is still a step of the poly schedule
+            position.step += 1  # a skipped update is still a step of the schedule
             if not result.applied:
                 position.skipped += 1
             position.loss_sum += result.losses["loss"] * t.batch_size
@@ -343,7 +340,8 @@ class Trainer:
         """One update on a global batch from this process's micro-batches of it."""
         t = self.settings
         for group in self.optimizer.param_groups:
-            group["lr"] = poly_lr(group["base_lr"], step, self.total_steps, t.poly_power)
+            group["lr"] = schedule_lr(t, group["base_lr"], step, self.total_steps,
+                                      self.steps_per_epoch)
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, Tensor] = {}
         for i, item in enumerate(micro):

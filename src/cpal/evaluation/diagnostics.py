@@ -24,7 +24,7 @@ from cpal.data.voc import VOCLayout
 from cpal.engine.identity import load_final_checkpoint
 from cpal.engine.infer import PrototypeInference, _prototype_scale, load_trained_model
 from cpal.engine.runtime import resolve_device
-from cpal.models.cam_net import CAMNet
+from cpal.models.cam_net import LocalisationNet
 
 BORDER_FRACTION = 1 / 8
 """Width of the border band as a fraction of the image's shorter side."""
@@ -48,7 +48,7 @@ class PrototypeSeparation:
 
 @torch.inference_mode()
 def prototype_separation(
-    model: CAMNet, images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
+    model: LocalisationNet, images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
     proto: PrototypeInference,
 ) -> PrototypeSeparation:
     """Instance prototypes of each image at scale 1 with its flip, as inference makes them."""
@@ -57,7 +57,7 @@ def prototype_separation(
     protos: list[tuple[int, torch.Tensor]] = []
     for image, label in zip(images, labels, strict=True):
         x = image[None]
-        out = model(torch.cat([x, x.flip(-1)]))
+        out = model.inference(torch.cat([x, x.flip(-1)]), torch.stack([label, label]))
         res = _prototype_scale(model, out, x, label[None], True, proto)
         p = F.normalize(res.prototypes[0].float(), dim=-1, eps=1e-8)
         filled = p.norm(dim=-1) > 0.5

@@ -1,5 +1,6 @@
-"""WSSS methods by name (`method: cam | sipe | cpal-mean | cpal-topk | cpal`); see
-`cpal.methods.registry` for what a method declares and how to add one."""
+"""WSSS methods by name (`method: cam | sipe | cpal-mean | cpal-topk | cpal` on a ResNet,
+`mctformer | mctformer-cpal`, `clip-es | clip-es-cpal`); see `cpal.methods.registry` for
+what a method declares and how to add one."""
 
 from __future__ import annotations
 

@@ -53,6 +53,16 @@ class MethodSpec:
     """The map kinds the method can write (`infer.map`)."""
     ablation: bool = False
     """A rung of `cpal ablate`'s ladder (rungs run in registration order)."""
+    network: str = "cam"
+    """The localisation network it trains and makes maps with
+    (`cpal.models.registry.NETWORKS`: cam, mctformer, clip_es)."""
+    trains: bool = True
+    """False: maps come straight from pretrained weights (CLIP-ES); `cpal run` skips the
+    training stage and `cpal train` refuses."""
+    refiner: str | None = None
+    """The refiner (`cpal.refine.REFINERS`) its reference turns maps into pseudo masks
+    with, for a refinement stage to apply (CLIP-ES: `crf_clip_es` on [1 - max, maps]);
+    None: the stage's own choice."""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.maps if m not in MAP_KINDS]
@@ -64,11 +74,11 @@ class MethodSpec:
 
     @classmethod
     def with_prototypes(cls, name: str, summary: str, branch: PrototypeBranch, *,
-                        ablation: bool = True) -> MethodSpec:
-        """A method on the CAM network with a prototype branch: it writes PACAM by
-        default and may write any map kind."""
+                        ablation: bool = True, network: str = "cam") -> MethodSpec:
+        """A method with a prototype branch on `network`: it writes PACAM by default and
+        may write any map kind."""
         return cls(name, summary, branch, default_map=PACAM_MAP, maps=MAP_KINDS,
-                   ablation=ablation)
+                   ablation=ablation, network=network)
 
     @property
     def has_prototypes(self) -> bool:
@@ -76,7 +86,8 @@ class MethodSpec:
 
 
 METHODS: Registry[MethodSpec] = Registry(
-    "method", builtins=("cpal.methods.cam", "cpal.methods.sipe", "cpal.methods.cpal"),
+    "method", builtins=("cpal.methods.cam", "cpal.methods.sipe", "cpal.methods.cpal",
+                        "cpal.methods.mctformer", "cpal.methods.clip_es"),
 )
 
 

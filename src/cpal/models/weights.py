@@ -1,9 +1,13 @@
 """Loading local ImageNet weight files into our backbones, by key, safely.
 
-One place handles every layout difference (torchvision files of 2017 without BatchNorm
-step counters and newer ones with them, timm `pytorch_model.bin` / `model.safetensors`,
-wrappers such as {"state_dict": ...} or a "module." prefix), so models never special-case
-files. Files are read with `torch.load(weights_only=True)` or safetensors: never unpickled.
+One place reads every container (torchvision files of 2017 without BatchNorm step
+counters and newer ones with them, timm `pytorch_model.bin` / `model.safetensors`,
+wrappers such as {"state_dict": ...} or a "module." prefix), and one `WeightLayout` per
+model family states how its files' keys map onto ours (ResNet here; DeiT and CLIP beside
+their models), so models never special-case files. Files are read with
+`torch.load(weights_only=True)` or safetensors, and TorchScript archives (OpenAI's CLIP
+files) by a reader that rebuilds tensors only (`cpal.models.torchscript`): never
+unpickled, never executed.
 
 Weakly supervised results are only meaningful from an ImageNet *classification* start:
 a file that has seen VOC/COCO pixel labels (DeepLab COCO inits and the like) inflates
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,7 @@ from torch import nn
 
 from cpal.errors import CheckpointError, warn
 from cpal.log import NOTE, get_logger
+from cpal.models.torchscript import is_torchscript_archive, read_torchscript_tensors
 
 _log = get_logger(__name__)
 
@@ -86,11 +92,13 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     leaks: list[str] = field(default_factory=list)
     """Why the file may have seen pixel labels (empty for a clean ImageNet file)."""
+    ignored_what: str = "ImageNet head"
 
     def summary(self) -> str:
         text = (
             f"{self.path.name}: loaded {self.loaded} tensors, ignored {len(self.ignored)} "
-            f"(ImageNet head), missing {len(self.missing)}, unexpected {len(self.unexpected)}"
+            f"({self.ignored_what}), missing {len(self.missing)}, "
+            f"unexpected {len(self.unexpected)}"
         )
         if self.leaks:
             text += f"; POSSIBLE PIXEL-LABEL LEAK: {'; '.join(self.leaks)}"
@@ -109,6 +117,9 @@ def read_weight_file(path: str | Path) -> WeightFile:
     metadata: dict[str, Any] = {}
     if path.suffix != ".safetensors":
         _refuse_non_torch_file(path)
+        if is_torchscript_archive(path):
+            # OpenAI's CLIP files: read by our restricted reader, never torch.jit.load.
+            return WeightFile(read_torchscript_tensors(path), {"format": "TorchScript archive"})
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as handle:
@@ -331,8 +342,33 @@ def _announce_leak(path: Path, reasons: list[str], allow_leak: bool) -> None:
 # Loading
 
 
+@dataclass(frozen=True)
+class WeightLayout:
+    """How a family of files maps onto one of our models: the heads a trunk does not
+    have (ignored, counted), model keys a file may lack, a conversion of the file's
+    tensors to our names and shapes (the one place a format's differences live), and
+    the hint that explains a key mismatch."""
+
+    name: str
+    """What the files are, for messages ("ImageNet ResNet", "timm DeiT", "CLIP")."""
+    ignored_prefixes: tuple[str, ...] = _IGNORED_PREFIXES
+    ignored_what: str = "ImageNet head"
+    optional_suffixes: tuple[str, ...] = (_OPTIONAL_SUFFIX,)
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    """file tensors -> tensors under our names (may raise CheckpointError naming a key)."""
+    hint: Callable[[list[str], list[str], dict[str, Any]], str] | None = None
+
+
 def load_backbone_weights(
     model: nn.Module, path: str | Path, *, strict: bool = True, allow_leak: bool = False
+) -> LoadReport:
+    """An ImageNet ResNet file (torchvision or timm) into our ResNet; see `load_weights`."""
+    return load_weights(model, path, RESNET_LAYOUT, strict=strict, allow_leak=allow_leak)
+
+
+def load_weights(
+    model: nn.Module, path: str | Path, layout: WeightLayout, *, strict: bool = True,
+    allow_leak: bool = False,
 ) -> LoadReport:
     """Copy matching tensors into `model`; with `strict`, any mismatch is an error that
     lists the missing and unexpected keys (so a wrong file never half-loads silently).
@@ -342,16 +378,20 @@ def load_backbone_weights(
     """
     path = Path(path)
     weights = read_weight_file(path)
-    report = LoadReport(path=path, leaks=leak_reasons(path, weights))
+    report = LoadReport(path=path, leaks=leak_reasons(path, weights),
+                        ignored_what=layout.ignored_what)
     if report.leaks:
         _announce_leak(path, report.leaks, allow_leak)
+    tensors = weights.tensors
+    kept = {k: v for k, v in tensors.items() if not k.startswith(layout.ignored_prefixes)}
+    report.ignored = [k for k in tensors if k not in kept]
+    if layout.convert is not None:
+        kept = layout.convert(kept)
     own = model.state_dict()
     usable: dict[str, torch.Tensor] = {}
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # key: (file, model)
-    for key, value in weights.tensors.items():
-        if key.startswith(_IGNORED_PREFIXES):
-            report.ignored.append(key)
-        elif key not in own:
+    for key, value in kept.items():
+        if key not in own:
             report.unexpected.append(key)
         elif own[key].shape != value.shape:
             shapes[key] = (tuple(value.shape), tuple(own[key].shape))
@@ -359,15 +399,15 @@ def load_backbone_weights(
             usable[key] = value
     report.missing = [
         k for k in own
-        if k not in usable and k not in shapes and not k.endswith(_OPTIONAL_SUFFIX)
+        if k not in usable and k not in shapes and not k.endswith(layout.optional_suffixes)
     ]
     arch = getattr(model, "arch", type(model).__name__)
     if strict and (report.missing or report.unexpected):
         also = f"; {len(shapes)} more with other shapes" if shapes else ""
+        hint = (layout.hint or _mismatch_hint)(report.missing, report.unexpected, own)
         raise CheckpointError(
             f"{path}: keys do not match the {arch} model: missing {_preview(report.missing)}; "
-            f"unexpected {_preview(report.unexpected)}{also}"
-            f"{_mismatch_hint(report.missing, report.unexpected, own)}"
+            f"unexpected {_preview(report.unexpected)}{also}{hint}"
         )
     if shapes:
         listed = [f"{_clean(k)} file {f} vs model {m}" for k, (f, m) in list(shapes.items())[:3]]
@@ -403,6 +443,9 @@ def _mismatch_hint(missing: list[str], unexpected: list[str], own: dict[str, Any
     if (missing or unexpected) and all(layers.match(k) for k in missing + unexpected):
         return " - the file has another depth: check model.arch (resnet50 vs resnet101)"
     return " - check model.arch and that the file is a plain torchvision/timm ResNet"
+
+
+RESNET_LAYOUT = WeightLayout("ImageNet ResNet", hint=_mismatch_hint)
 
 
 def _clean(text: str) -> str:

@@ -28,6 +28,14 @@ def normalized_cam(cam: Tensor, eps: float = 1e-5) -> Tensor:
     return cam / (peak + eps)
 
 
+def min_max_normalised(maps: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x - min) / (max - min + eps) per map over its last two dimensions: MCTformer's
+    and CLIP-ES's normalisation (a constant map becomes 0)."""
+    low = maps.flatten(-2).amin(dim=-1)[..., None, None]
+    high = maps.flatten(-2).amax(dim=-1)[..., None, None]
+    return (maps - low) / (high - low + eps)
+
+
 def channel_valid(labels: Tensor) -> Tensor:
     """(B, C) multi-hot -> (B, C+1) bool: background always, foreground iff present."""
     bg = torch.ones_like(labels[:, :1], dtype=torch.bool)

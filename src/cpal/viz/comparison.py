@@ -23,7 +23,7 @@ from cpal.engine.infer import (
 )
 from cpal.engine.runtime import resolve_device
 from cpal.methods import CAM_MAP, PACAM_MAP
-from cpal.models.cam_net import CAMNet
+from cpal.models.cam_net import LocalisationNet
 from cpal.viz.figures import ContextPanel, OverlayRow, overlay_grid
 
 
@@ -42,7 +42,8 @@ def comparison_figure(
     for row in rows:
         image = normalize(layout.load_image(row.image_id))[None].to(device)
         labels = torch.from_numpy(layout.image_labels([row.image_id])).to(device)
-        maps = normalised_maps(model, image, labels, inference_scales(config, ckpt),
+        scales = inference_scales(config, float(ckpt.meta.get("image_scale", 1.0)))
+        maps = normalised_maps(model, image, labels, scales,
                                config.infer.flip, (CAM_MAP, PACAM_MAP),
                                PrototypeInference.of(config))
         present = torch.nonzero(labels[0] > 0.5).flatten()
@@ -62,7 +63,7 @@ def comparison_figure(
 
 @torch.inference_mode()
 def context_panel(
-    model: CAMNet, layout: VOCLayout, train_ids: Sequence[str], image: torch.Tensor,
+    model: LocalisationNet, layout: VOCLayout, train_ids: Sequence[str], image: torch.Tensor,
     labels: torch.Tensor, row: OverlayRow, present: torch.Tensor,
 ) -> ContextPanel:
     """For the image's main class (largest pseudo-label area among its present classes):
