@@ -97,7 +97,7 @@ class Predictor:
                 f"{RunPaths(config.output_path).segmentation}: no trained segmentation network;"
                 " run `cpal segment` (or predict.source=cam)")
         if found is not None:
-            self.net, self.checkpoint, self.class_names = found
+            self.net, self.checkpoint, self.class_names, self.image_scale = found
             self.source = "segmentation"
             return
         self.source = "cam"
@@ -151,7 +151,7 @@ class Predictor:
         return Prediction(labels, [self.class_names[c] for c in present], self.source, scores)
 
     def _segment(self, image: np.ndarray, x: torch.Tensor) -> np.ndarray:
-        logits = segment_images(self.net, x, self.config)
+        logits = segment_images(self.net, x, self.config, self.image_scale)
         crf = self.config.segment.infer.crf
         if crf is None:
             return predict_labels(logits)[0].cpu().numpy().astype(np.uint8)

@@ -84,6 +84,30 @@ def test_run_whole_chain(tiny_dataset, tmp_path, capsys):
             paths.refined("irn", "train") / f"{image_id}.png").read_bytes()
 
 
+@pytest.mark.slow
+def test_chain_sees_images_at_the_dataset_scale(tiny_dataset, tmp_path):
+    """With data.min_long_side every network of the chain sees the enlarged images (IRN's
+    boundaries, DeepLab in training and at inference), and every label stays at the
+    image's own size."""
+    config, out = tmp_path / "c.yaml", tmp_path / "run"
+    config.write_text("{}\n")
+    assert main(["run", str(config), *tiny_overrides(tiny_dataset, out),
+                 *chain_overrides("irn"), "data.min_long_side=96", "train.crop_size=auto",
+                 "train.resize_long=auto", "--no-progress"]) == 0
+    paths = RunPaths(out)
+    seg = load_checkpoint(latest_checkpoint(paths.segmentation / "checkpoints"))
+    assert seg.meta["image_scale"] == 1.5  # the tiny images are 64 px
+    record = json.loads((paths.predictions("val") / "_labels.json").read_text())
+    assert record["image_scale"] == 1.5
+    metrics = json.loads((out / "metrics.json").read_text())
+    # segment.infer.scales [1.0] x 1.5
+    assert metrics["segmentation"]["protocol"]["inference"].startswith("scales 1.5")
+    for folder in (paths.refined("irn", "train"), paths.labels("train"),
+                   paths.predictions("val")):
+        for png in folder.glob("*.png"):
+            assert Image.open(png).size == (64, 64)
+
+
 def test_resume_after_crash_equals_uninterrupted_run(tiny_dataset, tmp_path):
     straight = load_config(None, tiny_overrides(tiny_dataset, tmp_path / "straight"))
     stage_train(straight, progress=False)

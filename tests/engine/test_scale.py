@@ -318,7 +318,7 @@ def test_steps_schedule_and_auto_crop_train_and_resume(tiny_dataset, tmp_path):
 
 
 def test_min_long_side_upscales_training_and_inference_alike(tiny_dataset, tmp_path):
-    from cpal.engine.train import image_scale
+    from cpal.data.source import image_scale
     from cpal.io import load_maps
 
     assert image_scale(None, [64]) == 1.0 and image_scale(96, [64, 64, 80]) == 1.5

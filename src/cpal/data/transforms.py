@@ -7,8 +7,11 @@ across an interrupted-then-resumed run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -75,6 +78,21 @@ def _offsets(length: int, size: int, rng: np.random.Generator) -> tuple[int, int
     if length >= size:
         return int(rng.integers(0, length - size + 1)), 0
     return 0, int(rng.integers(0, size - length + 1))
+
+
+def scaled_range(scale_range: Sequence[float], scale: float) -> tuple[float, float]:
+    """A random-rescale range `[min, max]` times the dataset's factor (`data.min_long_side`):
+    a stage's own range is stated for images as the CAM network sees them."""
+    return float(scale_range[0]) * scale, float(scale_range[1]) * scale
+
+
+def rescaled(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, 3, H, W) images resized by `scale` (bilinear); themselves at 1."""
+    if scale == 1.0:
+        return images
+    height, width = images.shape[-2:]
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
 
 class PairTransform:

@@ -32,8 +32,7 @@ from torch.utils.data import DataLoader
 
 from cpal.config import Config
 from cpal.data.datasets import InferenceDataset, SameSizeBatchSampler
-from cpal.data.images import image_size
-from cpal.data.source import open_dataset
+from cpal.data.source import dataset_scale, open_dataset
 from cpal.data.voc import VOCLayout
 from cpal.engine import distributed
 from cpal.engine.checkpoint import Checkpoint
@@ -49,7 +48,6 @@ from cpal.engine.identity import (
 from cpal.engine.output_dir import claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import autocast, check_precision, setup
-from cpal.engine.train import image_scale
 from cpal.errors import ConfigError, warn
 from cpal.io import (
     IGNORE_INDEX,
@@ -511,13 +509,8 @@ def maps_network(config: Config, layout: VOCLayout, device: torch.device
                                 class_names=layout.class_names[1:])
     if report is not None and distributed.ranks().is_main:
         _log.info("pretrained: %s", report.summary())
-    scale = 1.0
-    if config.data.min_long_side is not None:
-        ids = layout.split_ids(config.data.train_split)
-        scale = image_scale(config.data.min_long_side,
-                            [max(image_size(layout.image_path(i))) for i in ids])
     net.to(device)
-    return net.eval(), MapSource.of_weights(config, scale)
+    return net.eval(), MapSource.of_weights(config, dataset_scale(config.data, layout))
 
 
 def missing_maps(config: Config, layout: VOCLayout, split: str) -> list[str]:

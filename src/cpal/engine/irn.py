@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader
 from cpal.config import Config, IRNConfig
 from cpal.data.datasets import InferenceDataset, LabelledDataset, SameSizeBatchSampler
 from cpal.data.images import load_rgb
-from cpal.data.transforms import PairTransform
+from cpal.data.source import dataset_scale
+from cpal.data.transforms import PairTransform, rescaled, scaled_range
 from cpal.data.voc import VOCLayout
 from cpal.engine.hooks import HookBase
 from cpal.engine.identity import fingerprint_digest, load_finished_checkpoint, stage_fingerprint
@@ -202,7 +203,8 @@ def train_irn(config: Config, layout: VOCLayout, ir_folder: LabelFolder, ids: Se
     net.to(device)
     if t.channels_last:
         net.to(memory_format=torch.channels_last)
-    transform = PairTransform(t.crop_size, (t.scale_range[0], t.scale_range[1]), t.hflip)
+    transform = PairTransform(t.crop_size, scaled_range(t.scale_range, dataset_scale(
+        config.data, layout)), t.hflip)
     dataset = LabelledDataset(layout, ids, ir_folder.directory, transform, config.seed)
     dataset.check()
     steps = len(dataset) // t.batch_size
@@ -243,6 +245,10 @@ def grid_maps(maps: np.ndarray, grid: tuple[int, int], device: torch.device) -> 
     return F.interpolate(tensor[None], size=grid, mode="area")[0]
 
 
+def _grid(height: int, width: int) -> tuple[int, int]:
+    return -(-height // irnet.GRID_STRIDE), -(-width // irnet.GRID_STRIDE)
+
+
 def walk_split(config: Config, layout: VOCLayout, checkpoint: Path, fingerprint: dict,
                progress: bool) -> tuple[LabelFolder, list[str]]:
     """Random-walk labels of every image of `labels.split` not yet written."""
@@ -271,17 +277,22 @@ def walk_split(config: Config, layout: VOCLayout, checkpoint: Path, fingerprint:
                                                                     irn.walk_batch),
                         num_workers=config.data.num_workers)
     bar = Progress(len(todo), f"random walk {split}", enabled=progress)
+    scale = dataset_scale(config.data, layout)
     for batch in loader:
         images = batch["image"].to(device)
+        height, width = images.shape[-2:]
         with torch.inference_mode(), autocast(device, irn.train.precision):
-            boundary = boundary_map(net, images, flip=irn.boundary_flip)[:, 0].float()
+            boundary = boundary_map(net, rescaled(images, scale), flip=irn.boundary_flip)
+            boundary = boundary[:, 0].float()
         records = [load_maps(map_file[i]) for i in batch["id"]]
         grid = tuple(boundary.shape[-2:])
         maps, walls = stack_for_walk([grid_maps(r.maps, grid, device) for r in records],
                                      list(boundary))
         with torch.inference_mode():
             walked = random_walk(maps, walls, params)
-        height, width = images.shape[-2:]
+            if scale != 1.0:  # the walk ran on the enlarged image's grid: back to the image's
+                walked = F.interpolate(walked, size=_grid(height, width), mode="bilinear",
+                                       align_corners=False)
         for i, (image_id, record) in enumerate(zip(batch["id"], records, strict=True)):
             count = len(record.classes)
             folder.write(image_id, random_walk_labels(walked[i, :count], record.classes,

@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 from cpal.config import Config
 from cpal.data.datasets import InferenceDataset, LabelledDataset, SameSizeBatchSampler
 from cpal.data.images import load_rgb
-from cpal.data.source import open_dataset
-from cpal.data.transforms import PairTransform
+from cpal.data.source import dataset_scale, open_dataset
+from cpal.data.transforms import PairTransform, scaled_range
 from cpal.data.voc import VOCLayout
 from cpal.engine import distributed
 from cpal.engine.hooks import HookBase
@@ -136,7 +136,8 @@ def train_segmentation(config: Config, *, progress: bool = True,
     net.to(device)
     if t.channels_last:
         net.to(memory_format=torch.channels_last)
-    transform = PairTransform(t.crop_size, (t.scale_range[0], t.scale_range[1]), t.hflip)
+    scale = dataset_scale(config.data, layout)
+    transform = PairTransform(t.crop_size, scaled_range(t.scale_range, scale), t.hflip)
     dataset = LabelledDataset(layout, ids, RunPaths(config.output_path).labels(
         config.labels.split), transform, config.seed)
     dataset.check()
@@ -152,7 +153,8 @@ def train_segmentation(config: Config, *, progress: bool = True,
                num_workers=config.data.num_workers, device=device,
                paths=RunPaths(RunPaths(config.output_path).segmentation),
                fingerprint=fingerprint, steps_per_epoch=steps,
-               meta={"class_names": list(layout.class_names)}, hooks=hooks, progress=progress)
+               meta={"class_names": list(layout.class_names), "image_scale": scale},
+               hooks=hooks, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------
@@ -190,7 +192,7 @@ def load_segmentation_net(config: Config, layout: VOCLayout, device: torch.devic
 
 
 def trained_segmentation_net(config: Config, device: torch.device
-                             ) -> tuple[nn.Module, Path, list[str]] | None:
+                             ) -> tuple[nn.Module, Path, list[str], float] | None:
     """The newest finished segmentation network under OUT/segmentation/ (None when none
     was trained) and its class names, for images outside the dataset (`cpal predict`):
     its architecture and schedule must be this config's (its training labels are not
@@ -210,21 +212,25 @@ def trained_segmentation_net(config: Config, device: torch.device
     net = build_segmentation_net(config, len(ckpt.meta["class_names"]))
     net.load_state_dict(ckpt.model)
     net = inference_copy(net.to(device), channels_last=config.segment.infer.channels_last)
-    return net, path, list(ckpt.meta["class_names"])
+    return net, path, list(ckpt.meta["class_names"]), float(ckpt.meta.get("image_scale", 1.0))
 
 
-def segment_images(net: nn.Module, images: torch.Tensor, config: Config) -> torch.Tensor:
-    """(B, K, H, W) float32 logits at `segment.infer`'s scales and flip."""
+def segment_images(net: nn.Module, images: torch.Tensor, config: Config,
+                   image_scale: float = 1.0) -> torch.Tensor:
+    """(B, K, H, W) float32 logits at `segment.infer`'s scales (times the dataset's
+    `image_scale`, as the network was trained) and flip."""
     inf = config.segment.infer
     if inf.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
+    scales = [s * image_scale for s in inf.scales]
     with autocast(images.device, config.segment.train.precision):
-        return multi_scale_logits(net, images, scales=inf.scales, flip=inf.flip)
+        return multi_scale_logits(net, images, scales=scales, flip=inf.flip)
 
 
-def inference_text(config: Config) -> str:
+def inference_text(config: Config, image_scale: float = 1.0) -> str:
     inf = config.segment.infer
-    text = "scales " + ",".join(f"{s:g}" for s in inf.scales) + (" + flip" if inf.flip else "")
+    text = "scales " + ",".join(f"{s * image_scale:.3g}" for s in inf.scales)
+    text += " + flip" if inf.flip else ""
     return text + (f", CRF {inf.crf}" if inf.crf else "")
 
 
@@ -238,7 +244,8 @@ def predict_splits(config: Config, *, progress: bool = True) -> dict[str, Any]:
     labels = Provenance.from_dict(labels_record["provenance"])
     source = (f"segmentation:{seg.network} {seg.arch} x{seg.width:g} (trunk {seg.trunk}) "
               f"trained on {labels.source}")
-    provenance = Provenance(source, inference_text(config), labels.threshold,
+    scale = dataset_scale(config.data, layout)
+    provenance = Provenance(source, inference_text(config, scale), labels.threshold,
                             labels.refinement)
     paths = RunPaths(config.output_path)
     result: dict[str, Any] = {"checkpoint": checkpoint.name, "splits": {}}
@@ -247,9 +254,10 @@ def predict_splits(config: Config, *, progress: bool = True) -> dict[str, Any]:
         folder = LabelFolder(paths.predictions(split), {
             "kind": "segmentation", "checkpoint": checkpoint.name,
             "network": fingerprint_digest(fingerprint), "infer": asdict(seg.infer),
-            "provenance": provenance.to_dict()})
+            "image_scale": scale, "provenance": provenance.to_dict()})
         folder.claim()
-        _predict(net, layout, folder, folder.pending(ids), config, device, progress, split)
+        _predict(net, layout, folder, folder.pending(ids), config, device, progress, split,
+                 scale)
         entry: dict[str, Any] = {"dir": str(folder.directory), "num_images": len(ids)}
         if layout.has_masks(ids):
             scored = evaluate_labels(layout, split, ids, folder.directory, provenance,
@@ -268,7 +276,8 @@ def predict_splits(config: Config, *, progress: bool = True) -> dict[str, Any]:
 
 
 def _predict(net: nn.Module, layout: VOCLayout, folder: LabelFolder, ids: Sequence[str],
-             config: Config, device: torch.device, progress: bool, split: str) -> None:
+             config: Config, device: torch.device, progress: bool, split: str,
+             scale: float) -> None:
     if not ids:
         return
     inf = config.segment.infer
@@ -279,7 +288,7 @@ def _predict(net: nn.Module, layout: VOCLayout, folder: LabelFolder, ids: Sequen
     bar = Progress(len(ids), f"segment {split}", enabled=progress)
     params = None if inf.crf is None else PRESETS[inf.crf]
     for batch in loader:
-        logits = segment_images(net, batch["image"].to(device), config)
+        logits = segment_images(net, batch["image"].to(device), config, scale)
         if params is None:
             labels = list(predict_labels(logits).cpu().numpy())
         else:

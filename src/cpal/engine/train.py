@@ -24,7 +24,7 @@ from torch import nn
 from cpal.config import Config, TrainConfig
 from cpal.data.datasets import ClassificationDataset
 from cpal.data.images import image_size
-from cpal.data.source import open_dataset
+from cpal.data.source import image_scale, open_dataset
 from cpal.data.transforms import TrainTransform
 from cpal.engine import distributed
 from cpal.engine.distributed import unwrap
@@ -96,13 +96,6 @@ def channel_count(labels: torch.Tensor) -> int:
     """Background + present-class channels of a batch: what L_self averages over under
     `loss.self_average: present`."""
     return int(labels.shape[0] + (labels > 0.5).sum())
-
-
-def image_scale(min_long_side: int | None, long_sides: Sequence[int]) -> float:
-    """The dataset-wide upscaling factor of `data.min_long_side` (1.0: none)."""
-    if min_long_side is None or not len(long_sides):
-        return 1.0
-    return max(1.0, min_long_side / float(np.median(np.asarray(long_sides))))
 
 
 def crop_geometry(
