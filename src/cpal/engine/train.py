@@ -28,13 +28,13 @@ from cpal.data.source import image_scale, open_dataset
 from cpal.data.transforms import TrainTransform
 from cpal.engine import distributed
 from cpal.engine.distributed import unwrap
-from cpal.engine.hooks import HookBase, TensorBoardHook, standard_hooks
+from cpal.engine.hooks import HookBase, TensorBoardHook
 from cpal.engine.identity import training_fingerprint
 from cpal.engine.optim import build_optimizer
 from cpal.engine.output_dir import claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import check_precision, setup
-from cpal.engine.trainer import BatchPlan, Trainer, run_epochs
+from cpal.engine.trainer import BatchPlan, fit, run_epochs
 from cpal.errors import ConfigError, DatasetError, warn
 from cpal.io import write_text_atomic
 from cpal.log import get_logger
@@ -223,23 +223,17 @@ def train(config: Config, *, progress: bool = True, hooks: Sequence[HookBase] = 
     task = CAMTask(config, net, dataset, device)
     fingerprint = training_fingerprint(config)
     extra = [TensorBoardHook(t, paths.tensorboard)] if config.log.tensorboard else []
-    trainer = Trainer(
-        task, optimizer, train=t, seed=config.seed, num_workers=config.data.num_workers,
-        device=device, paths=paths,
-        meta={"fingerprint": fingerprint, "class_names": list(layout.class_names),
-              "image_scale": scale},
-        epochs=epochs, steps_per_epoch=steps_per_epoch,
-        hooks=[*task.hooks(), *standard_hooks(t, progress=progress), *extra, *hooks],
-    )
-    trainer.resume(fingerprint, allowed=t.resume)
-    if ranks.is_main:
-        write_text_atomic(paths.config, config.to_yaml())
-    if trainer.finished:
-        distributed.barrier()
-    else:
-        trainer.train()
-    assert trainer.latest is not None
-    return trainer.latest
+
+    def record_config() -> None:  # only once the folder's checkpoints are this run's
+        if ranks.is_main:
+            write_text_atomic(paths.config, config.to_yaml())
+
+    return fit(task, optimizer, schedule=t, seed=config.seed,
+               num_workers=config.data.num_workers, device=device, paths=paths,
+               fingerprint=fingerprint, steps_per_epoch=steps_per_epoch,
+               meta={"class_names": list(layout.class_names), "image_scale": scale},
+               task_hooks=task.hooks(), hooks=[*extra, *hooks], progress=progress,
+               on_resumed=record_config)
 
 
 def _check_same_dataset(dataset: ClassificationDataset, root: Path, split: str) -> None:

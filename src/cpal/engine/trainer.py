@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -371,11 +371,12 @@ def fit(task: TrainTask, optimizer: torch.optim.Optimizer, *, schedule: LoopConf
         seed: int, num_workers: int, device: torch.device, paths: RunPaths,
         fingerprint: dict[str, Any], steps_per_epoch: int, meta: dict[str, Any] | None = None,
         task_hooks: Sequence[HookBase] = (), hooks: Sequence[HookBase] = (),
-        progress: bool = True) -> Path:
+        progress: bool = True, on_resumed: Callable[[], None] | None = None) -> Path:
     """Train `task` to the end of `schedule`, resuming from the newest checkpoint under
     `paths` made with `fingerprint`; `task_hooks` run before the standard ones, `hooks`
-    after them (a test's `Interrupt`). Returns the final checkpoint's marker: what a
-    trainer for a new network calls (docs/development.md)."""
+    after them (a test's `Interrupt`); `on_resumed` once the resume point is accepted
+    (what a run records only when the folder is its own). Returns the final checkpoint's
+    marker: what a trainer for a new network calls (docs/development.md)."""
     trainer = Trainer(
         task, optimizer, train=schedule, seed=seed, num_workers=num_workers, device=device,
         paths=paths, meta={"fingerprint": fingerprint, **(meta or {})},
@@ -383,6 +384,8 @@ def fit(task: TrainTask, optimizer: torch.optim.Optimizer, *, schedule: LoopConf
         hooks=[*task_hooks, *standard_hooks(schedule, progress=progress), *hooks],
     )
     trainer.resume(fingerprint, allowed=schedule.resume)
+    if on_resumed is not None:
+        on_resumed()
     if trainer.finished:
         distributed.barrier()
     else:
