@@ -24,16 +24,13 @@ from cpal.errors import DatasetError
 SampleTransform = Callable[[np.ndarray, np.random.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
-class ClassificationDataset(Dataset):
-    """Augmented images with multi-hot labels for training the classifier."""
+class _SeededSamples(Dataset):
+    """Training samples whose augmentation depends on (seed, epoch, index) only: identical
+    across worker counts and across an interrupted-then-resumed run."""
 
-    def __init__(
-        self, layout: VOCLayout, split: str, transform: SampleTransform, seed: int
-    ) -> None:
-        self.layout = layout
-        self.ids = layout.split_ids(split)
-        self.labels = torch.from_numpy(layout.image_labels(self.ids))
-        self.transform = transform
+    ids: list[str]
+
+    def __init__(self, seed: int) -> None:
         self.seed = seed
         self.epoch = 0
 
@@ -43,8 +40,24 @@ class ClassificationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+
+class ClassificationDataset(_SeededSamples):
+    """Augmented images with multi-hot labels for training the classifier."""
+
+    def __init__(
+        self, layout: VOCLayout, split: str, transform: SampleTransform, seed: int
+    ) -> None:
+        super().__init__(seed)
+        self.layout = layout
+        self.ids = layout.split_ids(split)
+        self.labels = torch.from_numpy(layout.image_labels(self.ids))
+        self.transform = transform
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = self.rng(index)
         image, valid = self.transform(self.layout.load_image(self.ids[index]), rng)
         return {"image": image, "valid": valid, "label": self.labels[index], "index": index}
 
@@ -97,7 +110,7 @@ PairTransformFn = Callable[[np.ndarray, np.ndarray, np.random.Generator],
                            tuple[torch.Tensor, torch.Tensor]]
 
 
-class LabelledDataset(Dataset):
+class LabelledDataset(_SeededSamples):
     """Augmented images with label maps read from `label_dir`/<id>.png: the pseudo masks
     (or IR labels) a later network trains on. Never the dataset's GT masks: the labels
     are the pipeline's own files. Each sample's augmentation depends on (seed, epoch,
@@ -105,12 +118,11 @@ class LabelledDataset(Dataset):
 
     def __init__(self, layout: VOCLayout, ids: Sequence[str], label_dir: Path,
                  transform: PairTransformFn, seed: int) -> None:
+        super().__init__(seed)
         self.layout = layout
         self.ids = list(ids)
         self.label_dir = Path(label_dir)
         self.transform = transform
-        self.seed = seed
-        self.epoch = 0
 
     def label_path(self, image_id: str) -> Path:
         return self.label_dir / f"{image_id}.png"
@@ -131,14 +143,8 @@ class LabelledDataset(Dataset):
                     "height)"
                 )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
     def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = self.rng(index)
         image_id = self.ids[index]
         label = load_mask(self.label_path(image_id), self.layout.num_classes)
         image, target = self.transform(self.layout.load_image(image_id), label, rng)
