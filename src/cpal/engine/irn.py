@@ -12,6 +12,10 @@ Three steps, each resumable, each writing under OUT/refine/irn/:
 3. The random walk (`<split>/`): the maps on the stride-4 grid times (1 - boundary),
    propagated 2^exp_times steps along affinity^beta (`cpal.refine.random_walk`, batched),
    upsampled, divided by their maximum, argmax against the background plane.
+
+Each step takes its inputs and its folder as arguments (`write_ir_labels`, `train_irn`'s
+`root`, `WalkPlan`), so refinement `amn` (`cpal.engine.amn`) runs the same three on its
+own maps.
 """
 
 from __future__ import annotations
@@ -71,13 +75,16 @@ from cpal.refine.random_walk import (
 )
 from cpal.segmentation.losses import resize_labels
 
-__all__ = ["IRNTask", "train_irn"]
+__all__ = ["IRNTask", "WalkPlan", "make_ir_labels", "train_irn", "walk_split",
+           "write_ir_labels"]
 
 _log = get_logger(__name__)
 NAME = "irn"
-# Keys of the irn section that shape IRNet's training (the walk's do not).
-_TRAINING_KEYS = ("fg_threshold", "bg_threshold", "crf_preset", "trunk", "pretrained",
-                  "radius", "displacement", "train")
+# Keys of the irn section that shape IRNet itself: its trunk, pairs and schedule (the
+# walk's do not). AMN trains an IRNet on IR labels of its own maps, so only these.
+NETWORK_KEYS = ("trunk", "pretrained", "radius", "displacement", "train")
+# IRN's IRNet also owes its weights to the IR labels of the run's maps made by these.
+_TRAINING_KEYS = ("fg_threshold", "bg_threshold", "crf_preset", *NETWORK_KEYS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -107,22 +114,35 @@ def _ir_text(irn: IRNConfig) -> str:
             f"CRF {irn.crf_preset}; unsure 255)")
 
 
-def make_ir_labels(config: Config, layout: VOCLayout, progress: bool
+def write_ir_labels(config: Config, layout: VOCLayout, pairs: Sequence[tuple[str, Path]],
+                    directory: Path, params: IRLabelParams, record: dict[str, Any],
+                    desc: str, progress: bool) -> LabelFolder:
+    """IR labels of every image of `pairs` (id, maps file) not yet in `directory`, whose
+    record is `record` plus the parameters: any maps (the run's, AMN's) in the same way."""
+    folder = LabelFolder(directory, {"kind": "ir_labels", **record, "params": asdict(params)})
+    folder.claim()
+    todo = set(folder.pending([i for i, _ in pairs]))
+    jobs = {i: IRJob(layout.image_path(i), path, params) for i, path in pairs if i in todo}
+    refine_with_workers(ir_one, jobs, folder, config, desc, progress)
+    return folder
+
+
+def make_ir_labels(config: Config, layout: VOCLayout, progress: bool, *,
+                   directory: Path | None = None
                    ) -> tuple[LabelFolder, Provenance, list[str]]:
+    """The IR labels of the run's maps of `labels.split` by the `irn` section, in
+    `directory` (default: OUT/refine/irn/ir_labels/<split>/)."""
     split = config.labels.split
     pairs, identity = map_paths(config, layout, split)
     irn = config.irn
     provenance = Provenance(source_text("labels", identity), identity["inference"],
                             ChosenThreshold(irn.fg_threshold, "fixed", applied_to=split),
                             _ir_text(irn))
-    folder = LabelFolder(RunPaths(config.output_path).refinement(NAME) / "ir_labels" / split, {
-        "kind": "ir_labels", "maps": identity, "params": asdict(_ir_params(irn)),
-        "provenance": provenance.to_dict()})
-    folder.claim()
-    todo = set(folder.pending([i for i, _ in pairs]))
-    params = _ir_params(irn)
-    jobs = {i: IRJob(layout.image_path(i), path, params) for i, path in pairs if i in todo}
-    refine_with_workers(ir_one, jobs, folder, config, f"IR labels {split}", progress)
+    if directory is None:
+        directory = RunPaths(config.output_path).refinement(NAME) / "ir_labels" / split
+    folder = write_ir_labels(config, layout, pairs, directory, _ir_params(irn),
+                             {"maps": identity, "provenance": provenance.to_dict()},
+                             f"IR labels {split}", progress)
     return folder, provenance, [i for i, _ in pairs]
 
 
@@ -182,19 +202,22 @@ def build_irnet(config: Config) -> IRNet:
                  displacement=config.irn.displacement)
 
 
-def irn_fingerprint(config: Config, ir_record: dict[str, Any], trunk: dict[str, Any]
-                    ) -> dict[str, Any]:
-    fields = {k: v for k, v in asdict(config.irn).items() if k in _TRAINING_KEYS}
+def irn_fingerprint(config: Config, ir_record: dict[str, Any], trunk: dict[str, Any],
+                    keys: Sequence[str] = _TRAINING_KEYS) -> dict[str, Any]:
+    fields = {k: v for k, v in asdict(config.irn).items() if k in keys}
     return stage_fingerprint(config, fields, ir_labels=fingerprint_digest(ir_record),
                              trunk=trunk, arch=[config.model.arch, config.model.width,
                                                 config.model.output_stride])
 
 
 def train_irn(config: Config, layout: VOCLayout, ir_folder: LabelFolder, ids: Sequence[str],
-              *, progress: bool = True, hooks: Sequence[HookBase] = ()
+              *, root: Path | None = None, keys: Sequence[str] = _TRAINING_KEYS,
+              progress: bool = True, hooks: Sequence[HookBase] = ()
               ) -> tuple[Path, dict[str, Any]]:
     """Train (or resume) IRNet on the IR labels; returns the final checkpoint and its
-    fingerprint."""
+    fingerprint. `root`: where its checkpoints/ and train_log.jsonl go (default
+    OUT/refine/irn/); `keys`: the irn keys in its fingerprint (AMN leaves out the IR-label
+    keys it does not train on)."""
     device = setup(config)
     irn, t = config.irn, config.irn.train
     net = build_irnet(config)
@@ -214,8 +237,8 @@ def train_irn(config: Config, layout: VOCLayout, ir_folder: LabelFolder, ids: Se
     groups = net.param_groups(t.lr, t.weight_decay)
     optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum,
                                 weight_decay=t.weight_decay)
-    fingerprint = irn_fingerprint(config, ir_folder.record, trunk)
-    paths = RunPaths(RunPaths(config.output_path).refinement(NAME))
+    fingerprint = irn_fingerprint(config, ir_folder.record, trunk, keys)
+    paths = RunPaths(root if root is not None else RunPaths(config.output_path).refinement(NAME))
     checkpoint = fit(IRNTask(net, dataset, irn, device), optimizer, schedule=t,
                      seed=config.seed, num_workers=config.data.num_workers, device=device,
                      paths=paths, fingerprint=fingerprint, steps_per_epoch=steps,
@@ -236,42 +259,55 @@ def walk_params(irn: IRNConfig) -> RandomWalkParams:
                             bg_score=irn.bg_score, stride=irnet.GRID_STRIDE)
 
 
-def grid_maps(maps: np.ndarray, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+def grid_maps(maps: np.ndarray, grid: tuple[int, int], device: torch.device,
+              power: float = 1.0) -> torch.Tensor:
     """Full-resolution maps (C, H, W) averaged down to the boundary grid (IRN walks its
-    stride-4 CAMs)."""
+    stride-4 CAMs), then raised to `power` (AMN walks its maps^1.3)."""
     tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)).to(device)
     if tensor.shape[0] == 0:
         return tensor.new_zeros((0, *grid))
-    return F.interpolate(tensor[None], size=grid, mode="area")[0]
+    on_grid = F.interpolate(tensor[None], size=grid, mode="area")[0]
+    return on_grid if power == 1.0 else on_grid.pow(power)
 
 
 def _grid(height: int, width: int) -> tuple[int, int]:
     return -(-height // irnet.GRID_STRIDE), -(-width // irnet.GRID_STRIDE)
 
 
-def walk_split(config: Config, layout: VOCLayout, checkpoint: Path, fingerprint: dict,
-               progress: bool) -> tuple[LabelFolder, list[str]]:
-    """Random-walk labels of every image of `labels.split` not yet written."""
+@dataclass(frozen=True)
+class WalkPlan:
+    """What a random walk reads and writes: IRN's walks the run's maps, AMN's its own
+    maps raised to a power, both along an IRNet's boundaries."""
+
+    folder: LabelFolder
+    """Where the labels go, with its record (its `maps`: the run's maps identity, which
+    the labels stage checks)."""
+    maps: dict[str, Path]
+    """id -> maps file of every image of the split, in the split's order."""
+    network: Path
+    """The IRNet's folder (its checkpoints/)."""
+    fingerprint: dict[str, Any]
+    """The IRNet's training fingerprint (its checkpoint is refused under another)."""
+    power: float = 1.0
+    """The maps on the boundary grid are raised to this first (AMN: 1.3)."""
+
+
+def walk_split(config: Config, layout: VOCLayout, plan: WalkPlan, progress: bool
+               ) -> tuple[LabelFolder, list[str]]:
+    """Random-walk labels of every image of `plan.maps` not yet written."""
     split, irn = config.labels.split, config.irn
-    pairs, identity = map_paths(config, layout, split)
-    paths = RunPaths(config.output_path)
-    params = walk_params(irn)
-    folder = LabelFolder(paths.refined(NAME, split), {
-        "kind": "irn", "maps": identity, "checkpoint": checkpoint.name,
-        "irnet": fingerprint_digest(fingerprint), "walk": asdict(params),
-        "boundary_flip": irn.boundary_flip,
-        "provenance": irn_provenance(config, identity).to_dict()})
+    folder, ids = plan.folder, list(plan.maps)
     folder.claim()
-    todo = folder.pending([i for i, _ in pairs])
+    todo = folder.pending(ids)
     if not todo:
-        return folder, [i for i, _ in pairs]
+        return folder, ids
     device = setup(config)
-    _, ckpt = load_finished_checkpoint(paths.refinement(NAME) / "checkpoints", fingerprint,
+    _, ckpt = load_finished_checkpoint(plan.network / "checkpoints", plan.fingerprint,
                                        "cpal refine")
     net = build_irnet(config)
     net.load_state_dict(ckpt.model)
     net.to(device).eval()
-    map_file = dict(pairs)
+    params = walk_params(irn)
     dataset = InferenceDataset(layout, todo)
     loader = DataLoader(dataset, batch_sampler=SameSizeBatchSampler(dataset.sizes(),
                                                                     irn.walk_batch),
@@ -284,10 +320,10 @@ def walk_split(config: Config, layout: VOCLayout, checkpoint: Path, fingerprint:
         with torch.inference_mode(), autocast(device, irn.train.precision):
             boundary = boundary_map(net, rescaled(images, scale), flip=irn.boundary_flip)
             boundary = boundary[:, 0].float()
-        records = [load_maps(map_file[i]) for i in batch["id"]]
+        records = [load_maps(plan.maps[i]) for i in batch["id"]]
         grid = tuple(boundary.shape[-2:])
-        maps, walls = stack_for_walk([grid_maps(r.maps, grid, device) for r in records],
-                                     list(boundary))
+        maps, walls = stack_for_walk([grid_maps(r.maps, grid, device, plan.power)
+                                      for r in records], list(boundary))
         with torch.inference_mode():
             walked = random_walk(maps, walls, params)
             if scale != 1.0:  # the walk ran on the enlarged image's grid: back to the image's
@@ -299,7 +335,25 @@ def walk_split(config: Config, layout: VOCLayout, checkpoint: Path, fingerprint:
                                                       (height, width), params))
         bar.update(len(records))
     bar.close()
-    return folder, [i for i, _ in pairs]
+    return folder, ids
+
+
+def walk_record(config: Config, checkpoint: Path, fingerprint: dict[str, Any]
+                ) -> dict[str, Any]:
+    """What a walk's labels owe to its IRNet and the walk's settings (for its record)."""
+    return {"checkpoint": checkpoint.name, "irnet": fingerprint_digest(fingerprint),
+            "walk": asdict(walk_params(config.irn)), "boundary_flip": config.irn.boundary_flip}
+
+
+def _irn_walk_plan(config: Config, layout: VOCLayout, checkpoint: Path, fingerprint: dict
+                   ) -> WalkPlan:
+    split = config.labels.split
+    pairs, identity = map_paths(config, layout, split)
+    paths = RunPaths(config.output_path)
+    folder = LabelFolder(paths.refined(NAME, split), {
+        "kind": "irn", "maps": identity, **walk_record(config, checkpoint, fingerprint),
+        "provenance": irn_provenance(config, identity).to_dict()})
+    return WalkPlan(folder, dict(pairs), paths.refinement(NAME), fingerprint)
 
 
 def irn_provenance(config: Config, identity: dict[str, Any]) -> Provenance:
@@ -317,15 +371,22 @@ def _refine_irn(config: Config, layout: VOCLayout, progress: bool,
     ir_folder, ir_provenance, ids = make_ir_labels(config, layout, progress)
     checkpoint, fingerprint = train_irn(config, layout, ir_folder, ids, progress=progress,
                                         hooks=hooks)
-    folder, ids = walk_split(config, layout, checkpoint, fingerprint, progress)
+    plan = _irn_walk_plan(config, layout, checkpoint, fingerprint)
+    folder, ids = walk_split(config, layout, plan, progress)
     split = config.labels.split
-    ir_scores = evaluate_labels(layout, split, ids, ir_folder.directory, ir_provenance)
     provenance = Provenance.from_dict(folder.record["provenance"])
     return {
         "labels": evaluate_labels(layout, split, ids, folder.directory, provenance).to_dict(),
-        "ir_labels": {**ir_scores.to_dict(), "ignored": _ignored_share(ir_folder, ids)},
+        "ir_labels": ir_label_scores(layout, split, ir_folder, ids, ir_provenance),
         "checkpoint": checkpoint.name,
     }
+
+
+def ir_label_scores(layout: VOCLayout, split: str, folder: LabelFolder, ids: Sequence[str],
+                    provenance: Provenance) -> dict[str, Any]:
+    """An IR-label folder's scores (unsure pixels as background) and its unsure share."""
+    scores = evaluate_labels(layout, split, ids, folder.directory, provenance)
+    return {**scores.to_dict(), "ignored": _ignored_share(folder, ids)}
 
 
 def _ignored_share(folder: LabelFolder, ids: Sequence[str]) -> float:
@@ -339,7 +400,16 @@ def _ignored_share(folder: LabelFolder, ids: Sequence[str]) -> float:
     return round(100.0 * ignored / max(total, 1), 2)
 
 
-def _check_irn(config: Config, layout: VOCLayout) -> None:
+def check_irnet(config: Config, layout: VOCLayout) -> None:
+    """Refuse, before any training, an IRNet it cannot build: a trunk that is not a
+    ResNet, or a trunk source that cannot work."""
+    from cpal.models.registry import BACKBONES
+
+    if config.model.arch not in BACKBONES:
+        raise ConfigError(
+            f"'refine.method': {config.refine.method} trains IRNet on a ResNet trunk "
+            f"(model.arch), not {config.model.arch}; use refine.method=crf with method "
+            f"{config.method}")
     problem = trunk_problem(config, config.irn.trunk, _irn_pretrained(config), "irn",
                             config.model.arch, config.model.width)
     if problem is not None:
@@ -348,4 +418,4 @@ def _check_irn(config: Config, layout: VOCLayout) -> None:
 
 register_refinement(RefinementMethod(
     NAME, "IRN: IR labels, IRNet's boundary branch on a frozen trunk, random walk",
-    run=_refine_irn, check=_check_irn))
+    run=_refine_irn, check=check_irnet))

@@ -30,27 +30,35 @@ _NAMED = 10  # damaged files named one per line; the rest are counted
 
 
 class LabelFolder:
-    """`directory`/<id>.png made from what `record` describes (a JSON-ready dict)."""
+    """`directory`/<id>.png made from what `record` describes (a JSON-ready dict).
+    A subclass keeps other per-image files by the same rule (`suffix`, `problem`)."""
+
+    suffix = ".png"
+    what = "label file"
 
     def __init__(self, directory: Path, record: dict[str, Any]) -> None:
         self.directory = Path(directory)
         self.record = record
 
     def path(self, image_id: str) -> Path:
-        return self.directory / f"{image_id}.png"
+        return self.directory / f"{image_id}{self.suffix}"
+
+    def problem(self, path: Path) -> str | None:
+        """Why an existing file is not complete (None: it is)."""
+        return None if png_complete(path) else "truncated PNG"
 
     def stored_record(self) -> dict[str, Any] | None:
         path = self.directory / RECORD
         return read_json(path) if path.is_file() else None
 
     def claim(self) -> None:
-        """Make the folder this record's: a folder made from other inputs loses its PNGs
+        """Make the folder this record's: a folder made from other inputs loses its files
         (they would be mixed with new ones), with a note saying which inputs changed."""
         self.directory.mkdir(parents=True, exist_ok=True)
         stored = self.stored_record()
         if stored == self.record:
             return
-        old = sorted(self.directory.glob("*.png"))
+        old = sorted(self.directory.glob(f"*{self.suffix}"))
         if old:
             what = ", ".join(changed_keys(stored, self.record)) if stored else "no record"
             _log.info("%s: %d files made from other inputs (%s); making them again",
@@ -60,19 +68,21 @@ class LabelFolder:
         write_json_atomic(self.directory / RECORD, self.record)
 
     def pending(self, ids: Sequence[str]) -> list[str]:
-        """The ids without a complete PNG (after `claim`); damaged files are named."""
+        """The ids without a complete file (after `claim`); damaged files are named."""
         todo, damaged = [], []
         for image_id in ids:
             path = self.path(image_id)
             if not path.exists():
                 todo.append(image_id)
-            elif not png_complete(path):
+                continue
+            problem = self.problem(path)
+            if problem is not None:
                 todo.append(image_id)
-                damaged.append(path)
-        for path in damaged[:_NAMED]:
-            warn(f"{path}: damaged label file (truncated PNG); redoing it")
+                damaged.append(f"{path}: damaged {self.what} ({problem}); redoing it")
+        for line in damaged[:_NAMED]:
+            warn(line)
         if len(damaged) > _NAMED:
-            warn(f"{self.directory}: {len(damaged) - _NAMED} more damaged label files; "
+            warn(f"{self.directory}: {len(damaged) - _NAMED} more damaged {self.what}s; "
                  "redoing them")
         return todo
 
