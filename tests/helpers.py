@@ -75,6 +75,20 @@ def chain_overrides(refine: str = "irn") -> list[str]:
     ]
 
 
+def amn_overrides() -> list[str]:
+    """`chain_overrides("amn")` plus AMN's network CPU-sized: on the CAM network's trunk,
+    one epoch of 3 steps on 48 px crops."""
+    return [
+        *chain_overrides("amn"),
+        "amn.trunk=cam",
+        "amn.train.epochs=1",
+        "amn.train.batch_size=8",
+        "amn.train.crop_size=48",
+        "amn.train.lr=0.001",
+        "amn.train.log_every=1",
+    ]
+
+
 def cli_error(err: str) -> str:
     """The one `cpal: error:` line of a command's stderr (exactly one, no traceback)."""
     lines = [line for line in err.splitlines() if line.startswith("cpal: error: ")]

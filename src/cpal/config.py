@@ -594,7 +594,7 @@ class RefineConfig:
     """Refinement of the maps into pseudo masks, between the seeds and the final labels
     (docs/pipeline.md, "refine"). `method` is a registered refinement
     (`cpal.engine.refine.REFINEMENTS`): none (the seeds are the pseudo masks), crf (dense
-    CRF with `preset`) or irn (the `irn` section)."""
+    CRF with `preset`), irn (the `irn` section) or amn (the `amn` section, then IRN's)."""
 
     method: str = "none"
     preset: str = "irn"
@@ -671,6 +671,72 @@ class IRNConfig:
         need(0 <= self.exp_times <= 16, f"{at}.exp_times", "must lie in [0, 16]")
         need(0 <= self.bg_score <= 1, f"{at}.bg_score", "must lie in [0, 1]")
         need(self.walk_batch >= 1, f"{at}.walk_batch", "must be >= 1")
+        self.train.validate(f"{at}.train")
+
+
+def _amn_schedule() -> StageTrainConfig:
+    # AMN's train_amn: crop 512, batch 16, 5 epochs, rescale 0.5-1.5, flip; Adam at lr 5e-6
+    # on the trunk (x20 on the new layers: 1e-4), weight decay 1e-4, a constant rate.
+    return StageTrainConfig(epochs=5, batch_size=16, crop_size=512, scale_range=[0.5, 1.5],
+                            lr=5e-6, momentum=0.0, weight_decay=1e-4, poly_power=0.0)
+
+
+@dataclass
+class AMNConfig:
+    """AMN (Lee et al., CVPR 2022) as refinement method amn (docs/pipeline.md): a
+    label-conditioned per-pixel classifier trained on the IR labels of the run's maps
+    (the `irn` section's fg_threshold / bg_threshold / crf_preset), its maps, their IR
+    labels (fg_threshold / bg_threshold here), then IRN's boundary network and random
+    walk (the `irn` section's) on those maps raised to `power`."""
+
+    trunk: Literal["pretrained", "cam"] = "pretrained"
+    """Where the ResNet (model.arch, model.width; trained, not frozen) starts: ImageNet
+    weights (`pretrained`, AMN's) or this run's trained CAM network (`cam`)."""
+    pretrained: str | None = None
+    """ImageNet file of the trunk; null: model.pretrained."""
+    eps: float = 0.4
+    """Label smoothing of the per-pixel loss: 1 - eps on the pixel's label, eps / C on each
+    of the C others (C: the dataset's foreground classes; AMN: 0.4)."""
+    rates: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
+    """Dilation rates of the summed ASPP head (DeepLab-v2's, as AMN)."""
+    dropout: float = 0.1
+    """Dropout before the ASPP head in training (AMN: 0.1)."""
+    optimizer: str = "adam"
+    """A registered optimizer (`cpal.engine.optim.OPTIMIZERS`): adam (AMN's, betas
+    0.9/0.999, weight decay as L2); sgd reads amn.train.momentum."""
+    head_lr_mult: float = 20.0
+    """The new layers (label encoder, ASPP) train at amn.train.lr x this (AMN: 1e-4 against
+    the trunk's 5e-6)."""
+    train: StageTrainConfig = field(default_factory=_amn_schedule)
+    raw_on_background: bool = True
+    """Where the IR labels AMN trained on say background, the maps keep the softmax itself
+    rather than its per-image min-max normalisation (the reference's make_amn_cam), so
+    normalising cannot raise the background."""
+    fg_threshold: float = 0.45
+    """Confident foreground of the IR labels made from AMN's maps (AMN: 0.45)."""
+    bg_threshold: float = 0.15
+    """Confident background of those IR labels (AMN: 0.15)."""
+    crf_preset: str = "irn"
+    """CRF of those IR labels (a preset on a label unary)."""
+    power: float = 1.3
+    """AMN's maps on the boundary grid are raised to this before IRN's random walk (1.3)."""
+
+    def validate(self, at: str) -> None:
+        from cpal.engine.optim import OPTIMIZERS
+        from cpal.refine.crf import PRESETS
+
+        need(0 <= self.eps < 1, f"{at}.eps", "must lie in [0, 1)")
+        need(bool(self.rates) and all(r >= 1 for r in self.rates), f"{at}.rates",
+             "must name at least one rate, each >= 1")
+        need(0 <= self.dropout < 1, f"{at}.dropout", "must lie in [0, 1)")
+        self.optimizer = OPTIMIZERS.check(self.optimizer, f"{at}.optimizer")
+        need(self.head_lr_mult > 0, f"{at}.head_lr_mult", "must be > 0")
+        need(0 <= self.bg_threshold <= self.fg_threshold <= 1, f"{at}.bg_threshold",
+             f"must satisfy 0 <= bg_threshold <= fg_threshold ({self.fg_threshold}) <= 1")
+        self.crf_preset = PRESETS.check(self.crf_preset, f"{at}.crf_preset")
+        need(PRESETS[self.crf_preset].unary == "labels", f"{at}.crf_preset",
+             f"IR labels refine label maps: preset {self.crf_preset} takes probabilities")
+        need(self.power > 0, f"{at}.power", "must be > 0")
         self.train.validate(f"{at}.train")
 
 
@@ -830,6 +896,7 @@ class Config:
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     irn: IRNConfig = field(default_factory=IRNConfig)
+    amn: AMNConfig = field(default_factory=AMNConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     viz: VizConfig = field(default_factory=VizConfig)
@@ -1117,6 +1184,7 @@ def _resolve_paths(config: Config) -> Config:
     config.data.cache_dir = absolute(config.data.cache_dir)
     config.model.pretrained = absolute(config.model.pretrained)
     config.irn.pretrained = absolute(config.irn.pretrained)
+    config.amn.pretrained = absolute(config.amn.pretrained)
     config.segment.pretrained = absolute(config.segment.pretrained)
     config.clip_es.tokenizer = absolute(config.clip_es.tokenizer)
     return config

@@ -148,3 +148,18 @@ def test_the_walk_reads_the_maps_on_the_grid_raised_to_the_power():
     on_grid = grid_maps(maps, (1, 1), torch.device("cpu"), power=1.3)
     assert on_grid.item() == pytest.approx(0.4 ** 1.3, rel=1e-6)
     assert grid_maps(maps, (1, 1), torch.device("cpu")).item() == pytest.approx(0.4)
+
+
+def test_dropout_draws_from_the_given_generator_in_training_only():
+    torch.manual_seed(0)
+    net = AMN(3, arch="resnet18", width=0.125, dropout=0.5).train()
+    images, labels = torch.randn(2, 3, 32, 32), torch.eye(3)[:2]
+
+    def logits(seed: int) -> torch.Tensor:
+        with torch.no_grad():
+            return net(images, labels, torch.Generator().manual_seed(seed))
+
+    assert torch.equal(logits(1), logits(1))  # the masks are the generator's alone
+    assert not torch.allclose(logits(1), logits(2))
+    net.eval()
+    assert torch.equal(logits(1), logits(2))  # no dropout at inference

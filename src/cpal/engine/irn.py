@@ -407,8 +407,8 @@ def check_irnet(config: Config, layout: VOCLayout) -> None:
 
     if config.model.arch not in BACKBONES:
         raise ConfigError(
-            f"'refine.method': {config.refine.method} trains IRNet on a ResNet trunk "
-            f"(model.arch), not {config.model.arch}; use refine.method=crf with method "
+            f"'refine.method': {config.refine.method} builds IRNet on model.arch, which must "
+            f"be a ResNet, not {config.model.arch}; use refine.method=crf with method "
             f"{config.method}")
     problem = trunk_problem(config, config.irn.trunk, _irn_pretrained(config), "irn",
                             config.model.arch, config.model.width)

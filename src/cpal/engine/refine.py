@@ -5,8 +5,9 @@ A `RefinementMethod` writes OUT/refine/<name>/<split>/<id>.png (a `LabelFolder`:
 damaged files redone) and returns its scores for `metrics.json`; the labels stage then
 publishes its folder as the final pseudo masks. `none` refines nothing (the seeds are the
 pseudo masks), `crf` runs the dense CRF of `refine.preset` over worker processes, `irn`
-(`cpal.engine.irn`) IRN's relation network and random walk. A new method (AMN's, a learned
-one) is a module that registers its `RefinementMethod`, plus its name in the builtins.
+(`cpal.engine.irn`) IRN's relation network and random walk, `amn` (`cpal.engine.amn`)
+AMN's network and its maps before IRN's. A new method is a module that registers its
+`RefinementMethod`, plus its name in the builtins.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class RefinementMethod:
 
 
 REFINEMENTS: Registry[RefinementMethod] = Registry(
-    "refinement method", builtins=("cpal.engine.refine", "cpal.engine.irn"))
+    "refinement method", builtins=("cpal.engine.refine", "cpal.engine.irn", "cpal.engine.amn"))
 
 
 def register_refinement(method: RefinementMethod) -> RefinementMethod:

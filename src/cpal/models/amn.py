@@ -50,9 +50,11 @@ class AMN(nn.Module):
         # AMN's trunk: FixedBatchNorm everywhere, conv1 / bn1 never trained.
         self.backbone = build_backbone(arch, width=width, output_stride=output_stride,
                                        frozen_bn=True, frozen_stages=1)
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         channels = self.backbone.num_features
         self.label_enc = nn.Linear(num_classes, channels)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         self.aspp = SummedASPP(channels, num_classes + 1, rates)
 
     def condition(self, features: Tensor, labels: Tensor) -> Tensor:
@@ -64,9 +66,17 @@ class AMN(nn.Module):
         code = self.label_enc(labels.to(features.dtype))
         return features * code[:, :, None, None]
 
-    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
-        features = self.backbone(images)[-1]
-        return self.aspp(self.dropout(self.condition(features, labels)))
+    def forward(self, images: Tensor, labels: Tensor,
+                generator: torch.Generator | None = None) -> Tensor:
+        """Logits of `images` conditioned on their `labels` (B, C). In training, dropout
+        draws its mask from `generator` (on the images' device) when given, so that a
+        resumed run draws the masks an uninterrupted one did (nn.Dropout would draw from
+        the global generator, whose state no checkpoint holds)."""
+        x = self.condition(self.backbone(images)[-1], labels)
+        if self.training and self.dropout > 0:
+            keep = 1.0 - self.dropout
+            x = x * torch.empty_like(x).bernoulli_(keep, generator=generator) / keep
+        return self.aspp(x)
 
     def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float
                      ) -> list[ParamGroup]:
