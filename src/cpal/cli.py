@@ -30,7 +30,7 @@ _STAGE_HELP = {
     "train": "train the CAM network (resumes from the newest checkpoint)",
     "infer": "multi-scale + flip maps, one .npz per image (skips finished images)",
     "evaluate": "score maps against GT over all background thresholds",
-    "refine": "refine the maps by refine.method (crf, irn) into label PNGs and score them",
+    "refine": "refine the maps by refine.method (crf, irn, amn) into label PNGs and score them",
     "labels": "seeds and final pseudo masks (OUT/labels/<split>/) as palette PNGs, scored",
     "segment": "train segment.network on the pseudo masks (resumes)",
     "segment-eval": "predict segment.splits with the segmentation network and score them",
@@ -93,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also sweep the positiveness score (dot/cosine/l2, on raw "
                         "prototypes: prototype.normalize=false), K, this library's earlier "
                         "choices on the faithful sipe (one at a time), or SFC's additions")
+    compare = sub.add_parser(
+        "compare", help="each base pipeline alone and with CPAL on the same data and seeds; "
+                        "one table",
+        description="For each base (irn, amn, crf: method=cam vs method=cpal with that "
+        "refinement; mctformer, clip-es: the method vs its -cpal variant) runs both arms for "
+        "--seeds seeds under OUTPUT_DIR/compare/<arm>/seed<k>/ (resumable; finished arms are "
+        "read back) and writes compare.md and compare.csv there: seeds, pseudo masks and "
+        "segmentation mIoU, mean ± std, each with its protocol.",
+    )
+    _add_config_args(compare)
+    compare.add_argument("--bases", default="irn", metavar="NAME[,NAME...]",
+                         help="comma-separated bases: irn, amn, crf, mctformer, clip-es "
+                              "(default irn)")
+    compare.add_argument("--seeds", type=int, default=1, help="seeds per arm (default 1)")
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     gen = data_sub.add_parser("generate", help="generate the built-in dataset; print its root")
@@ -243,6 +257,15 @@ def _cmd_ablate(cfg: Config, args: argparse.Namespace) -> Any:
     return {"table": str(path)}
 
 
+def _cmd_compare(cfg: Config, args: argparse.Namespace) -> Any:
+    from cpal.compare import compare, parse_bases
+
+    path = compare(args.config, list(args.overrides), bases=parse_bases(args.bases),
+                   seeds=args.seeds, progress=not args.no_progress)
+    print(path.read_text(encoding="utf-8"))
+    return {"table": str(path)}
+
+
 def _cmd_config(cfg: Config, args: argparse.Namespace) -> Any:
     print(cfg.to_yaml(), end="")
 
@@ -320,6 +343,7 @@ _COMMANDS: dict[str, Callable[[Config, argparse.Namespace], Any]] = {
     "figures": _cmd_figures,
     "config": _cmd_config,
     "ablate": _cmd_ablate,
+    "compare": _cmd_compare,
     "data": _cmd_data,
 }
 
