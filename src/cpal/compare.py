@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from cpal.config import Config, load_config
+from cpal.data.source import open_dataset
 from cpal.engine.identity import fingerprint_digest
 from cpal.engine.paths import RunPaths
+from cpal.engine.refine import REFINEMENTS
 from cpal.errors import ConfigError
 from cpal.io import read_json, write_json_atomic, write_text_atomic
 from cpal.log import get_logger
@@ -123,8 +125,8 @@ def row_of(cfg: Config, metrics: dict[str, Any]) -> dict[str, Any]:
 def compare(config_path: str | os.PathLike[str] | None, overrides: Sequence[str], *,
             bases: Sequence[str], seeds: int, progress: bool = True) -> Path:
     """Run both arms of every base for `seeds` seeds; write compare.md and compare.csv
-    under OUTPUT/compare/; return the .md. Every arm's config is loaded (and refused in
-    one line) before the first run starts."""
+    under OUTPUT/compare/; return the .md. Every arm's config and what its refinement
+    needs are checked (and refused in one line) before the first run starts."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     base = load_config(config_path, list(overrides))
@@ -138,6 +140,10 @@ def compare(config_path: str | os.PathLike[str] | None, overrides: Sequence[str]
                     cfg = load_config(config_path, [
                         *overrides, *arm.overrides, f"seed={seed}",
                         f"output_dir={root / arm.folder / f'seed{seed}'}"])
+                    if i == 0:  # what the refinement needs (IRN and AMN: a ResNet, a trunk)
+                        refinement = REFINEMENTS.get(cfg.refine.method)
+                        if refinement.check is not None:
+                            refinement.check(cfg, open_dataset(cfg.data))
                 except ConfigError as exc:
                     raise ConfigError(f"--bases {name} (arm '{arm.name}'): {exc}") from exc
                 plans.append((arm, seed, cfg))

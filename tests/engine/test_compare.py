@@ -58,10 +58,13 @@ def _fake_run(calls: list[str]):
     return fake
 
 
-def test_table_has_a_row_per_arm_a_column_per_stage_and_protocols(tmp_path, monkeypatch):
+def test_table_has_a_row_per_arm_a_column_per_stage_and_protocols(tiny_dataset, tmp_path,
+                                                                  monkeypatch):
     calls: list[str] = []
     monkeypatch.setattr(compare_module, "run", _fake_run(calls))
-    md_path = compare(None, [f"output_dir={tmp_path}"], bases=["irn", "amn"], seeds=2)
+    given = [f"data.root={tiny_dataset}", f"output_dir={tmp_path}", "irn.trunk=cam",
+             "amn.trunk=cam"]
+    md_path = compare(None, given, bases=["irn", "amn"], seeds=2)
     root = tmp_path / "compare"
     assert md_path == root / "compare.md"
     assert sorted(calls) == sorted(str(root / arm / f"seed{s}") for arm in
@@ -86,18 +89,17 @@ def test_table_has_a_row_per_arm_a_column_per_stage_and_protocols(tmp_path, monk
 
     # A rerun reads every finished arm back and runs nothing; a third seed runs alone.
     calls.clear()
-    assert compare(None, [f"output_dir={tmp_path}"], bases=["irn", "amn"], seeds=2
-                   ).read_text() == md
+    assert compare(None, given, bases=["irn", "amn"], seeds=2).read_text() == md
     assert calls == []
-    compare(None, [f"output_dir={tmp_path}"], bases=["irn"], seeds=3)
+    compare(None, given, bases=["irn"], seeds=3)
     assert sorted(calls) == sorted([str(root / "irn" / "seed2"), str(root / "irn-cpal" / "seed2")])
     # Other settings are another run: the folder's run resumes under them.
     calls.clear()
-    compare(None, [f"output_dir={tmp_path}", "labels.threshold=0.3"], bases=["irn"], seeds=1)
+    compare(None, [*given, "labels.threshold=0.3"], bases=["irn"], seeds=1)
     assert len(calls) == 2
 
 
-def test_a_stage_no_run_produced_has_no_column(tmp_path, monkeypatch):
+def test_a_stage_no_run_produced_has_no_column(tiny_dataset, tmp_path, monkeypatch):
     def fake(cfg, **_):
         metrics = {"seeds": {"miou": 40.0, "protocol": _protocol("train", "seeds")},
                    "pseudo_labels": {"miou": 40.0, "protocol": _protocol("train", "seeds")}}
@@ -105,7 +107,8 @@ def test_a_stage_no_run_produced_has_no_column(tmp_path, monkeypatch):
         return metrics
 
     monkeypatch.setattr(compare_module, "run", fake)
-    md = compare(None, [f"output_dir={tmp_path}"], bases=["crf"], seeds=1).read_text()
+    md = compare(None, [f"data.root={tiny_dataset}", f"output_dir={tmp_path}"], bases=["crf"],
+                 seeds=1).read_text()
     assert "segmentation" not in md.splitlines()[0]
     assert "| crf | cam | crf | 1 | 40.0 [1] | 40.0 [1] |" in md  # one run: no std
 
@@ -147,14 +150,24 @@ def test_compare_runs_every_arm_on_tiny_data_and_reuses_them(tiny_dataset, tmp_p
     assert (out / "compare" / "compare.md").read_text() == md
 
 
-def test_bases_that_do_not_fit_the_config_are_refused_before_any_run(tmp_path, capsys):
+def test_bases_that_do_not_fit_the_config_are_refused_before_any_run(tiny_dataset, tmp_path,
+                                                                      capsys):
     config = tmp_path / "c.yaml"
     config.write_text("{}\n")
     out = tmp_path / "run"
-    assert main(["compare", str(config), f"output_dir={out}", "--bases", "irn,mctformer"]) == 2
+    data = f"data.root={tiny_dataset}"
+    assert main(["compare", str(config), data, f"output_dir={out}", "irn.trunk=cam",
+                 "--bases", "irn,mctformer"]) == 2
     line = cli_error(capsys.readouterr().err)
     assert "--bases mctformer (arm 'mctformer'): 'model.arch': method mctformer runs on" in line
     assert not (out / "compare").exists()
+    # A transformer config whose refinement builds a ResNet: refused before the first arm.
+    assert main(["compare", str(config), data, f"output_dir={out}", "method=mctformer",
+                 "model.arch=deit_tiny", "refine.method=irn", "--bases", "mctformer"]) == 2
+    assert ("--bases mctformer (arm 'mctformer'): 'refine.method': irn builds IRNet on "
+            "model.arch, which must be a ResNet, not deit_tiny") in cli_error(
+        capsys.readouterr().err)
+    assert not out.exists()
     assert main(["compare", str(config), f"output_dir={out}", "--bases", "amn,inr"]) == 2
     assert "'--bases': unknown comparison base 'inr' (did you mean 'irn'?)" in cli_error(
         capsys.readouterr().err)
