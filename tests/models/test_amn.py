@@ -155,11 +155,16 @@ def test_dropout_draws_from_the_given_generator_in_training_only():
     net = AMN(3, arch="resnet18", width=0.125, dropout=0.5).train()
     images, labels = torch.randn(2, 3, 32, 32), torch.eye(3)[:2]
 
-    def logits(seed: int) -> torch.Tensor:
+    def logits(*seeds: int, batch: slice = slice(None)) -> torch.Tensor:
         with torch.no_grad():
-            return net(images, labels, torch.Generator().manual_seed(seed))
+            return net(images[batch], labels[batch],
+                       [torch.Generator().manual_seed(s) for s in seeds])
 
-    assert torch.equal(logits(1), logits(1))  # the masks are the generator's alone
-    assert not torch.allclose(logits(1), logits(2))
+    assert torch.equal(logits(1, 2), logits(1, 2))  # the masks are the generators' alone
+    assert not torch.allclose(logits(1, 2)[1], logits(1, 3)[1])
+    # Image 1's mask is its own generator's, not its batch's: the same alone.
+    assert torch.allclose(logits(3, batch=slice(1, 2))[0], logits(1, 3)[1], atol=1e-6)
+    with pytest.raises(ValueError, match="1 generators for 2 images"):
+        logits(1)
     net.eval()
-    assert torch.equal(logits(1), logits(2))  # no dropout at inference
+    assert torch.equal(logits(1, 2), logits(3, 4))  # no dropout at inference

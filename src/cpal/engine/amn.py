@@ -116,10 +116,10 @@ class AMNTask:
         self.net, self.dataset, self.amn, self.device = net, dataset, amn, device
         self.seed = seed
 
-    def dropout_generator(self, indices: Sequence[int]) -> torch.Generator:
-        """The dropout masks of a micro-batch from (seed, epoch, its images) alone: the same
-        after a resume, whatever the process count."""
-        state = np.random.SeedSequence([self.seed, self.dataset.epoch, *indices])
+    def dropout_generator(self, index: int) -> torch.Generator:
+        """An image's dropout mask from (seed, epoch, image) alone: the same after a
+        resume, whatever the process count or accumulation."""
+        state = np.random.SeedSequence([self.seed, self.dataset.epoch, index])
         seed = int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
         return torch.Generator(device=self.device).manual_seed(seed)
 
@@ -129,8 +129,8 @@ class AMNTask:
         images = item["image"].to(self.device, non_blocking=True)
         if self.amn.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        generator = self.dropout_generator([int(i) for i in item["index"]])
-        logits = model(images, item["classes"].to(self.device), generator)
+        generators = [self.dropout_generator(int(i)) for i in item["index"]]
+        logits = model(images, item["classes"].to(self.device), generators)
         # The reference resizes the labels to the logits' grid by PIL's nearest.
         labels = resize_labels(item["label"].to(self.device), logits.shape[-2:])
         terms = amn_loss(logits.float(), labels, self.amn.eps)

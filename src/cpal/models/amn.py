@@ -67,15 +67,23 @@ class AMN(nn.Module):
         return features * code[:, :, None, None]
 
     def forward(self, images: Tensor, labels: Tensor,
-                generator: torch.Generator | None = None) -> Tensor:
+                generators: Sequence[torch.Generator] | None = None) -> Tensor:
         """Logits of `images` conditioned on their `labels` (B, C). In training, dropout
-        draws its mask from `generator` (on the images' device) when given, so that a
-        resumed run draws the masks an uninterrupted one did (nn.Dropout would draw from
-        the global generator, whose state no checkpoint holds)."""
+        draws image i's mask from `generators[i]` (on the images' device) when given, so
+        that a resumed run draws the masks an uninterrupted one did, however the batch is
+        split (nn.Dropout would draw from the global generator, whose state no checkpoint
+        holds)."""
         x = self.condition(self.backbone(images)[-1], labels)
         if self.training and self.dropout > 0:
             keep = 1.0 - self.dropout
-            x = x * torch.empty_like(x).bernoulli_(keep, generator=generator) / keep
+            if generators is None:
+                mask = torch.empty_like(x).bernoulli_(keep)
+            else:
+                if len(generators) != x.shape[0]:
+                    raise ValueError(f"{len(generators)} generators for {x.shape[0]} images")
+                mask = torch.cat([torch.empty_like(x[i: i + 1]).bernoulli_(keep, generator=g)
+                                  for i, g in enumerate(generators)])
+            x = x * mask / keep
         return self.aspp(x)
 
     def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float
