@@ -131,9 +131,9 @@ def amn_loss(logits: Tensor, labels: Tensor, eps: float = 0.4,
     """AMN's per-pixel classification loss: the cross entropy of log_softmax(logits)
     (B, K, h, w) against the label-smoothed targets of `labels` (B, h, w) (0 background,
     1..K-1 classes, `ignore_index` unsure), averaged separately over the foreground and
-    over the background pixels; the total is half their sum (the reference code's
-    balanced_cross_entropy; the paper writes the sum, which under Adam differs only in
-    the weight of the L2 weight decay against it)."""
+    over the background pixels; the total is half their sum, as the reference code's
+    balanced_cross_entropy (a plain sum would differ under Adam only in the weight of the
+    L2 weight decay against the loss)."""
     if logits.ndim != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(f"logits (B, K, h, w) and labels (B, h, w) of one grid expected, "
                          f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
