@@ -44,7 +44,6 @@ from cpal.data.datasets import (
 )
 from cpal.data.images import load_mask
 from cpal.data.source import dataset_scale
-from cpal.data.transforms import PairTransform, scaled_range
 from cpal.data.voc import VOCLayout
 from cpal.engine.hooks import HookBase
 from cpal.engine.identity import fingerprint_digest, load_finished_checkpoint, stage_fingerprint
@@ -66,8 +65,7 @@ from cpal.engine.paths import RunPaths
 from cpal.engine.refine import RefinementMethod, register_refinement
 from cpal.engine.runtime import autocast, setup
 from cpal.engine.trainer import fit
-from cpal.engine.trunks import init_trunk, trunk_problem
-from cpal.errors import ConfigError
+from cpal.engine.trunks import prepare_stage_training, trunk_problem
 from cpal.evaluation.scoring import (
     ChosenThreshold,
     Provenance,
@@ -164,26 +162,18 @@ def train_amn(config: Config, layout: VOCLayout, ir_folder: LabelFolder, ids: Se
     device = setup(config)
     amn, t = config.amn, config.amn.train
     net = build_amn(config, layout.num_foreground)
-    trunk = init_trunk(net.backbone, config, amn.trunk, _amn_pretrained(config),
-                       config.model.pretrained_allow_leak, NAME)
-    net.to(device)
-    if t.channels_last:
-        net.to(memory_format=torch.channels_last)
-    transform = PairTransform(t.crop_size, scaled_range(t.scale_range, dataset_scale(
-        config.data, layout)), t.hflip)
-    dataset = ConditionedDataset(layout, ids, ir_folder.directory, transform, config.seed)
-    dataset.check()
-    steps = len(dataset) // t.batch_size
-    if steps == 0:
-        raise ConfigError(f"'amn.train.batch_size': {t.batch_size} exceeds the {len(dataset)} "
-                          f"images of split '{config.labels.split}'")
+    stage = prepare_stage_training(
+        config, layout, net, device, key=NAME, trunk=amn.trunk,
+        pretrained=_amn_pretrained(config), allow_leak=config.model.pretrained_allow_leak,
+        schedule=t, ids=ids, label_dir=ir_folder.directory, dataset_type=ConditionedDataset)
     groups = net.param_groups(t.lr, amn.head_lr_mult, t.weight_decay)
     optimizer = OPTIMIZERS.get(amn.optimizer)(groups, t)  # type: ignore[arg-type]
-    fingerprint = amn_fingerprint(config, ir_folder.record, trunk)
+    fingerprint = amn_fingerprint(config, ir_folder.record, stage.trunk)
     paths = RunPaths(RunPaths(config.output_path).refinement(NAME))
-    checkpoint = fit(AMNTask(net, dataset, amn, device, config.seed), optimizer, schedule=t,
-                     seed=config.seed, num_workers=config.data.num_workers, device=device,
-                     paths=paths, fingerprint=fingerprint, steps_per_epoch=steps,
+    checkpoint = fit(AMNTask(net, stage.dataset, amn, device, config.seed), optimizer,
+                     schedule=t, seed=config.seed, num_workers=config.data.num_workers,
+                     device=device, paths=paths, fingerprint=fingerprint,
+                     steps_per_epoch=stage.steps_per_epoch,
                      hooks=hooks, progress=progress)
     return checkpoint, fingerprint
 

@@ -36,7 +36,7 @@ from cpal.config import Config, IRNConfig
 from cpal.data.datasets import InferenceDataset, LabelledDataset, SameSizeBatchSampler
 from cpal.data.images import load_rgb
 from cpal.data.source import dataset_scale
-from cpal.data.transforms import PairTransform, rescaled, scaled_range
+from cpal.data.transforms import rescaled
 from cpal.data.voc import VOCLayout
 from cpal.engine.hooks import HookBase
 from cpal.engine.identity import fingerprint_digest, load_finished_checkpoint, stage_fingerprint
@@ -45,7 +45,7 @@ from cpal.engine.paths import RunPaths
 from cpal.engine.refine import MapInputs, RefinementMethod, refine_with_workers, register_refinement
 from cpal.engine.runtime import autocast, setup
 from cpal.engine.trainer import fit
-from cpal.engine.trunks import init_trunk, trunk_problem
+from cpal.engine.trunks import prepare_stage_training, trunk_problem
 from cpal.errors import ConfigError
 from cpal.evaluation.scoring import (
     ChosenThreshold,
@@ -221,27 +221,18 @@ def train_irn(config: Config, layout: VOCLayout, ir_folder: LabelFolder, ids: Se
     device = setup(config)
     irn, t = config.irn, config.irn.train
     net = build_irnet(config)
-    trunk = init_trunk(net.backbone, config, irn.trunk, _irn_pretrained(config),
-                       config.model.pretrained_allow_leak, "irn")
-    net.to(device)
-    if t.channels_last:
-        net.to(memory_format=torch.channels_last)
-    transform = PairTransform(t.crop_size, scaled_range(t.scale_range, dataset_scale(
-        config.data, layout)), t.hflip)
-    dataset = LabelledDataset(layout, ids, ir_folder.directory, transform, config.seed)
-    dataset.check()
-    steps = len(dataset) // t.batch_size
-    if steps == 0:
-        raise ConfigError(f"'irn.train.batch_size': {t.batch_size} exceeds the {len(dataset)} "
-                          f"images of split '{config.labels.split}'")
+    stage = prepare_stage_training(
+        config, layout, net, device, key="irn", trunk=irn.trunk,
+        pretrained=_irn_pretrained(config), allow_leak=config.model.pretrained_allow_leak,
+        schedule=t, ids=ids, label_dir=ir_folder.directory)
     groups = net.param_groups(t.lr, t.weight_decay)
     optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum,
                                 weight_decay=t.weight_decay)
-    fingerprint = irn_fingerprint(config, ir_folder.record, trunk, keys)
+    fingerprint = irn_fingerprint(config, ir_folder.record, stage.trunk, keys)
     paths = RunPaths(root if root is not None else RunPaths(config.output_path).refinement(NAME))
-    checkpoint = fit(IRNTask(net, dataset, irn, device), optimizer, schedule=t,
+    checkpoint = fit(IRNTask(net, stage.dataset, irn, device), optimizer, schedule=t,
                      seed=config.seed, num_workers=config.data.num_workers, device=device,
-                     paths=paths, fingerprint=fingerprint, steps_per_epoch=steps,
+                     paths=paths, fingerprint=fingerprint, steps_per_epoch=stage.steps_per_epoch,
                      hooks=hooks, progress=progress)
     return checkpoint, fingerprint
 

@@ -28,7 +28,6 @@ from cpal.config import Config
 from cpal.data.datasets import InferenceDataset, LabelledDataset, SameSizeBatchSampler
 from cpal.data.images import load_rgb
 from cpal.data.source import dataset_scale, open_dataset
-from cpal.data.transforms import PairTransform, scaled_range
 from cpal.data.voc import VOCLayout
 from cpal.engine import distributed
 from cpal.engine.hooks import HookBase
@@ -44,7 +43,7 @@ from cpal.engine.output_dir import claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import autocast, check_precision, setup
 from cpal.engine.trainer import fit
-from cpal.engine.trunks import init_trunk, trunk_problem, trunk_record
+from cpal.engine.trunks import prepare_stage_training, trunk_problem, trunk_record
 from cpal.errors import CheckpointError, ConfigError
 from cpal.evaluation.scoring import Provenance, evaluate_labels, no_masks_note
 from cpal.log import Progress, get_logger
@@ -131,29 +130,19 @@ def train_segmentation(config: Config, *, progress: bool = True,
         layout = open_dataset(config.data)
     ids, record = _labels_record(config, layout)
     net = build_segmentation_net(config, layout.num_classes)
-    trunk = init_trunk(net.backbone, config, seg.trunk, seg.pretrained,
-                       seg.pretrained_allow_leak, "segment")
-    net.to(device)
-    if t.channels_last:
-        net.to(memory_format=torch.channels_last)
-    scale = dataset_scale(config.data, layout)
-    transform = PairTransform(t.crop_size, scaled_range(t.scale_range, scale), t.hflip)
-    dataset = LabelledDataset(layout, ids, RunPaths(config.output_path).labels(
-        config.labels.split), transform, config.seed)
-    dataset.check()
-    steps = len(dataset) // t.batch_size
-    if steps == 0:
-        raise ConfigError(f"'segment.train.batch_size': {t.batch_size} exceeds the "
-                          f"{len(dataset)} images of split '{config.labels.split}'")
+    stage = prepare_stage_training(
+        config, layout, net, device, key="segment", trunk=seg.trunk, pretrained=seg.pretrained,
+        allow_leak=seg.pretrained_allow_leak, schedule=t, ids=ids,
+        label_dir=RunPaths(config.output_path).labels(config.labels.split))
     optimizer = torch.optim.SGD(sgd_param_groups(net, t.lr, t.weight_decay), lr=t.lr,
                                 momentum=t.momentum)
-    fingerprint = segmentation_fingerprint(config, record, trunk)
-    task = SegmentationTask(net, dataset, t.batch_size, t.channels_last, device)
+    fingerprint = segmentation_fingerprint(config, record, stage.trunk)
+    task = SegmentationTask(net, stage.dataset, t.batch_size, t.channels_last, device)
     return fit(task, optimizer, schedule=t, seed=config.seed,
                num_workers=config.data.num_workers, device=device,
                paths=RunPaths(RunPaths(config.output_path).segmentation),
-               fingerprint=fingerprint, steps_per_epoch=steps,
-               meta={"class_names": list(layout.class_names), "image_scale": scale},
+               fingerprint=fingerprint, steps_per_epoch=stage.steps_per_epoch,
+               meta={"class_names": list(layout.class_names), "image_scale": stage.image_scale},
                hooks=hooks, progress=progress)
 
 

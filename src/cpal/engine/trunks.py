@@ -10,12 +10,19 @@ is never resumed on top of another start.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from cpal.config import Config
+from cpal.config import Config, StageTrainConfig
+from cpal.data.datasets import LabelledDataset
+from cpal.data.source import dataset_scale
+from cpal.data.transforms import PairTransform, scaled_range
+from cpal.data.voc import VOCLayout
 from cpal.engine.identity import fingerprint_digest, load_final_checkpoint, resume_point
 from cpal.engine.paths import RunPaths
 from cpal.errors import CheckpointError, ConfigError
@@ -82,3 +89,38 @@ def init_trunk(trunk: nn.Module, config: Config, source: str, pretrained: str | 
                               f"({' '.join(str(exc).split())[:200]})") from exc
     _log.info("%s trunk: the CAM network's (%s)", key, path.name)
     return trunk_record(config, source, pretrained)
+
+
+@dataclass(frozen=True)
+class StageTraining:
+    """What a network trained after the CAM network starts from: its trunk's record (for
+    the fingerprint), its training samples and the steps of one epoch over them."""
+
+    trunk: dict[str, Any]
+    dataset: LabelledDataset
+    steps_per_epoch: int
+    image_scale: float
+
+
+def prepare_stage_training(
+    config: Config, layout: VOCLayout, net: nn.Module, device: torch.device, *, key: str,
+    trunk: str, pretrained: str | None, allow_leak: bool, schedule: StageTrainConfig,
+    ids: Sequence[str], label_dir: Path, dataset_type: type[LabelledDataset] = LabelledDataset,
+) -> StageTraining:
+    """The set-up IRN, AMN and the segmentation network share: the trunk initialised,
+    the network on `device` (NHWC when asked), the labelled images of `label_dir` with
+    the stage's crop, flip and scale range (times the dataset's scale), checked up front."""
+    record = init_trunk(net.backbone, config, trunk, pretrained, allow_leak, key)
+    net.to(device)
+    if schedule.channels_last:
+        net.to(memory_format=torch.channels_last)
+    scale = dataset_scale(config.data, layout)
+    transform = PairTransform(schedule.crop_size, scaled_range(schedule.scale_range, scale),
+                              schedule.hflip)
+    dataset = dataset_type(layout, ids, label_dir, transform, config.seed)
+    dataset.check()
+    steps = len(dataset) // schedule.batch_size
+    if steps == 0:
+        raise ConfigError(f"'{key}.train.batch_size': {schedule.batch_size} exceeds the "
+                          f"{len(dataset)} images of split '{config.labels.split}'")
+    return StageTraining(record, dataset, steps, scale)
