@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -78,6 +77,7 @@ from cpal.log import Progress
 from cpal.models.amn import AMN, amn_loss, amn_maps
 from cpal.refine.crf import PRESETS
 from cpal.refine.irn import IRLabelParams
+from cpal.segmentation.inference import multi_scale_logits
 from cpal.segmentation.losses import resize_labels
 
 __all__ = ["AMNTask", "ConditionedDataset", "MapFolder", "amn_logits", "make_amn_maps",
@@ -201,23 +201,10 @@ def amn_logits(net: AMN, images: Tensor, labels: Tensor, scales: Sequence[float]
                flip: bool) -> Tensor:
     """AMN's logits (B, 1 + C, H, W) at the images' size, averaged over `scales` and, per
     scale, over the image and its mirror (flipped back): the reference's make_amn_cam."""
-    batch, _, height, width = images.shape
-    total: Tensor | None = None
-    for scale in scales:
-        x = images
-        if scale != 1.0:
-            size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        if flip:
-            out = net(torch.cat([x, x.flip(-1)]), torch.cat([labels, labels]))
-            out = (out[:batch] + out[batch:].flip(-1)) / 2
-        else:
-            out = net(x, labels)
-        out = F.interpolate(out.float(), size=(height, width), mode="bilinear",
-                            align_corners=False)
-        total = out if total is None else total + out
-    assert total is not None
-    return total / len(scales)
+    def conditioned(x: Tensor) -> Tensor:  # an image and its mirror share their labels
+        return net(x, labels.repeat(x.shape[0] // labels.shape[0], 1))
+
+    return multi_scale_logits(conditioned, images, scales=scales, flip=flip)
 
 
 def _map_scales(config: Config, layout: VOCLayout) -> list[float]:
