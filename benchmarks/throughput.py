@@ -22,11 +22,12 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from cpal.config import load_config
 from cpal.data.datasets import ClassificationDataset, InferenceDataset, SameSizeBatchSampler
-from cpal.data.source import open_dataset
+from cpal.data.images import image_size
+from cpal.data.source import dataset_scale, open_dataset
 from cpal.data.transforms import TrainTransform
 from cpal.engine.infer import PrototypeInference, localisation_maps, multiscale_cam
 from cpal.engine.runtime import setup
-from cpal.engine.train import build_optimizer, compute_loss
+from cpal.engine.train import build_optimizer, compute_loss, crop_geometry
 from cpal.models.cam_net import build_network
 from cpal.models.fusion import inference_copy
 from cpal.models.resnet import count_parameters
@@ -52,10 +53,14 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {device}")
 
-    dataset = ClassificationDataset(
-        layout, cfg.data.train_split,
-        TrainTransform(t.crop_size, (t.resize_long[0], t.resize_long[1]), t.hflip), cfg.seed,
-    )
+    # The run's own geometry: "auto" crops and the dataset's scale (data.min_long_side).
+    ids = layout.split_ids(cfg.data.train_split)
+    image_scale = dataset_scale(cfg.data, layout)
+    crop, resize = crop_geometry(t, [max(image_size(layout.image_path(i))) for i in ids],
+                                 image_scale)
+    print(f"images x{image_scale:.3g}, crop {crop}, resize_long {list(resize)}")
+    dataset = ClassificationDataset(layout, cfg.data.train_split,
+                                    TrainTransform(crop, resize, t.hflip), cfg.seed)
     loader = DataLoader(dataset, batch_size=t.batch_size, drop_last=True,
                         sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(0)),
                         num_workers=cfg.data.num_workers)
@@ -82,7 +87,7 @@ def main() -> None:
     ids = layout.split_ids(cfg.infer.splits[0])[: args.infer_images]
     infer_set = InferenceDataset(layout, ids)
     model.eval()
-    scales = cfg.infer.scales
+    scales = [s * image_scale for s in cfg.infer.scales]
     flip = " + flip" if cfg.infer.flip else ""
     # What `cpal infer` runs: BatchNorm folded, NHWC (infer.channels_last), batches of
     # same-size images with their flips, present classes only upsampled.
@@ -90,7 +95,7 @@ def main() -> None:
     rates = {}
     for name, net, layout_cl, present in (("plain", model, False, False),
                                           ("cpal infer", fast, cfg.infer.channels_last, True)):
-        rates[name] = _batched_rate(net, infer_set, cfg, device, layout_cl, present)
+        rates[name] = _batched_rate(net, infer_set, cfg, scales, device, layout_cl, present)
         print(f"infer ({name}): {rates[name]:8.1f} images/s  (scales {scales}{flip}, "
               f"batch {cfg.infer.batch_size}, {len(ids)} images)")
     # The reference: one forward per image, per scale and per flip (IRN's loop over a
@@ -111,7 +116,8 @@ def main() -> None:
 
 
 def _batched_rate(net: torch.nn.Module, dataset: InferenceDataset, cfg: Any,
-                  device: torch.device, channels_last: bool, present: bool) -> float:
+                  scales: list[float], device: torch.device, channels_last: bool,
+                  present: bool) -> float:
     """Images/s of batched multi-scale + flip maps over `dataset` (loading included)."""
     loader = DataLoader(
         dataset, batch_sampler=SameSizeBatchSampler(dataset.sizes(), cfg.infer.batch_size),
@@ -122,7 +128,7 @@ def _batched_rate(net: torch.nn.Module, dataset: InferenceDataset, cfg: Any,
         images = batch["image"].to(device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        localisation_maps(net, images, batch["label"].to(device), cfg.infer.scales,
+        localisation_maps(net, images, batch["label"].to(device), scales,
                           cfg.infer.flip, cfg.map_kind, PrototypeInference.of(cfg),
                           present_only=present)
 
