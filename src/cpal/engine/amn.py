@@ -54,8 +54,10 @@ from cpal.engine.irn import (
     ir_label_scores,
     make_ir_labels,
     train_irn,
+    walk_provenance,
     walk_record,
     walk_split,
+    walk_text,
     write_ir_labels,
 )
 from cpal.engine.label_dirs import LabelFolder
@@ -273,12 +275,9 @@ def _amn_text(config: Config) -> str:
 
 def amn_provenance(config: Config, identity: dict[str, Any]) -> Provenance:
     irn = config.irn
-    text = (f"{_amn_text(config)}; IRNet boundary (trunk {irn.trunk}, {irn.train.epochs} "
-            f"epochs); random walk of maps^{config.amn.power:g}, radius {irn.walk_radius}, "
-            f"beta {irn.beta:g}, 2^{irn.exp_times} steps")
-    return Provenance(source_text("labels", identity), identity["inference"],
-                      ChosenThreshold(irn.bg_score, "fixed", applied_to=config.labels.split),
-                      text)
+    return walk_provenance(config, identity, (
+        f"{_amn_text(config)}; IRNet boundary (trunk {irn.trunk}, {irn.train.epochs} epochs); "
+        f"random walk of maps^{config.amn.power:g}, {walk_text(irn)}"))
 
 
 def _amn_ir_provenance(config: Config, identity: dict[str, Any], scales: Sequence[float]

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from cpal.config import Config
 from cpal.data.datasets import InferenceDataset, SameSizeBatchSampler
 from cpal.data.source import dataset_scale, open_dataset
+from cpal.data.transforms import rescaled
 from cpal.data.voc import VOCLayout
 from cpal.engine import distributed
 from cpal.engine.checkpoint import Checkpoint
@@ -254,10 +255,7 @@ def multiscale_maps(
         totals[kind] = value if kind not in totals else totals[kind] + value
 
     for scale in scales:
-        x = images
-        if scale != 1.0:
-            size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        x = rescaled(images, scale)
         both = None if labels is None else torch.cat([labels, labels]) if flip else labels
         out = model.inference(torch.cat([x, x.flip(-1)]) if flip else x, both)
         if CAM_MAP in kinds:

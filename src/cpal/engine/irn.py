@@ -261,10 +261,6 @@ def grid_maps(maps: np.ndarray, grid: tuple[int, int], device: torch.device,
     return on_grid if power == 1.0 else on_grid.pow(power)
 
 
-def _grid(height: int, width: int) -> tuple[int, int]:
-    return -(-height // irnet.GRID_STRIDE), -(-width // irnet.GRID_STRIDE)
-
-
 @dataclass(frozen=True)
 class WalkPlan:
     """What a random walk reads and writes: IRN's walks the run's maps, AMN's its own
@@ -318,7 +314,7 @@ def walk_split(config: Config, layout: VOCLayout, plan: WalkPlan, progress: bool
         with torch.inference_mode():
             walked = random_walk(maps, walls, params)
             if scale != 1.0:  # the walk ran on the enlarged image's grid: back to the image's
-                walked = F.interpolate(walked, size=_grid(height, width), mode="bilinear",
+                walked = F.interpolate(walked, size=irnet.grid_size(height, width), mode="bilinear",
                                        align_corners=False)
         for i, (image_id, record) in enumerate(zip(batch["id"], records, strict=True)):
             count = len(record.classes)
@@ -347,14 +343,24 @@ def _irn_walk_plan(config: Config, layout: VOCLayout, checkpoint: Path, fingerpr
     return WalkPlan(folder, dict(pairs), paths.refinement(NAME), fingerprint)
 
 
+def walk_text(irn: IRNConfig) -> str:
+    """The random walk's settings, as protocols state them."""
+    return f"radius {irn.walk_radius}, beta {irn.beta:g}, 2^{irn.exp_times} steps"
+
+
+def walk_provenance(config: Config, identity: dict[str, Any], refinement: str) -> Provenance:
+    """The protocol of labels from IRN's random walk on the maps of `identity`: its
+    background score is fixed in advance, `refinement` says what made them."""
+    return Provenance(source_text("labels", identity), identity["inference"],
+                      ChosenThreshold(config.irn.bg_score, "fixed",
+                                      applied_to=config.labels.split), refinement)
+
+
 def irn_provenance(config: Config, identity: dict[str, Any]) -> Provenance:
     irn = config.irn
-    text = (f"IRN: {_ir_text(irn)}; IRNet boundary ({config.model.arch} x"
-            f"{config.model.width:g}, trunk {irn.trunk}, {irn.train.epochs} epochs); random walk "
-            f"radius {irn.walk_radius}, beta {irn.beta:g}, 2^{irn.exp_times} steps")
-    return Provenance(source_text("labels", identity), identity["inference"],
-                      ChosenThreshold(irn.bg_score, "fixed", applied_to=config.labels.split),
-                      text)
+    return walk_provenance(config, identity, (
+        f"IRN: {_ir_text(irn)}; IRNet boundary ({config.model.arch} x{config.model.width:g}, "
+        f"trunk {irn.trunk}, {irn.train.epochs} epochs); random walk {walk_text(irn)}"))
 
 
 def _refine_irn(config: Config, layout: VOCLayout, progress: bool,

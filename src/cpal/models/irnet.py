@@ -196,11 +196,15 @@ class IRNet(nn.Module):
 
 
 @torch.no_grad()
+def grid_size(height: int, width: int) -> tuple[int, int]:
+    """The boundary grid of an image: its size over GRID_STRIDE, rounded up."""
+    return -(-height // GRID_STRIDE), -(-width // GRID_STRIDE)
+
+
 def boundary_map(net: IRNet, images: Tensor, *, flip: bool = True) -> Tensor:
     """Boundary probabilities (B, 1, ceil(H/4), ceil(W/4)) for inference: the sigmoid of
     the logits averaged with those of the mirrored image, as IRN's EdgeDisplacement."""
-    height, width = images.shape[-2:]
-    grid = (-(-height // GRID_STRIDE), -(-width // GRID_STRIDE))
+    grid = grid_size(*images.shape[-2:])
     batch = images.shape[0]
     logits = net(torch.cat([images, images.flip(-1)]) if flip else images).boundary
     if flip:

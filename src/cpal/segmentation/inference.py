@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cpal.data.transforms import rescaled
+
 Reduce = Literal["mean", "max", "sum"]
 Model = Callable[[Tensor], Tensor]
 
@@ -89,10 +91,7 @@ def multi_scale_logits(
     batch, _, height, width = images.shape
     combined: Tensor | None = None
     for scale in scales:
-        x = images
-        if scale != 1.0:
-            size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        x = rescaled(images, scale)
         inputs = torch.cat([x, x.flip(-1)]) if flip else x
         if tile is None:
             logits = model(inputs).float()
