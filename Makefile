@@ -13,10 +13,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The built-in data fits in 500 optimizer steps; configs/demo.yaml's 1000 are for harder
-# small datasets (docs/results.md). The whole chain then takes about a quarter of an hour.
+# The built-in data fits in 400 optimizer steps; configs/demo.yaml's 1000 are for harder
+# small datasets (docs/results.md). The whole chain then stays under 15 minutes on 2 cores.
 demo: $(STAMP)
-	$(VENV)/bin/cpal run configs/demo.yaml train.steps=500
+	$(VENV)/bin/cpal run configs/demo.yaml train.steps=400
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -2,8 +2,10 @@
 
 Prints images/s for training steps (data loading, forward, backward, SGD step) and for
 multi-scale + flip map inference (data loading, forward over all scales, upsampling):
-plainly batched, as `cpal infer` runs it (BatchNorm folded, NHWC, present classes only),
-and the reference loop of one forward per image, scale and flip, with the ratios.
+plainly batched, as `cpal infer` runs it (BatchNorm folded, NHWC, present classes only;
+also under `infer.precision=bf16`), and the reference loop of one forward per image, scale
+and flip, with the ratios. Map rates are over `--infer-images` images (512 by default: fewer
+give noisy ratios on a shared CPU), the reference over a quarter of them.
 A benchmark, not a test: it prints figures, it asserts nothing.
 
     python benchmarks/throughput.py [CONFIG] [KEY=VALUE ...] [--train-steps N] [--infer-images N]
@@ -26,7 +28,7 @@ from cpal.data.images import image_size
 from cpal.data.source import dataset_scale, open_dataset
 from cpal.data.transforms import TrainTransform
 from cpal.engine.infer import PrototypeInference, localisation_maps, multiscale_cam
-from cpal.engine.runtime import setup
+from cpal.engine.runtime import autocast, setup
 from cpal.engine.train import build_optimizer, compute_loss, crop_geometry
 from cpal.models.cam_net import build_network
 from cpal.models.fusion import inference_copy
@@ -40,7 +42,7 @@ def main() -> None:
     parser.add_argument("config", nargs="?", default=str(REPO / "configs" / "demo.yaml"))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     parser.add_argument("--train-steps", type=int, default=20)
-    parser.add_argument("--infer-images", type=int, default=128)
+    parser.add_argument("--infer-images", type=int, default=512)
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     device = setup(cfg)
@@ -93,9 +95,12 @@ def main() -> None:
     # same-size images with their flips, present classes only upsampled.
     fast = inference_copy(model, channels_last=cfg.infer.channels_last)
     rates = {}
-    for name, net, layout_cl, present in (("plain", model, False, False),
-                                          ("cpal infer", fast, cfg.infer.channels_last, True)):
-        rates[name] = _batched_rate(net, infer_set, cfg, scales, device, layout_cl, present)
+    for name, net, layout_cl, present, precision in (
+            ("plain", model, False, False, "fp32"),
+            ("cpal infer", fast, cfg.infer.channels_last, True, "fp32"),
+            ("cpal infer, bf16", fast, cfg.infer.channels_last, True, "bf16")):
+        with autocast(device, precision):
+            rates[name] = _batched_rate(net, infer_set, cfg, scales, device, layout_cl, present)
         print(f"infer ({name}): {rates[name]:8.1f} images/s  (scales {scales}{flip}, "
               f"batch {cfg.infer.batch_size}, {len(ids)} images)")
     # The reference: one forward per image, per scale and per flip (IRN's loop over a
@@ -111,7 +116,8 @@ def main() -> None:
     print(f"infer, one forward per image/scale/flip: {single_rate:8.1f} images/s  "
           f"({len(subset)} images)")
     print(f"map generation vs that reference: plain batching {rates['plain'] / single_rate:.2f}x, "
-          f"cpal infer {rates['cpal infer'] / single_rate:.2f}x")
+          f"cpal infer {rates['cpal infer'] / single_rate:.2f}x "
+          f"(bf16: {rates['cpal infer, bf16'] / single_rate:.2f}x)")
     print(f"ratio infer/train images/s: {rates['cpal infer'] / train_rate:.2f}")
 
 
