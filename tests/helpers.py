@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from cpal.config import Config, load_config
 from cpal.engine.hooks import HookBase, Interrupt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +37,25 @@ def tiny_overrides(data_root: Path, output_dir: Path) -> list[str]:
         "viz.num_images=3",
         "threads=1",
     ]
+
+
+def finished_cam_run(data_root: Path, out: Path, *overrides: str) -> Config:
+    """Train and map a tiny CAM run into `out` (a module fixture's start, which tests copy
+    with `copied_run`); returns its config."""
+    from cpal.pipeline import stage_infer, stage_train
+
+    cfg = load_config(None, [*tiny_overrides(data_root, out), *overrides])
+    stage_train(cfg, progress=False)
+    stage_infer(cfg, progress=False)
+    return cfg
+
+
+def copied_run(data_root: Path, finished: Path, tmp_path: Path, *overrides: str) -> Config:
+    """The config of a copy of the finished run `finished` in tmp_path/run, so that each
+    test changes its own."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    return load_config(None, [*tiny_overrides(data_root, out), *overrides])
 
 
 def killed_in_second_epoch() -> list[HookBase]:

@@ -328,7 +328,7 @@ def check_run_inputs(config: Config, *, progress: bool = True) -> None:
     if config.segment.network is not None:
         check_segmentation(config)
         for split in config.segment.splits:
-            _check_images(layout, split)
+            layout.check_images(split)
     scored = []  # (split, id) of the splits stage_evaluate will score (every mask present)
     for split in dict.fromkeys(config.infer.splits):
         ids = layout.split_ids(split)
@@ -343,17 +343,6 @@ def check_run_inputs(config: Config, *, progress: bool = True) -> None:
                 f"its image {layout.image_path(image_id)} is {width}x{height} (width x "
                 f"height; split '{split}')"
             )
-
-
-def _check_images(layout: VOCLayout, split: str) -> None:
-    """A split that is only predicted (VOC test: no image labels, no masks): its list
-    and every image present."""
-    ids = layout.split_ids(split)
-    for image_id in ids:
-        try:
-            layout.image_path(image_id)
-        except DatasetError as error:
-            raise DatasetError(f"{error} (listed in {layout.split_file(split)})") from error
 
 
 def summary_table(config: Config) -> str:

@@ -23,8 +23,8 @@ from cpal.engine.hooks import Interrupt
 from cpal.engine.paths import RunPaths
 from cpal.errors import ConfigError
 from cpal.io import load_maps
-from cpal.pipeline import run, stage_infer, stage_refine, stage_train
-from tests.helpers import amn_overrides, cli_error, tiny_overrides
+from cpal.pipeline import run, stage_refine
+from tests.helpers import amn_overrides, cli_error, copied_run, finished_cam_run, tiny_overrides
 
 
 def _ids(root: Path, split: str) -> list[str]:
@@ -108,16 +108,12 @@ def no_train_masks(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory)
 def finished(no_train_masks: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished CAM run with its maps; tests copy it."""
     out = tmp_path_factory.mktemp("amn") / "run"
-    cfg = load_config(None, [*tiny_overrides(no_train_masks, out), *amn_overrides()])
-    stage_train(cfg, progress=False)
-    stage_infer(cfg, progress=False)
+    finished_cam_run(no_train_masks, out, *amn_overrides())
     return out
 
 
 def _config(root: Path, finished: Path, tmp_path: Path, *extra: str):
-    out = tmp_path / "run"
-    shutil.copytree(finished, out)
-    return load_config(None, [*tiny_overrides(root, out), *amn_overrides(), *extra])
+    return copied_run(root, finished, tmp_path, *amn_overrides(), *extra)
 
 
 def test_amn_training_killed_and_resumed_equals_an_uninterrupted_run(

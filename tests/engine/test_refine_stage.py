@@ -19,25 +19,20 @@ from cpal.engine.hooks import Interrupt
 from cpal.engine.paths import RunPaths
 from cpal.errors import ConfigError, DatasetError
 from cpal.io import MapRecord, save_maps
-from cpal.pipeline import run, stage_infer, stage_labels, stage_refine, stage_train
-from tests.helpers import chain_overrides, cli_error, tiny_overrides
+from cpal.pipeline import run, stage_infer, stage_labels, stage_refine
+from tests.helpers import chain_overrides, cli_error, copied_run, finished_cam_run, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def finished(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished CAM run with its maps; tests copy it."""
     out = tmp_path_factory.mktemp("refine") / "run"
-    cfg = load_config(None, tiny_overrides(tiny_dataset, out))
-    stage_train(cfg, progress=False)
-    stage_infer(cfg, progress=False)
+    finished_cam_run(tiny_dataset, out)
     return out
 
 
 def _config(tiny_dataset: Path, finished: Path, tmp_path: Path, *extra: str):
-    out = tmp_path / "run"
-    shutil.copytree(finished, out)
-    return load_config(None, [*tiny_overrides(tiny_dataset, out), *chain_overrides("crf"),
-                              *extra])
+    return copied_run(tiny_dataset, finished, tmp_path, *chain_overrides("crf"), *extra)
 
 
 def _ids(root: Path, split: str) -> list[str]:

@@ -15,21 +15,18 @@ import torch
 from PIL import Image
 
 from cpal.cli import main
-from cpal.config import load_config
 from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
 from cpal.engine.hooks import Interrupt
 from cpal.engine.paths import RunPaths
 from cpal.errors import CheckpointError
 from cpal.io import save_label_png
 from cpal.pipeline import (
-    stage_infer,
     stage_labels,
     stage_segment,
     stage_segment_eval,
-    stage_train,
     summary_table,
 )
-from tests.helpers import chain_overrides, cli_error, tiny_overrides
+from tests.helpers import chain_overrides, cli_error, copied_run, finished_cam_run, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +48,13 @@ def data_root(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 def labelled(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished CAM run with its maps and pseudo masks (no refinement); tests copy it."""
     out = tmp_path_factory.mktemp("segment") / "run"
-    cfg = load_config(None, [*tiny_overrides(data_root, out), *chain_overrides("none")])
-    stage_train(cfg, progress=False)
-    stage_infer(cfg, progress=False)
+    cfg = finished_cam_run(data_root, out, *chain_overrides("none"))
     assert stage_labels(cfg, progress=False)["skipped"].startswith("GT masks for 0 of 24")
     return out
 
 
 def _config(root: Path, labelled: Path, tmp_path: Path, *extra: str):
-    out = tmp_path / "run"
-    shutil.copytree(labelled, out)
-    return load_config(None, [*tiny_overrides(root, out), *chain_overrides("none"), *extra])
+    return copied_run(root, labelled, tmp_path, *chain_overrides("none"), *extra)
 
 
 def test_training_predictions_and_protocol(data_root, labelled, tmp_path):

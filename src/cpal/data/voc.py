@@ -479,6 +479,17 @@ class VOCLayout:
 
     # ------------------------------------------------------------------ validation
 
+    def check_images(self, split: str) -> list[str]:
+        """The split's ids, every image file present and unambiguous (the error names the
+        split list); also enough for a split that is only predicted (VOC test)."""
+        ids = self.split_ids(split)
+        for image_id in ids:
+            try:
+                self.image_path(image_id)
+            except DatasetError as error:
+                raise DatasetError(f"{error} (listed in {self.split_file(split)})") from error
+        return ids
+
     def check(self, split: str, *, masks: bool = False, decode: bool = False) -> int:
         """Validate a whole split up front and return its number of images.
 
@@ -487,13 +498,8 @@ class VOCLayout:
         present. decode=True: every image decodes (and every mask, with values in range
         and the same size as its image, when masks=True).
         """
-        ids = self.split_ids(split)
+        ids = self.check_images(split)
         split_file = self.split_file(split)
-        for image_id in ids:
-            try:
-                self.image_path(image_id)
-            except DatasetError as error:
-                raise DatasetError(f"{error} (listed in {split_file})") from error
         self.image_labels(ids)
         if masks:
             folder = self.root / self.mask_dir

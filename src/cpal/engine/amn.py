@@ -66,7 +66,7 @@ from cpal.engine.paths import RunPaths
 from cpal.engine.refine import RefinementMethod, register_refinement
 from cpal.engine.runtime import autocast, setup
 from cpal.engine.trainer import fit
-from cpal.engine.trunks import prepare_stage_training, trunk_problem
+from cpal.engine.trunks import check_trunk, prepare_stage_training
 from cpal.evaluation.scoring import (
     ChosenThreshold,
     Provenance,
@@ -332,10 +332,8 @@ def _refine_amn(config: Config, layout: VOCLayout, progress: bool,
 def check_amn(config: Config, layout: VOCLayout) -> None:
     """AMN's trunk and IRNet's, before any training."""
     check_irnet(config, layout)  # a ResNet model.arch, IRNet's trunk source
-    problem = trunk_problem(config, config.amn.trunk, _amn_pretrained(config), NAME,
-                            config.model.arch, config.model.width)
-    if problem is not None:
-        raise problem
+    check_trunk(config, config.amn.trunk, _amn_pretrained(config), NAME, config.model.arch,
+                config.model.width)
 
 
 register_refinement(RefinementMethod(

@@ -45,7 +45,7 @@ from cpal.engine.paths import RunPaths
 from cpal.engine.refine import MapInputs, RefinementMethod, refine_with_workers, register_refinement
 from cpal.engine.runtime import autocast, setup
 from cpal.engine.trainer import fit
-from cpal.engine.trunks import prepare_stage_training, trunk_problem
+from cpal.engine.trunks import check_trunk, prepare_stage_training
 from cpal.errors import ConfigError
 from cpal.evaluation.scoring import (
     ChosenThreshold,
@@ -407,10 +407,8 @@ def check_irnet(config: Config, layout: VOCLayout) -> None:
             f"'refine.method': {config.refine.method} builds IRNet on model.arch, which must "
             f"be a ResNet, not {config.model.arch}; use refine.method=crf with method "
             f"{config.method}")
-    problem = trunk_problem(config, config.irn.trunk, _irn_pretrained(config), "irn",
-                            config.model.arch, config.model.width)
-    if problem is not None:
-        raise problem
+    check_trunk(config, config.irn.trunk, _irn_pretrained(config), "irn", config.model.arch,
+                config.model.width)
 
 
 register_refinement(RefinementMethod(

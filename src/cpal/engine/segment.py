@@ -43,7 +43,7 @@ from cpal.engine.output_dir import claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.runtime import autocast, check_precision, setup
 from cpal.engine.trainer import fit
-from cpal.engine.trunks import prepare_stage_training, trunk_problem, trunk_record
+from cpal.engine.trunks import check_trunk, prepare_stage_training, trunk_record
 from cpal.errors import CheckpointError, ConfigError
 from cpal.evaluation.scoring import Provenance, evaluate_labels, no_masks_note
 from cpal.log import Progress, get_logger
@@ -111,9 +111,7 @@ def _labels_record(config: Config, layout: VOCLayout) -> tuple[list[str], dict[s
 def check_segmentation(config: Config) -> None:
     """What training will need, before any training (`cpal run`'s pre-flight)."""
     seg = config.segment
-    problem = trunk_problem(config, seg.trunk, seg.pretrained, "segment", seg.arch, seg.width)
-    if problem is not None:
-        raise problem
+    check_trunk(config, seg.trunk, seg.pretrained, "segment", seg.arch, seg.width)
 
 
 @distributed.collective

@@ -32,20 +32,19 @@ from cpal.log import get_logger
 _log = get_logger(__name__)
 
 
-def trunk_problem(config: Config, source: str, pretrained: str | None, key: str,
-                  arch: str, width: float) -> ConfigError | None:
-    """Why a trunk source cannot work for a network of `arch` x `width` (None: it can)."""
+def check_trunk(config: Config, source: str, pretrained: str | None, key: str,
+                arch: str, width: float) -> None:
+    """Raise ConfigError when a trunk source cannot work for a network of `arch` x `width`."""
     if source == "pretrained" and pretrained is None:
-        return ConfigError(
+        raise ConfigError(
             f"'{key}.pretrained': the {key} trunk starts from ImageNet weights ({key}.trunk: "
             f"pretrained) but no file is given; pass {key}.pretrained=/path/resnet.pth, or "
             f"{key}.trunk=cam to start from this run's CAM network")
     if source == "cam" and (arch, width) != (config.model.arch, config.model.width):
-        return ConfigError(
+        raise ConfigError(
             f"'{key}.trunk': cam starts from the CAM network's trunk ({config.model.arch} x"
             f"{config.model.width:g}), not {arch} x{width:g}; set {key}.arch and width to "
             "match, or use pretrained weights")
-    return None
 
 
 def trunk_record(config: Config, source: str, pretrained: str | None) -> dict[str, Any]:
