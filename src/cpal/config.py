@@ -633,6 +633,14 @@ class IRNConfig:
     """Confident foreground: background score of the first IR-label CRF (IRN: 0.30)."""
     bg_threshold: float = 0.05
     """Confident background: background score of the second CRF (IRN: 0.05)."""
+    calibration: Literal["fixed", "seeds"] = "fixed"
+    """`fixed`: fg_threshold, bg_threshold and bg_score as given (IRN's, set for VOC's
+    CAMs). `seeds`: each follows the maps' own calibration, the seeds' background
+    threshold t (labels.threshold, or tuned on labels.tune_split's GT, and then so
+    reported): theta -> theta^g with g = ln t / ln reference_threshold, which maps
+    reference_threshold to t and keeps the three in order (docs/pipeline.md)."""
+    reference_threshold: float = 0.16
+    """The seed threshold IRN's three were chosen beside (its CAMs on VOC: 0.16 by sweep)."""
     crf_preset: str = "irn"
     """CRF of the IR labels (a preset on a label unary)."""
     trunk: Literal["pretrained", "cam"] = "pretrained"
@@ -662,6 +670,8 @@ class IRNConfig:
 
         need(0 <= self.bg_threshold <= self.fg_threshold <= 1, f"{at}.bg_threshold",
              f"must satisfy 0 <= bg_threshold <= fg_threshold ({self.fg_threshold}) <= 1")
+        need(0 < self.reference_threshold < 1, f"{at}.reference_threshold",
+             "must lie in (0, 1)")
         self.crf_preset = PRESETS.check(self.crf_preset, f"{at}.crf_preset")
         need(PRESETS[self.crf_preset].unary == "labels", f"{at}.crf_preset",
              f"IR labels refine label maps: preset {self.crf_preset} takes probabilities")

@@ -19,7 +19,10 @@ from cpal.engine.hooks import Interrupt
 from cpal.engine.paths import RunPaths
 from cpal.errors import ConfigError, DatasetError
 from cpal.io import MapRecord, save_maps
-from cpal.pipeline import run, stage_infer, stage_labels, stage_refine
+from cpal.data.source import open_dataset
+from cpal.evaluation.scoring import choose_threshold
+from cpal.pipeline import check_run_inputs, run, stage_infer, stage_labels, stage_refine
+from cpal.refine.irn import follow_threshold
 from tests.helpers import chain_overrides, cli_error, copied_run, finished_cam_run, tiny_overrides
 
 
@@ -161,3 +164,30 @@ def test_irn_needs_its_trunk_before_training(tiny_dataset, tmp_path):
                                           r"ImageNet weights"):
         run(cfg, progress=False)
     assert not RunPaths(cfg.output_path).checkpoints.exists()
+
+
+def test_irn_thresholds_follow_the_seeds(tiny_dataset, finished, tmp_path):
+    """irn.calibration=seeds: IRN's three thresholds are carried over to the maps' own
+    calibration (the seeds' threshold, tuned on val GT), and every protocol says so."""
+    cfg = _config(tiny_dataset, finished, tmp_path, "refine.method=irn",
+                  "irn.calibration=seeds", "irn.reference_threshold=0.25")
+    tuned = choose_threshold(cfg, open_dataset(cfg.data))
+    assert tuned.choice == "tuned" and 0 < tuned.value < 1
+    result = stage_refine(cfg, progress=False)
+    ir, walked = result["ir_labels"]["protocol"], result["labels"]["protocol"]
+    # The reference 0.25 goes to the seeds' threshold: the walk's background 0.25 becomes it.
+    assert walked["threshold"] == pytest.approx(tuned.value, abs=1e-4)
+    assert ir["threshold"] == pytest.approx(follow_threshold(0.30, tuned.value, 0.25), abs=1e-4)
+    for protocol in (ir, walked):
+        assert protocol["threshold_choice"] == "tuned" and protocol["tuned_on"] == "val"
+        assert protocol["gt_used_for_tuning"]
+        assert f"IRN's thresholds follow the seeds' {tuned.value:g} (tuned)" in (
+            protocol["refinement"])
+    record = RunPaths(cfg.output_path).refinement("irn") / "ir_labels" / "train"
+    assert sorted(p.stem for p in record.glob("*.png")) == sorted(_ids(tiny_dataset, "train"))
+    # AMN keeps its reference's thresholds: the switch is refused there, before training.
+    amn = _config(tiny_dataset, finished, tmp_path / "amn", "refine.method=amn",
+                  "irn.calibration=seeds")
+    with pytest.raises(ConfigError, match=r"'irn.calibration': seeds is built for "
+                                          r"refine.method=irn"):
+        check_run_inputs(amn, progress=False)

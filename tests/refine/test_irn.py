@@ -12,6 +12,7 @@ from cpal.refine.irn import (
     affinity_from_boundary,
     affinity_labels,
     downsample_labels,
+    follow_threshold,
     ir_labels,
     pair_offsets,
     valid_pairs,
@@ -77,6 +78,22 @@ def test_ir_labels_thresholds_are_parameters() -> None:
         IRLabelParams(fg_threshold=0.05, bg_threshold=0.3)
     with pytest.raises(ValueError, match="unary='labels'"):
         IRLabelParams(crf=CRFParams(unary="probabilities"))
+
+
+def test_thresholds_follow_the_seeds_by_a_power() -> None:
+    # reference 0.25 -> seeds at 0.5: the power is ln 0.5 / ln 0.25 = 1/2, a square root.
+    for value, expected in ((0.04, 0.2), (0.09, 0.3), (0.25, 0.5), (0.64, 0.8)):
+        assert follow_threshold(value, 0.5, 0.25) == pytest.approx(expected)
+    # At the reference itself nothing moves; IRN's three keep their order either way.
+    for value in (0.05, 0.25, 0.30):
+        assert follow_threshold(value, 0.16, 0.16) == pytest.approx(value)
+    for seeds in (0.05, 0.25, 0.55, 0.9):
+        bg, walk, fg = (follow_threshold(v, seeds, 0.16) for v in (0.05, 0.25, 0.30))
+        assert 0 < bg < seeds < walk < fg < 1
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\): seed threshold 1.0"):
+        follow_threshold(0.3, 1.0, 0.16)
+    with pytest.raises(ValueError, match="reference 0"):
+        follow_threshold(0.3, 0.5, 0)
 
 
 def test_ir_labels_without_classes_are_background() -> None:

@@ -67,6 +67,7 @@ from cpal.engine.refine import RefinementMethod, register_refinement
 from cpal.engine.runtime import autocast, setup
 from cpal.engine.trainer import fit
 from cpal.engine.trunks import check_trunk, prepare_stage_training
+from cpal.errors import ConfigError
 from cpal.evaluation.scoring import (
     ChosenThreshold,
     Provenance,
@@ -331,6 +332,9 @@ def _refine_amn(config: Config, layout: VOCLayout, progress: bool,
 
 def check_amn(config: Config, layout: VOCLayout) -> None:
     """AMN's trunk and IRNet's, before any training."""
+    if config.irn.calibration != "fixed":
+        raise ConfigError("'irn.calibration': seeds is built for refine.method=irn; AMN's "
+                          "thresholds are its reference's, fixed (irn.calibration=fixed)")
     check_irnet(config, layout)  # a ResNet model.arch, IRNet's trunk source
     check_trunk(config, config.amn.trunk, _amn_pretrained(config), NAME, config.model.arch,
                 config.model.width)

@@ -21,7 +21,7 @@ own maps.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from cpal.errors import ConfigError
 from cpal.evaluation.scoring import (
     ChosenThreshold,
     Provenance,
+    choose_threshold,
     evaluate_labels,
     map_paths,
     source_text,
@@ -63,6 +64,7 @@ from cpal.refine.irn import (
     IRLabelParams,
     affinity_from_boundary,
     affinity_labels,
+    follow_threshold,
     ir_labels,
     pair_offsets,
     valid_pairs,
@@ -105,6 +107,44 @@ def ir_one(job: IRJob) -> np.ndarray:
     return ir_labels(inputs.image, record.maps, record.classes, job.params)
 
 
+@dataclass(frozen=True)
+class Followed:
+    """IRN's thresholds carried over to the maps' calibration (irn.calibration=seeds):
+    the seeds' threshold they follow, with how it was chosen."""
+
+    seeds: ChosenThreshold
+    power: float
+
+    def chosen(self, value: float) -> ChosenThreshold:
+        """A threshold derived from the seeds' one: chosen as that one was."""
+        return replace(self.seeds, value=round(value, 4))
+
+    def text(self, irn: IRNConfig) -> str:
+        return (f"IRN's thresholds follow the seeds' {self.seeds.value:g} "
+                f"({self.seeds.choice}): x^{self.power:.3f} maps {irn.reference_threshold:g} "
+                "to it")
+
+
+def follow_seeds(config: Config, layout: VOCLayout) -> tuple[Config, Followed | None]:
+    """`config` with the irn section's three thresholds in the maps' calibration
+    (irn.calibration=seeds; else as given), and what they followed."""
+    irn = config.irn
+    if irn.calibration == "fixed":
+        return config, None
+    seeds = choose_threshold(config, layout)
+    if not 0 < seeds.value < 1:
+        raise ConfigError(f"'irn.calibration': the seeds' threshold is {seeds.value:g}, "
+                          "outside (0, 1): nothing to follow; set irn.calibration=fixed")
+    mapped = replace(irn, **{
+        key: round(follow_threshold(getattr(irn, key), seeds.value, irn.reference_threshold), 4)
+        for key in ("fg_threshold", "bg_threshold", "bg_score")})
+    power = float(np.log(seeds.value) / np.log(irn.reference_threshold))
+    _log.info("irn.calibration=seeds: confident fg %g / bg %g, walk background %g "
+              "(the seeds' threshold %g)", mapped.fg_threshold, mapped.bg_threshold,
+              mapped.bg_score, seeds.value)
+    return replace(config, irn=mapped), Followed(seeds, power)
+
+
 def _ir_params(irn: IRNConfig) -> IRLabelParams:
     return IRLabelParams(irn.fg_threshold, irn.bg_threshold, PRESETS[irn.crf_preset])
 
@@ -127,17 +167,27 @@ def write_ir_labels(config: Config, layout: VOCLayout, pairs: Sequence[tuple[str
     return folder
 
 
+def _chosen(value: float, split: str, followed: Followed | None) -> ChosenThreshold:
+    return (ChosenThreshold(value, "fixed", applied_to=split) if followed is None
+            else followed.chosen(value))
+
+
+def _followed_text(irn: IRNConfig, followed: Followed | None) -> str:
+    return "" if followed is None else f"; {followed.text(irn)}"
+
+
 def make_ir_labels(config: Config, layout: VOCLayout, progress: bool, *,
-                   directory: Path | None = None
+                   directory: Path | None = None, followed: Followed | None = None
                    ) -> tuple[LabelFolder, Provenance, list[str]]:
     """The IR labels of the run's maps of `labels.split` by the `irn` section, in
-    `directory` (default: OUT/refine/irn/ir_labels/<split>/)."""
+    `directory` (default: OUT/refine/irn/ir_labels/<split>/); `followed`: what the
+    section's thresholds were carried over from (`follow_seeds`)."""
     split = config.labels.split
     pairs, identity = map_paths(config, layout, split)
     irn = config.irn
     provenance = Provenance(source_text("labels", identity), identity["inference"],
-                            ChosenThreshold(irn.fg_threshold, "fixed", applied_to=split),
-                            _ir_text(irn))
+                            _chosen(irn.fg_threshold, split, followed),
+                            _ir_text(irn) + _followed_text(irn, followed))
     if directory is None:
         directory = RunPaths(config.output_path).refinement(NAME) / "ir_labels" / split
     folder = write_ir_labels(config, layout, pairs, directory, _ir_params(irn),
@@ -332,14 +382,14 @@ def walk_record(config: Config, checkpoint: Path, fingerprint: dict[str, Any]
             "walk": asdict(walk_params(config.irn)), "boundary_flip": config.irn.boundary_flip}
 
 
-def _irn_walk_plan(config: Config, layout: VOCLayout, checkpoint: Path, fingerprint: dict
-                   ) -> WalkPlan:
+def _irn_walk_plan(config: Config, layout: VOCLayout, checkpoint: Path, fingerprint: dict,
+                   followed: Followed | None) -> WalkPlan:
     split = config.labels.split
     pairs, identity = map_paths(config, layout, split)
     paths = RunPaths(config.output_path)
     folder = LabelFolder(paths.refined(NAME, split), {
         "kind": "irn", "maps": identity, **walk_record(config, checkpoint, fingerprint),
-        "provenance": irn_provenance(config, identity).to_dict()})
+        "provenance": irn_provenance(config, identity, followed).to_dict()})
     return WalkPlan(folder, dict(pairs), paths.refinement(NAME), fingerprint)
 
 
@@ -348,27 +398,33 @@ def walk_text(irn: IRNConfig) -> str:
     return f"radius {irn.walk_radius}, beta {irn.beta:g}, 2^{irn.exp_times} steps"
 
 
-def walk_provenance(config: Config, identity: dict[str, Any], refinement: str) -> Provenance:
+def walk_provenance(config: Config, identity: dict[str, Any], refinement: str,
+                    followed: Followed | None = None) -> Provenance:
     """The protocol of labels from IRN's random walk on the maps of `identity`: its
-    background score is fixed in advance, `refinement` says what made them."""
+    background score fixed in advance, or carried over from the seeds' threshold
+    (`followed`, then chosen as that one was); `refinement` says what made them."""
     return Provenance(source_text("labels", identity), identity["inference"],
-                      ChosenThreshold(config.irn.bg_score, "fixed",
-                                      applied_to=config.labels.split), refinement)
+                      _chosen(config.irn.bg_score, config.labels.split, followed), refinement)
 
 
-def irn_provenance(config: Config, identity: dict[str, Any]) -> Provenance:
-    irn = config.irn
+def irn_provenance(config: Config, identity: dict[str, Any],
+                   followed: Followed | None = None) -> Provenance:
+    irn, t = config.irn, config.irn.train
     return walk_provenance(config, identity, (
         f"IRN: {_ir_text(irn)}; IRNet boundary ({config.model.arch} x{config.model.width:g}, "
-        f"trunk {irn.trunk}, {irn.train.epochs} epochs); random walk {walk_text(irn)}"))
+        f"trunk {irn.trunk}, {t.epochs} epochs of batch {t.batch_size}); random walk "
+        f"{walk_text(irn)}, background {irn.bg_score:g}{_followed_text(irn, followed)}"),
+        followed)
 
 
 def _refine_irn(config: Config, layout: VOCLayout, progress: bool,
                 hooks: Sequence[HookBase] = ()) -> dict[str, Any]:
-    ir_folder, ir_provenance, ids = make_ir_labels(config, layout, progress)
+    config, followed = follow_seeds(config, layout)
+    ir_folder, ir_provenance, ids = make_ir_labels(config, layout, progress,
+                                                   followed=followed)
     checkpoint, fingerprint = train_irn(config, layout, ir_folder, ids, progress=progress,
                                         hooks=hooks)
-    plan = _irn_walk_plan(config, layout, checkpoint, fingerprint)
+    plan = _irn_walk_plan(config, layout, checkpoint, fingerprint, followed)
     folder, ids = walk_split(config, layout, plan, progress)
     split = config.labels.split
     provenance = Provenance.from_dict(folder.record["provenance"])

@@ -37,10 +37,25 @@ __all__ = [
     "affinity_from_boundary",
     "affinity_labels",
     "downsample_labels",
+    "follow_threshold",
     "ir_labels",
     "pair_offsets",
     "valid_pairs",
 ]
+
+
+def follow_threshold(value: float, seed_threshold: float, reference: float) -> float:
+    """`value`, a threshold set for maps whose seeds are best cut at `reference`, carried
+    over to maps whose seed threshold is `seed_threshold`: value^g, g = ln t / ln ref.
+
+    A power is the one-parameter monotone map of [0, 1] onto itself that fixes 0 and 1:
+    it sends `reference` to `seed_threshold` and keeps any set of thresholds in order, so
+    IRN's confident fg / bg and walk background keep their places around the seeds' cut
+    on maps calibrated otherwise than VOC's CAMs."""
+    if not (0 < seed_threshold < 1 and 0 < reference < 1):
+        raise ValueError(f"thresholds to follow must lie in (0, 1): seed threshold "
+                         f"{seed_threshold}, reference {reference}")
+    return float(value ** (np.log(seed_threshold) / np.log(reference)))
 
 
 @dataclass(frozen=True)
