@@ -24,26 +24,41 @@ from cpal.models.cam_net import build_network
 from cpal.prototypes.bank import SupportBank
 
 
-def step_time(overrides: list[str], batch: int, crop: int, steps: int, classes: int) -> float:
-    """Median seconds of one training step after two warm-up steps."""
-    cfg = load_config(None, overrides)
-    torch.manual_seed(0)
-    model, _ = build_network(cfg, classes)
-    model.train()
-    optimizer = build_optimizer(model, cfg)
-    images = torch.randn(batch, 3, crop, crop)
-    labels = (torch.rand(batch, classes) < 0.2).float()
-    labels[:, 0] = 1.0
-    times = []
-    for i in range(steps + 2):
+class Stepper:
+    """One variant's network, optimizer and batch: `step()` times one training step."""
+
+    def __init__(self, overrides: list[str], batch: int, crop: int, classes: int) -> None:
+        self.cfg = load_config(None, overrides)
+        torch.manual_seed(0)
+        self.model, _ = build_network(self.cfg, classes)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.images = torch.randn(batch, 3, crop, crop)
+        self.labels = (torch.rand(batch, classes) < 0.2).float()
+        self.labels[:, 0] = 1.0
+
+    def step(self) -> float:
         start = time.perf_counter()
-        loss, _ = compute_loss(model, images, labels, cfg)
-        optimizer.zero_grad(set_to_none=True)
+        loss, _ = compute_loss(self.model, self.images, self.labels, self.cfg)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        self.optimizer.step()
+        return time.perf_counter() - start
+
+
+def step_times(variants: dict[str, list[str]], batch: int, crop: int, steps: int,
+               classes: int) -> dict[str, float]:
+    """Median seconds of one training step per variant, after two warm-up steps each.
+    The variants take turns step by step, so a drift of the machine's speed (another
+    process, the clock) falls on all of them alike instead of on whichever ran last."""
+    steppers = {name: Stepper(o, batch, crop, classes) for name, o in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(steps + 2):
+        for name, stepper in steppers.items():
+            seconds = stepper.step()
+            if i >= 2:
+                times[name].append(seconds)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def embedding_dim(cfg, classes: int) -> int:
@@ -75,7 +90,7 @@ def bank_time(channels: int, size: int, dim: int, clusters: int, per_step: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--r50-batch", type=int, default=4)
     parser.add_argument("--r50-crop", type=int, default=256)
     args = parser.parse_args()
@@ -89,10 +104,10 @@ def main() -> None:
     }
     for title, (base, batch, crop, classes) in setups.items():
         print(f"\n{title}")
-        cam = None
-        for variant in ablation_ladder():
-            seconds = step_time([*base, f"method={variant}"], batch, crop, args.steps, classes)
-            cam = cam or seconds
+        medians = step_times({v: [*base, f"method={v}"] for v in ablation_ladder()},
+                             batch, crop, args.steps, classes)
+        cam = medians["cam"]
+        for variant, seconds in medians.items():
             print(f"  {variant:10s} {seconds * 1000:8.1f} ms/step  {seconds / cam:5.2f} x cam")
             if variant == "cpal":
                 cfg = load_config(None, [*base, "method=cpal"])

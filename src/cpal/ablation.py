@@ -83,6 +83,11 @@ SWEEPS: dict[str, Sweep | Choices] = {
          ("infer.prototype_maps=per_scale", "infer.flip_fusion=backbone",
           "prototype.infer_seed_features=layer4")),
     )),
+    # What CPAL's context does to the channels, each alone on the full method.
+    "context": Choices("cpal", (
+        ("background keeps its instance prototype", ("awareness.background=instance",)),
+        ("context weight alpha 0.25", ("awareness.alpha=0.25",)),
+    )),
     # SFC's additions (by CPAL's authors), each alone on the faithful SIPE.
     "sfc": Choices("sipe", (
         ("SFC PCM seeds (bg x 0.3)", ("prototype.seed_source=pcm", "prototype.bg_factor=0.3")),

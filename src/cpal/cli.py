@@ -89,10 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--sweeps-only", action="store_true",
                         help="run only the --sweep arms, not the five variants")
     ablate.add_argument("--sweep", action="append", default=[],
-                        choices=["score", "k", "earlier", "sfc"],
+                        choices=["score", "k", "earlier", "sfc", "context"],
                         help="also sweep the positiveness score (dot/cosine/l2, on raw "
                         "prototypes: prototype.normalize=false), K, this library's earlier "
-                        "choices on the faithful sipe (one at a time), or SFC's additions")
+                        "choices on the faithful sipe (one at a time), SFC's additions, or "
+                        "what cpal's context does (background without context, alpha 0.25)")
     compare = sub.add_parser(
         "compare", help="each base pipeline alone and with CPAL on the same data and seeds; "
                         "one table",
@@ -249,7 +250,8 @@ def _cmd_ablate(cfg: Config, args: argparse.Namespace) -> Any:
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     if args.sweeps_only and not args.sweep:
-        raise ConfigError("--sweeps-only needs at least one --sweep (score or k)")
+        raise ConfigError("--sweeps-only needs at least one --sweep (score, k, earlier, sfc "
+                          "or context)")
     path = ablate(args.config, list(args.overrides), seeds=args.seeds, sweeps=args.sweep,
                   variants=not args.sweeps_only,
                   progress=not args.no_progress)

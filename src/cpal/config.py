@@ -208,6 +208,11 @@ class AwarenessConfig:
     temperature: float = 0.1
     alpha: float = 0.5
     """Weight of the selected context in the context-aware prototype."""
+    background: Literal["context", "instance"] = "context"
+    """`context`: the background channel gets context (and the alignment shift) like every
+    class, from its own queue (the method page's design). `instance`: it keeps the image's
+    own background prototype, as SIPE's, and only the classes get context: a background
+    averaged over other images is the part of context the paper does not describe."""
 
     def validate(self, at: str) -> None:
         need(self.top_k >= 1, f"{at}.top_k", "must be >= 1")

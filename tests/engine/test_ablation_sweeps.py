@@ -81,3 +81,12 @@ def test_earlier_and_sfc_sweeps_switch_one_choice_on_sipe():
     assert by_name["sipe: SFC PCM seeds (bg x 0.3)"] == (
         "prototype.seed_source=pcm", "prototype.bg_factor=0.3")
     assert len({a.name for a in earlier}) == len(earlier)
+
+
+def test_context_sweep_switches_one_choice_on_cpal():
+    context = arms(["context"], variants=False)
+    assert [a.name for a in context] == ["cpal: background keeps its instance prototype",
+                                        "cpal: context weight alpha 0.25"]
+    instance = load_config(None, list(context[0].overrides))
+    assert instance.method == "cpal" and instance.awareness.background == "instance"
+    assert load_config(None, list(context[1].overrides)).awareness.alpha == 0.25

@@ -14,13 +14,13 @@ import torch
 
 from cpal.cli import main
 from cpal.config import load_config
+from cpal.data.source import open_dataset
 from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
 from cpal.engine.hooks import Interrupt
 from cpal.engine.paths import RunPaths
 from cpal.errors import ConfigError, DatasetError
-from cpal.io import MapRecord, save_maps
-from cpal.data.source import open_dataset
 from cpal.evaluation.scoring import choose_threshold
+from cpal.io import MapRecord, save_maps
 from cpal.pipeline import check_run_inputs, run, stage_infer, stage_labels, stage_refine
 from cpal.refine.irn import follow_threshold
 from tests.helpers import chain_overrides, cli_error, copied_run, finished_cam_run, tiny_overrides

@@ -28,7 +28,7 @@ def make(method: str = "cpal", **kw) -> CPALModule:
         branch(method),
         PrototypeConfig(features=kw.get("features", "hierarchical"), **kw.get("proto", {})),
         BankConfig(size=8, clusters=kw.get("clusters", 3), recluster_every=100, kmeans_iters=3),
-        AwarenessConfig(top_k=2, temperature=0.5, alpha=0.5),
+        AwarenessConfig(top_k=2, temperature=0.5, alpha=0.5, **kw.get("awareness", {})),
         AlignmentConfig(beta=1.0, loss_weight=kw.get("loss_weight", 0.0)),
     )
 
@@ -78,6 +78,28 @@ def test_warm_up_then_context_changes_prototypes() -> None:
     z = m.head(batch(1)[0])
     # Differs by construction (the prototypes differ by > 1e-4, asserted above).
     assert not torch.allclose(out.pacam, prototype_cam(z, out.context_prototypes, out.valid))
+
+
+@pytest.mark.parametrize("method", ["cpal-mean", "cpal"])
+def test_an_instance_background_keeps_its_own_prototype(method: str) -> None:
+    """awareness.background=instance: past warm-up the classes get context, the background
+    channel keeps the image's prototype (no context, no shift) in both branches."""
+    shared = make(method).train()
+    own = make(method, awareness={"background": "instance"}).train()
+    for s in range(2):
+        shared(*batch(s))
+        own(*batch(s))
+    a, b = shared(*batch(2)), own(*batch(2))
+    torch.testing.assert_close(a.prototypes, b.prototypes)  # same weights, same inputs
+    torch.testing.assert_close(b.context_prototypes[:, 0], b.prototypes[:, 0])
+    assert bool(((a.context_prototypes[:, 0] - a.prototypes[:, 0]).norm(dim=-1) > 1e-4).all())
+    torch.testing.assert_close(b.context_prototypes[:, 1], a.context_prototypes[:, 1])
+    if b.selected is not None:
+        assert bool((b.selected[:, 0] == -1).all()) and bool((b.selected[:, 1] >= 0).all())
+    # The background's map is then SIPE's: the plain cosine with its own prototype.
+    z = own.head(batch(2)[0])
+    plain = prototype_cam(z, b.prototypes, b.valid)
+    torch.testing.assert_close(b.pacam[:, 0], plain[:, 0])
 
 
 @pytest.mark.parametrize("method", ["sipe", "cpal-mean", "cpal-topk", "cpal"])

@@ -243,6 +243,9 @@ class CPALModule(nn.Module):
         a = self.acfg
         b, k, _ = p.shape
         n_held = self.bank.counts()
+        if a.background == "instance":  # channel 0 never gets context: SIPE's own background
+            n_held = n_held.clone()
+            n_held[0] = 0
         if not self.uses_selection:
             mean, _ = self.bank.mean_contexts()
             ready = n_held >= a.top_k
