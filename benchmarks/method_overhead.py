@@ -49,12 +49,15 @@ class Stepper:
 def step_times(variants: dict[str, list[str]], batch: int, crop: int, steps: int,
                classes: int) -> dict[str, float]:
     """Median seconds of one training step per variant, after two warm-up steps each.
-    The variants take turns step by step, so a drift of the machine's speed (another
-    process, the clock) falls on all of them alike instead of on whichever ran last."""
-    steppers = {name: Stepper(o, batch, crop, classes) for name, o in variants.items()}
+    The variants take turns step by step, each round starting one variant later, so a
+    drift of the machine's speed (another process, the clock) and a variant's place in
+    the round fall on all of them alike."""
+    steppers = list({name: Stepper(o, batch, crop, classes)
+                     for name, o in variants.items()}.items())
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(steps + 2):
-        for name, stepper in steppers.items():
+        for j in range(len(steppers)):
+            name, stepper = steppers[(i + j) % len(steppers)]
             seconds = stepper.step()
             if i >= 2:
                 times[name].append(seconds)
@@ -90,7 +93,7 @@ def bank_time(channels: int, size: int, dim: int, clusters: int, per_step: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--r50-batch", type=int, default=4)
     parser.add_argument("--r50-crop", type=int, default=256)
     args = parser.parse_args()

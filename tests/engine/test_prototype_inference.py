@@ -105,3 +105,27 @@ def test_pcm_seed_source_trains_and_infers() -> None:
     maps = normalised_maps(net, x, labels, (1.0, 0.5), True, ("pacam",))
     assert maps["pacam"].shape == (2, 2, 64, 64)
     assert bool(torch.isfinite(maps["pacam"]).all())
+
+
+@pytest.mark.parametrize("kind", ["cam", "pacam"])
+def test_present_only_maps_equal_the_full_ones_on_each_images_classes(kind) -> None:
+    """present_only upsamples each image's own classes alone: on those channels the same
+    numbers as the full maps, absent channels 0 (an image without any label too)."""
+    cfg = load_config(None, ["method=sipe", "model.arch=resnet18", "model.width=0.125",
+                             "model.frozen_bn=false"])
+    torch.manual_seed(0)
+    net, _ = build_network(cfg, 4)
+    net.eval()
+    images = torch.randn(3, 3, 40, 56)
+    labels = torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]])
+    with torch.no_grad():
+        full = multiscale_maps(net, images, (1.0, 0.5), True, labels, (kind,))
+        part = multiscale_maps(net, images, (1.0, 0.5), True, labels, (kind,),
+                               present_only=True)
+    present = labels.bool()
+    assert part[kind].shape == full[kind].shape == (3, 4, 40, 56)
+    torch.testing.assert_close(part[kind][present], full[kind][present], rtol=0, atol=0)
+    assert float(part[kind][~present].abs().max()) == 0.0
+    if kind == "pacam":
+        torch.testing.assert_close(part["pacam_background"], full["pacam_background"],
+                                   rtol=0, atol=0)
