@@ -70,6 +70,9 @@ def test_runs_made_before_the_new_keys_keep_their_fingerprint():
     new_train = {"schedule", "lr_reference_batch", "decay_norm_and_bias", "warmup_epochs",
                  "warmup_lr", "min_lr"}
     assert not new_train & set(fingerprint["train"])
+    assert "background" not in fingerprint["awareness"]
     assert "vit" not in fingerprint and "clip_es" not in fingerprint
-    changed = training_fingerprint(load_config(None, ["train.schedule=cosine", "vit.depth=2"]))
+    changed = training_fingerprint(load_config(None, ["train.schedule=cosine", "vit.depth=2",
+                                                      "awareness.background=instance"]))
     assert changed["train"]["schedule"] == "cosine" and changed["vit"]["depth"] == 2
+    assert changed["awareness"]["background"] == "instance"

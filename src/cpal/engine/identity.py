@@ -38,13 +38,14 @@ RUN_INDEPENDENT = frozenset({
 # Sections of the config that shape training (besides seed and method).
 _TRAINING_SECTIONS = ("data", "model", "train", "prototype", "bank", "awareness",
                       "alignment", "loss", "vit", "clip_es")
-# Keys and sections added after checkpoint format 2 (the transformer methods' recipes):
-# left out of the fingerprint while they hold their defaults, which every run made before
-# they existed used, so that those runs still resume and make maps. Set to anything else,
-# they are in it like every other key.
+# Keys and sections added after checkpoint format 2 (the transformer methods' recipes,
+# then awareness.background): left out of the fingerprint while they hold their defaults,
+# which every run made before they existed used, so that those runs still resume and make
+# maps. Set to anything else, they are in it like every other key.
 _LATER_KEYS: dict[str, frozenset[str]] = {
     "train": frozenset({"schedule", "lr_reference_batch", "decay_norm_and_bias",
                         "warmup_epochs", "warmup_lr", "min_lr"}),
+    "awareness": frozenset({"background"}),
 }
 _LATER_SECTIONS = frozenset({"vit", "clip_es"})
 
