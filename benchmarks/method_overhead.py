@@ -1,7 +1,9 @@
 """Cost of the prototype methods relative to the plain CAM network.
 
 Prints, per backbone: the training-step time (forward + backward + SGD step, random data,
-same batch and crop) of every variant and its ratio to `cam`; the share of a `cpal` step
+same batch and crop) of every variant and its ratio to `cam`; the prototype branch's own
+forward + backward on the same batch's features (its cost apart from the step's noise,
+which on a shared CPU is larger than the branch); the share of a `cpal` step
 spent in the support bank (enqueue + amortised k-means re-clustering); and the memory of the
 bank at VOC (20 + 1 classes) and COCO (80 + 1) scale. Targets (issue 3): cpal <= 1.15 x cam,
 bank + k-means <= 5 % of a step; issue 9 asks every variant <= 1.10 x cam on the demo
@@ -46,14 +48,34 @@ class Stepper:
         return time.perf_counter() - start
 
 
+def branch_time(stepper: Stepper, reps: int = 10) -> float:
+    """Seconds of the prototype branch alone (forward + backward on the network's own
+    features of the step's batch, the bank updated as in training), the minimum of `reps`:
+    a few milliseconds measured apart from a step whose own noise is larger than they."""
+    model = stepper.model
+    assert model.cpal is not None
+    with torch.no_grad():
+        features = model.backbone(stepper.images)
+        cam = model.classifier(features[-1])
+    labels = stepper.labels
+    times = []
+    for _ in range(reps + 2):
+        cam_in = cam.detach().requires_grad_()
+        start = time.perf_counter()
+        out = model.cpal(features, cam_in, labels, None, None, stepper.images)
+        sum(out.losses.values()).backward()
+        times.append(time.perf_counter() - start)
+    return min(times[2:])
+
+
 def step_times(variants: dict[str, list[str]], batch: int, crop: int, steps: int,
-               classes: int) -> dict[str, float]:
+               classes: int) -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds of one training step per variant, after two warm-up steps each.
     The variants take turns step by step, each round starting one variant later, so a
     drift of the machine's speed (another process, the clock) and a variant's place in
-    the round fall on all of them alike."""
-    steppers = list({name: Stepper(o, batch, crop, classes)
-                     for name, o in variants.items()}.items())
+    the round fall on all of them alike. Also each prototype branch's own time
+    (`branch_time`)."""
+    steppers = [(name, Stepper(o, batch, crop, classes)) for name, o in variants.items()]
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(steps + 2):
         for j in range(len(steppers)):
@@ -61,7 +83,10 @@ def step_times(variants: dict[str, list[str]], batch: int, crop: int, steps: int
             seconds = stepper.step()
             if i >= 2:
                 times[name].append(seconds)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    branches = {name: branch_time(stepper) for name, stepper in steppers
+                if stepper.model.cpal is not None}
+    return medians, branches
 
 
 def embedding_dim(cfg, classes: int) -> int:
@@ -107,11 +132,14 @@ def main() -> None:
     }
     for title, (base, batch, crop, classes) in setups.items():
         print(f"\n{title}")
-        medians = step_times({v: [*base, f"method={v}"] for v in ablation_ladder()},
-                             batch, crop, args.steps, classes)
+        medians, branches = step_times({v: [*base, f"method={v}"] for v in ablation_ladder()},
+                                       batch, crop, args.steps, classes)
         cam = medians["cam"]
         for variant, seconds in medians.items():
-            print(f"  {variant:10s} {seconds * 1000:8.1f} ms/step  {seconds / cam:5.2f} x cam")
+            branch = (f"   branch alone {branches[variant] * 1000:6.1f} ms = "
+                      f"{1 + branches[variant] / cam:4.2f} x cam") if variant in branches else ""
+            print(f"  {variant:10s} {seconds * 1000:8.1f} ms/step  {seconds / cam:5.2f} x cam"
+                  f"{branch}")
             if variant == "cpal":
                 cfg = load_config(None, [*base, "method=cpal"])
                 dim = embedding_dim(cfg, classes)
