@@ -64,7 +64,7 @@ from cpal.refine.irn import (
     IRLabelParams,
     affinity_from_boundary,
     affinity_labels,
-    follow_threshold,
+    follow_power,
     ir_labels,
     pair_offsets,
     valid_pairs,
@@ -117,7 +117,7 @@ class Followed:
 
     def chosen(self, value: float) -> ChosenThreshold:
         """A threshold derived from the seeds' one: chosen as that one was."""
-        return replace(self.seeds, value=round(value, 4))
+        return replace(self.seeds, value=value)
 
     def text(self, irn: IRNConfig) -> str:
         return (f"IRN's thresholds follow the seeds' {self.seeds.value:g} "
@@ -135,10 +135,9 @@ def follow_seeds(config: Config, layout: VOCLayout) -> tuple[Config, Followed | 
     if not 0 < seeds.value < 1:
         raise ConfigError(f"'irn.calibration': the seeds' threshold is {seeds.value:g}, "
                           "outside (0, 1): nothing to follow; set irn.calibration=fixed")
-    mapped = replace(irn, **{
-        key: round(follow_threshold(getattr(irn, key), seeds.value, irn.reference_threshold), 4)
-        for key in ("fg_threshold", "bg_threshold", "bg_score")})
-    power = float(np.log(seeds.value) / np.log(irn.reference_threshold))
+    power = follow_power(seeds.value, irn.reference_threshold)
+    mapped = replace(irn, **{key: round(getattr(irn, key) ** power, 4)
+                             for key in ("fg_threshold", "bg_threshold", "bg_score")})
     _log.info("irn.calibration=seeds: confident fg %g / bg %g, walk background %g "
               "(the seeds' threshold %g)", mapped.fg_threshold, mapped.bg_threshold,
               mapped.bg_score, seeds.value)

@@ -37,6 +37,7 @@ __all__ = [
     "affinity_from_boundary",
     "affinity_labels",
     "downsample_labels",
+    "follow_power",
     "follow_threshold",
     "ir_labels",
     "pair_offsets",
@@ -44,18 +45,22 @@ __all__ = [
 ]
 
 
-def follow_threshold(value: float, seed_threshold: float, reference: float) -> float:
-    """`value`, a threshold set for maps whose seeds are best cut at `reference`, carried
-    over to maps whose seed threshold is `seed_threshold`: value^g, g = ln t / ln ref.
+def follow_power(seed_threshold: float, reference: float) -> float:
+    """g = ln t / ln ref: the power x -> x^g that sends `reference` to `seed_threshold`.
 
     A power is the one-parameter monotone map of [0, 1] onto itself that fixes 0 and 1:
-    it sends `reference` to `seed_threshold` and keeps any set of thresholds in order, so
-    IRN's confident fg / bg and walk background keep their places around the seeds' cut
-    on maps calibrated otherwise than VOC's CAMs."""
+    it keeps any set of thresholds in order, so IRN's confident fg / bg and walk background
+    keep their places around the seeds' cut on maps calibrated otherwise than VOC's CAMs."""
     if not (0 < seed_threshold < 1 and 0 < reference < 1):
         raise ValueError(f"thresholds to follow must lie in (0, 1): seed threshold "
                          f"{seed_threshold}, reference {reference}")
-    return float(value ** (np.log(seed_threshold) / np.log(reference)))
+    return float(np.log(seed_threshold) / np.log(reference))
+
+
+def follow_threshold(value: float, seed_threshold: float, reference: float) -> float:
+    """`value`, a threshold set for maps whose seeds are best cut at `reference`, carried
+    over to maps whose seed threshold is `seed_threshold`: value^g (`follow_power`)."""
+    return float(value ** follow_power(seed_threshold, reference))
 
 
 @dataclass(frozen=True)
