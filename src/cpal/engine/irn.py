@@ -65,6 +65,7 @@ from cpal.refine.irn import (
     affinity_from_boundary,
     affinity_labels,
     follow_power,
+    follow_threshold,
     ir_labels,
     pair_offsets,
     valid_pairs,
@@ -135,13 +136,14 @@ def follow_seeds(config: Config, layout: VOCLayout) -> tuple[Config, Followed | 
     if not 0 < seeds.value < 1:
         raise ConfigError(f"'irn.calibration': the seeds' threshold is {seeds.value:g}, "
                           "outside (0, 1): nothing to follow; set irn.calibration=fixed")
-    power = follow_power(seeds.value, irn.reference_threshold)
-    mapped = replace(irn, **{key: round(getattr(irn, key) ** power, 4)
-                             for key in ("fg_threshold", "bg_threshold", "bg_score")})
+    mapped = replace(irn, **{
+        key: round(follow_threshold(getattr(irn, key), seeds.value, irn.reference_threshold), 4)
+        for key in ("fg_threshold", "bg_threshold", "bg_score")})
     _log.info("irn.calibration=seeds: confident fg %g / bg %g, walk background %g "
               "(the seeds' threshold %g)", mapped.fg_threshold, mapped.bg_threshold,
               mapped.bg_score, seeds.value)
-    return replace(config, irn=mapped), Followed(seeds, power)
+    return replace(config, irn=mapped), Followed(
+        seeds, follow_power(seeds.value, irn.reference_threshold))
 
 
 def _ir_params(irn: IRNConfig) -> IRLabelParams:
