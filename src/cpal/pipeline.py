@@ -27,6 +27,7 @@ from cpal.engine.output_dir import claim_output_dir, claim_output_dir_everywhere
 from cpal.engine.paths import RunPaths
 from cpal.engine.pseudo import final_labels
 from cpal.engine.refine import REFINEMENTS
+from cpal.engine.runtime import setup
 from cpal.engine.segment import check_segmentation, predict_splits, train_segmentation
 from cpal.engine.train import train
 from cpal.errors import ConfigError, CpalError, DatasetError
@@ -146,16 +147,25 @@ def stage_refine(config: Config, *, progress: bool = True,
                  hooks: Sequence[HookBase] = ()) -> dict[str, Any]:
     """Refine the maps of `labels.split` by `refine.method` (none: nothing to do) into
     OUT/refine/<method>/<split>/; its scores go to metrics.json's `refine.<method>`.
-    `hooks` reach a method's training (IRN's), after the standard ones."""
-    claim_output_dir(config)
+    `hooks` reach a method's training (IRN's), after the standard ones.
+
+    Under torchrun every process trains the method's network and makes a share of its
+    per-image files; rank 0 alone writes metrics.json and stages.json."""
+    if distributed.ranks().enabled:
+        setup(config)  # the process group, before the first shared folder
+    claim_output_dir_everywhere(config)
     start = time.perf_counter()
     paths = RunPaths(config.output_path)
     method = REFINEMENTS.get(config.refine.method)
+    main = distributed.ranks().is_main
     if not method.refines:
-        _record_stage(paths, "refine", time.perf_counter() - start, method=method.name)
+        if main:
+            _record_stage(paths, "refine", time.perf_counter() - start, method=method.name)
         return {}
     layout = open_dataset(config.data)
     result = method.run(config, layout, progress, hooks)  # type: ignore[misc]
+    if not main:
+        return result
     refined = _read_json(paths.metrics).get("refine", {})
     refined[method.name] = result
     _update_json(paths.metrics, "refine", refined)

@@ -16,7 +16,7 @@ from cpal.config import load_config
 from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
 from cpal.engine.paths import RunPaths
 from cpal.pipeline import stage_train
-from tests.helpers import tiny_overrides
+from tests.helpers import chain_overrides, tiny_overrides
 
 PROTO = ["bank.size=16", "bank.clusters=3",
          "bank.recluster_every=2", "awareness.top_k=2"]
@@ -42,16 +42,23 @@ def _worker(rank: int, world: int, port: int, commands: list[list[str]], out: st
     import cpal.engine.infer as infer_module
     from cpal.cli import main
     from cpal.engine import distributed
+    from cpal.engine.label_dirs import LabelFolder
 
-    real_write, written = infer_module._write_record, []  # per command: maps it wrote
+    # Per command: the maps and the label PNGs this process wrote.
+    real_write, real_label_write, written = infer_module._write_record, LabelFolder.write, []
 
     def recording_write(path, *record):
         written[-1].append(f"{path.parent.name}/{path.name}")
         real_write(path, *record)
 
+    def recording_label_write(folder, image_id, label):
+        written[-1].append(f"{folder.directory.parent.name}/{folder.directory.name}/{image_id}")
+        real_label_write(folder, image_id, label)
+
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(infer_module, "_write_record", recording_write)
+            patch.setattr(LabelFolder, "write", recording_label_write)
             for argv in commands:
                 written.append([])
                 code = main([*argv, "--no-progress"])
@@ -66,7 +73,8 @@ def _worker(rank: int, world: int, port: int, commands: list[list[str]], out: st
 def ddp_runs(tiny_dataset, tmp_path_factory):
     """One spawn of 2 processes for two runs. cam: 1 micro-batch of 4 per process, then its
     maps as shard 0/2 and then whole; cpal: grad_accum 2 (2 images per micro-batch), as the
-    whole `cpal run` (sharded maps, rank-0 evaluation)."""
+    whole `cpal run` (sharded maps, rank-0 evaluation); then `cpal refine` (IRN) of the
+    cam run."""
     root = tmp_path_factory.mktemp("ddp")
     runs = {
         "cam": [*tiny_overrides(tiny_dataset, root / "cam"), *EXACT],
@@ -78,7 +86,8 @@ def ddp_runs(tiny_dataset, tmp_path_factory):
     commands = [["train", str(config), *runs["cam"]],
                 ["infer", str(config), *runs["cam"], "--shard", "0/2"],
                 ["infer", str(config), *runs["cam"]],
-                ["run", str(config), *runs["cpal"]]]
+                ["run", str(config), *runs["cpal"]],
+                ["refine", str(config), *runs["cam"], *chain_overrides("irn")]]
     mp.spawn(_worker, args=(2, _free_port(), commands, str(root)), nprocs=2, join=True)
     return root, runs
 
@@ -135,9 +144,11 @@ def test_two_processes_with_accumulation_fill_the_bank_like_one(ddp_runs, tiny_d
     assert int(single["cpal.bank.count"].sum()) > 48
 
 
-def _written(root: Path, command: int) -> list[list[str]]:
-    """The maps each of the 2 processes wrote in command `command` of the spawn."""
-    return [json.loads((root / f"written{r}.json").read_text())[command] for r in range(2)]
+def _written(root: Path, command: int, *, maps: bool = True) -> list[list[str]]:
+    """The maps (or else the label PNGs) each of the 2 processes wrote in command
+    `command` of the spawn."""
+    every = [json.loads((root / f"written{r}.json").read_text())[command] for r in range(2)]
+    return [[w for w in rank if w.endswith(".npz") == maps] for rank in every]
 
 
 def _split_ids(tiny_dataset: Path) -> dict[str, list[str]]:
@@ -177,6 +188,26 @@ def test_sharded_maps_are_written_once_and_evaluated_by_rank_zero(ddp_runs, tiny
     assert stages["infer"]["missing"] == {"train": 0, "val": 0}
     metrics = json.loads((root / "cpal/metrics.json").read_text())
     assert 0 <= metrics["pseudo_labels"]["miou"] <= 100
+
+
+@pytest.mark.distributed
+def test_refine_deals_its_images_to_the_processes(ddp_runs, tiny_dataset):
+    """`torchrun ... cpal refine` (IRN): every process trains IRNet, and each image's IR
+    label and random-walk label is made once, by one process, the two halves balanced;
+    rank 0 alone scores them into metrics.json."""
+    root, _ = ddp_runs
+    train = _split_ids(tiny_dataset)["train"]
+    per_rank = _written(root, 4, maps=False)
+    for folder in ("ir_labels/train", "irn/train"):
+        parts = [sorted(w.rsplit("/", 1)[1] for w in rank if w.startswith(folder + "/"))
+                 for rank in per_rank]
+        assert not set(parts[0]) & set(parts[1]), folder
+        assert sorted(parts[0] + parts[1]) == sorted(train), folder
+        assert len(parts[0]) == len(parts[1]) == 12, folder
+    assert len(list((root / "cam/refine/irn/train").glob("*.png"))) == 24
+    metrics = json.loads((root / "cam/metrics.json").read_text())
+    assert 0 <= metrics["refine"]["irn"]["labels"]["miou"] <= 100
+    assert json.loads((root / "cam/stages.json").read_text())["refine"]["method"] == "irn"
 
 
 def _train_worker(rank: int, world: int, port: int, argvs: list[list[str]], out: str) -> None:

@@ -228,10 +228,17 @@ def make_amn_maps(config: Config, layout: VOCLayout, ir_folder: LabelFolder,
         "amn": fingerprint_digest(fingerprint), "scales": scales, "flip": config.infer.flip,
         "raw_on_background": amn.raw_on_background,
         "ir_labels": fingerprint_digest(ir_folder.record)})
-    folder.claim()
-    todo = folder.pending(ids)
-    if not todo:
-        return folder
+    with folder.share(ids) as todo:
+        if todo:
+            _amn_images(config, layout, ir_folder, folder, fingerprint, scales, todo,
+                        progress)
+    return folder
+
+
+def _amn_images(config: Config, layout: VOCLayout, ir_folder: LabelFolder,
+                folder: MapFolder, fingerprint: dict[str, Any], scales: Sequence[float],
+                todo: Sequence[str], progress: bool) -> None:
+    split, amn = config.labels.split, config.amn
     device = setup(config)
     _, ckpt = load_finished_checkpoint(
         RunPaths(config.output_path).refinement(NAME) / "checkpoints", fingerprint,
@@ -259,7 +266,6 @@ def make_amn_maps(config: Config, layout: VOCLayout, ir_folder: LabelFolder,
                 background=maps[0]))
         bar.update(len(batch["id"]))
     bar.close()
-    return folder
 
 
 # ---------------------------------------------------------------------------------------

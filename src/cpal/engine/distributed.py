@@ -14,7 +14,7 @@ import contextlib
 import functools
 import inspect
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cpal.errors import ConfigError
+from cpal.errors import ConfigError, CpalError
 
 _T = TypeVar("_T")
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
@@ -194,6 +194,32 @@ def main_value(value: _T) -> _T:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def every_nth(items: Sequence[_T], start: int, step: int) -> list[_T]:
+    """Every `step`-th item from `start`: for start = 0..step-1, disjoint parts whose union
+    is `items`, sizes differing by one at most. Shards of a split (fixed by the split
+    alone, so a resumed shard owns the same images) and the round-robin deal of pending
+    per-image work to the processes (`deal`)."""
+    return list(items[start::step])
+
+
+def deal(decide: Callable[[], list[_T]]) -> list[_T]:
+    """This process's share of a list of pending work that rank 0 alone draws up
+    (`decide` may write, e.g. claim a folder, and raise a CpalError or OSError): every
+    process raises rank 0's error, or takes every n-th item of rank 0's list. A single
+    process gets the whole list."""
+    here = ranks()
+    outcome: tuple[list[_T], BaseException | None] = ([], None)
+    if here.is_main:
+        try:
+            outcome = (decide(), None)
+        except (CpalError, OSError) as exc:
+            outcome = ([], exc)
+    todo, problem = main_value(outcome)
+    if problem is not None:
+        raise problem
+    return every_nth(todo, here.rank, here.world_size)
 
 
 def same_everywhere(value: object) -> bool:

@@ -144,14 +144,6 @@ def maps_identity(config: Config, source: MapSource) -> dict[str, Any]:
     return identity
 
 
-def every_nth(items: Sequence[str], start: int, step: int) -> list[str]:
-    """Every `step`-th item from `start`: for start = 0..step-1, disjoint parts whose union
-    is `items`, sizes differing by one at most. Used twice: shards of a split (fixed by
-    the split alone, so a resumed shard owns the same images) and the round-robin deal of
-    a shard's missing maps to the processes running it."""
-    return list(items[start::step])
-
-
 def load_trained_model(ckpt: Checkpoint, config: Config, num_classes: int,
                        device: torch.device) -> LocalisationNet:
     # Weights (and the support bank) come from the checkpoint, not the ImageNet file; a
@@ -361,7 +353,7 @@ def pending_maps(
     out_dir = RunPaths(config.output_path).maps(split)
     out_dir.mkdir(parents=True, exist_ok=True)
     _claim_folder(out_dir, identity)
-    ids = every_nth(layout.split_ids(split), *shard)
+    ids = distributed.every_nth(layout.split_ids(split), *shard)
     _remove_stale_temporaries(out_dir, set(ids))
     pending, damaged = [], []
     for image_id in ids:
@@ -385,9 +377,7 @@ def infer_split(
 ) -> int:
     """Write maps for every image of `split` in `shard` not yet done (this process's deal
     of them under torchrun); return how many this process wrote."""
-    ranks = distributed.ranks()
-    todo = pending_maps(config, layout, split, identity, shard) if ranks.is_main else []
-    pending = every_nth(distributed.main_value(todo), ranks.rank, ranks.world_size)
+    pending = distributed.deal(lambda: pending_maps(config, layout, split, identity, shard))
     out_dir = RunPaths(config.output_path).maps(split)
     if not pending:
         return 0

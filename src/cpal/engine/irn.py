@@ -161,10 +161,10 @@ def write_ir_labels(config: Config, layout: VOCLayout, pairs: Sequence[tuple[str
     """IR labels of every image of `pairs` (id, maps file) not yet in `directory`, whose
     record is `record` plus the parameters: any maps (the run's, AMN's) in the same way."""
     folder = LabelFolder(directory, {"kind": "ir_labels", **record, "params": asdict(params)})
-    folder.claim()
-    todo = set(folder.pending([i for i, _ in pairs]))
-    jobs = {i: IRJob(layout.image_path(i), path, params) for i, path in pairs if i in todo}
-    refine_with_workers(ir_one, jobs, folder, config, desc, progress)
+    with folder.share([i for i, _ in pairs]) as mine:
+        todo = set(mine)
+        jobs = {i: IRJob(layout.image_path(i), path, params) for i, path in pairs if i in todo}
+        refine_with_workers(ir_one, jobs, folder, config, desc, progress)
     return folder
 
 
@@ -332,13 +332,18 @@ class WalkPlan:
 
 def walk_split(config: Config, layout: VOCLayout, plan: WalkPlan, progress: bool
                ) -> tuple[LabelFolder, list[str]]:
-    """Random-walk labels of every image of `plan.maps` not yet written."""
-    split, irn = config.labels.split, config.irn
+    """Random-walk labels of every image of `plan.maps` not yet written (under torchrun,
+    each process a share of them)."""
     folder, ids = plan.folder, list(plan.maps)
-    folder.claim()
-    todo = folder.pending(ids)
-    if not todo:
-        return folder, ids
+    with folder.share(ids) as todo:
+        if todo:
+            _walk_images(config, layout, plan, todo, progress)
+    return folder, ids
+
+
+def _walk_images(config: Config, layout: VOCLayout, plan: WalkPlan, todo: Sequence[str],
+                 progress: bool) -> None:
+    split, irn, folder = config.labels.split, config.irn, plan.folder
     device = setup(config)
     _, ckpt = load_finished_checkpoint(plan.network / "checkpoints", plan.fingerprint,
                                        "cpal refine")
@@ -373,7 +378,6 @@ def walk_split(config: Config, layout: VOCLayout, plan: WalkPlan, progress: bool
                                                       (height, width), params))
         bar.update(len(records))
     bar.close()
-    return folder, ids
 
 
 def walk_record(config: Config, checkpoint: Path, fingerprint: dict[str, Any]

@@ -11,13 +11,15 @@ makes a folder that holds copies of another folder's files.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cpal.engine import distributed
 from cpal.engine.identity import changed_keys
 from cpal.errors import DatasetError, warn
 from cpal.io import atomic_path, png_complete, read_json, save_label_png, write_json_atomic
@@ -85,6 +87,19 @@ class LabelFolder:
             warn(f"{self.directory}: {len(damaged) - _NAMED} more damaged {self.what}s; "
                  "redoing them")
         return todo
+
+    @contextlib.contextmanager
+    def share(self, ids: Sequence[str]) -> Iterator[list[str]]:
+        """Claim the folder and yield this process's part of its pending ids: all of them
+        in one process; under torchrun every n-th of what rank 0 found, so no image is
+        made twice. On leaving, wait until every process has written its part, so the
+        folder is complete for whoever reads it next."""
+        def claim_and_list() -> list[str]:
+            self.claim()
+            return self.pending(ids)
+
+        yield distributed.deal(claim_and_list)
+        distributed.barrier()
 
     def write(self, image_id: str, label: np.ndarray) -> None:
         save_label_png(self.path(image_id), label)

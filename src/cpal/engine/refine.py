@@ -185,12 +185,13 @@ def _refine_crf(config: Config, layout: VOCLayout, progress: bool,
     folder = LabelFolder(RunPaths(config.output_path).refined("crf", split), {
         "kind": "crf", "maps": identity, "preset": preset, "params": asdict(params),
         "provenance": provenance.to_dict()})
-    folder.claim()
-    todo = set(folder.pending([i for i, _ in pairs]))
-    jobs = {i: CRFJob(layout.image_path(i), path, refiner.name, params,
-                      None if threshold is None else threshold.value)
-            for i, path in pairs if i in todo}
-    written = refine_with_workers(crf_one, jobs, folder, config, f"crf {split}", progress)
+    with folder.share([i for i, _ in pairs]) as mine:
+        todo = set(mine)
+        jobs = {i: CRFJob(layout.image_path(i), path, refiner.name, params,
+                          None if threshold is None else threshold.value)
+                for i, path in pairs if i in todo}
+        written = refine_with_workers(crf_one, jobs, folder, config, f"crf {split}",
+                                      progress)
     scores = evaluate_labels(layout, split, [i for i, _ in pairs], folder.directory,
                              provenance)
     return {"labels": scores.to_dict(), "written": written}
