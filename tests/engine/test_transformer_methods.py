@@ -6,6 +6,7 @@ frozen CLIP). Plus the config checks that keep each method on its own trunk."""
 import json
 
 import pytest
+import torch
 
 from cpal.config import load_config
 from cpal.engine.checkpoint import latest_checkpoint, load_checkpoint
@@ -13,7 +14,7 @@ from cpal.engine.paths import RunPaths
 from cpal.errors import ConfigError
 from cpal.io import load_maps
 from cpal.pipeline import run, stage_train
-from tests.helpers import tiny_overrides
+from tests.helpers import killed_in_second_epoch, tiny_overrides
 
 TRUNKS = {"mctformer": ["model.arch=deit_tiny", "model.width=0.25", "vit.depth=2",
                         "train.optimizer=adamw", "train.schedule=cosine", "train.lr=1e-3",
@@ -105,3 +106,21 @@ def test_a_clip_file_needs_its_vocabulary(tmp_path):
                              f"model.pretrained={path}"])
     with pytest.raises(ConfigError, match=r"'clip_es.tokenizer': required with model.pretrained"):
         build_network(cfg, 3, class_names=["a", "b", "c"])
+
+
+def test_mctformer_resume_is_exact_with_stochastic_depth(tiny_dataset, tmp_path):
+    """ViT's drop path draws from the global generator, which the trainer seeds per step:
+    killed in its second epoch and resumed, the run ends with the uninterrupted one's
+    weights."""
+    runs = []
+    for name, hooks in (("a", None), ("b", killed_in_second_epoch())):
+        cfg = _cfg(tiny_dataset, tmp_path / name, "mctformer", "vit.drop_path=0.5")
+        if hooks is not None:
+            with pytest.raises(KeyboardInterrupt):
+                stage_train(cfg, progress=False, hooks=hooks)
+        stage_train(cfg, progress=False)
+        runs.append(load_checkpoint(latest_checkpoint(RunPaths(cfg.output_path).checkpoints)))
+    a, b = (run.model for run in runs)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -10,7 +10,8 @@ called at six points:
 before/after the run, each epoch and each optimizer step, in the order given.
 
 Exact resume: the sample order of an epoch comes from a generator seeded by (seed, epoch)
-and each sample's augmentation from (seed, epoch, index) (the dataset's job), so a run
+and each sample's augmentation from (seed, epoch, index) (the dataset's job), the global
+generator (stochastic depth) is seeded by (seed, step, process, micro-batch), so a run
 resumed from a checkpoint (at an epoch's end, or inside an epoch: its consumed global
 batches are skipped) replays the rest exactly as an uninterrupted run would.
 
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -57,6 +59,12 @@ def run_epochs(train: LoopConfig, steps_per_epoch: int) -> int:
     if train.steps is None:
         return train.epochs
     return max(1, math.ceil(train.steps / steps_per_epoch))
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """The global generator's seed for one micro-batch of one optimizer step."""
+    state = np.random.SeedSequence([seed, step, rank, micro])
+    return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def epoch_order(num_images: int, seed: int, epoch: int) -> list[int]:
@@ -345,6 +353,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, Tensor] = {}
         for i, item in enumerate(micro):
+            # Layers that draw from the global generator (ViT's stochastic depth) get a
+            # state fixed by (seed, step, process, micro-batch): a resumed run draws what
+            # an uninterrupted one would have drawn.
+            torch.manual_seed(step_seed(self.seed, step, self.ranks.rank, i))
             with distributed.no_sync(self.model, sync=i == len(micro) - 1):
                 with autocast(self.device, t.precision):
                     loss, parts = self.task.loss(self.model, item, batch)
