@@ -64,7 +64,7 @@ from cpal.engine.label_dirs import LabelFolder
 from cpal.engine.optim import OPTIMIZERS
 from cpal.engine.paths import RunPaths
 from cpal.engine.refine import RefinementMethod, register_refinement
-from cpal.engine.runtime import autocast, setup
+from cpal.engine.runtime import autocast, derived_seed, setup
 from cpal.engine.trainer import fit
 from cpal.engine.trunks import check_trunk, prepare_stage_training
 from cpal.errors import ConfigError
@@ -120,8 +120,7 @@ class AMNTask:
     def dropout_generator(self, index: int) -> torch.Generator:
         """An image's dropout mask from (seed, epoch, image) alone: the same after a
         resume, whatever the process count or accumulation."""
-        state = np.random.SeedSequence([self.seed, self.dataset.epoch, index])
-        seed = int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+        seed = derived_seed(self.seed, self.dataset.epoch, index)
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def loss(self, model: nn.Module, item: dict[str, Any], batch: Sequence[int]

@@ -23,6 +23,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed fixed by `keys` alone (e.g. seed, epoch, image): random draws that a
+    resumed run repeats exactly, with no generator state to checkpoint."""
+    state = np.random.SeedSequence(list(keys))
+    return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
 def setup(config: Config) -> torch.device:
     """Apply threads, seeds and deterministic mode, join torchrun's process group when
     launched by it; return the device to run on (cuda:LOCAL_RANK under torchrun)."""

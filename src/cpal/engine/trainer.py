@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -43,7 +42,7 @@ from cpal.engine.hooks import HookBase, standard_hooks, truncate_log
 from cpal.engine.identity import check_fingerprint, load_shared_checkpoint, resume_point
 from cpal.engine.optim import schedule_lr
 from cpal.engine.paths import RunPaths
-from cpal.engine.runtime import autocast
+from cpal.engine.runtime import autocast, derived_seed
 from cpal.errors import CheckpointError, ConfigError, warn
 from cpal.log import get_logger
 
@@ -59,12 +58,6 @@ def run_epochs(train: LoopConfig, steps_per_epoch: int) -> int:
     if train.steps is None:
         return train.epochs
     return max(1, math.ceil(train.steps / steps_per_epoch))
-
-
-def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
-    """The global generator's seed for one micro-batch of one optimizer step."""
-    state = np.random.SeedSequence([seed, step, rank, micro])
-    return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def epoch_order(num_images: int, seed: int, epoch: int) -> list[int]:
@@ -356,7 +349,7 @@ class Trainer:
             # Layers that draw from the global generator (ViT's stochastic depth) get a
             # state fixed by (seed, step, process, micro-batch): a resumed run draws what
             # an uninterrupted one would have drawn.
-            torch.manual_seed(step_seed(self.seed, step, self.ranks.rank, i))
+            torch.manual_seed(derived_seed(self.seed, step, self.ranks.rank, i))
             with distributed.no_sync(self.model, sync=i == len(micro) - 1):
                 with autocast(self.device, t.precision):
                     loss, parts = self.task.loss(self.model, item, batch)
