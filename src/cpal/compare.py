@@ -132,10 +132,12 @@ def compare(config_path: str | os.PathLike[str] | None, overrides: Sequence[str]
     base = load_config(config_path, list(overrides))
     root = base.output_path / "compare"
     plans: list[tuple[Arm, int, Config]] = []
-    for name in bases:
-        for arm in BASES.get(name).arms():
-            for i in range(seeds):
-                seed = base.seed + i
+    # Seed by seed, every arm of a seed before the next seed: a comparison stopped early
+    # holds both arms of each base at the seeds it reached, so its rows stay paired.
+    for i in range(seeds):
+        seed = base.seed + i
+        for name in bases:
+            for arm in BASES.get(name).arms():
                 try:
                     cfg = load_config(config_path, [
                         *overrides, *arm.overrides, f"seed={seed}",
