@@ -21,17 +21,18 @@ import json
 import os
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from cpal.config import Config, load_config
 from cpal.data.source import open_dataset
-from cpal.engine.identity import fingerprint_digest
+from cpal.engine import distributed
+from cpal.engine.identity import fingerprint_digest, training_fingerprint
 from cpal.engine.paths import RunPaths
 from cpal.engine.refine import REFINEMENTS
 from cpal.errors import ConfigError
-from cpal.io import read_json, write_json_atomic, write_text_atomic
+from cpal.io import link_tree, read_json, write_json_atomic, write_text_atomic
 from cpal.log import get_logger
 from cpal.pipeline import run
 from cpal.registry import Registry
@@ -99,6 +100,39 @@ def _settings(cfg: Config) -> str:
     return json.dumps({**cfg.to_dict(), "output_dir": None}, sort_keys=True)
 
 
+def _network_settings(cfg: Config) -> tuple[str, str]:
+    """What a run's network and maps depend on: its training fingerprint (the checkpoint
+    checks it on resume), and with the inference settings, its maps (whose folder record
+    is checked before reuse). Arms of two bases that differ in refinement alone share both."""
+    training = fingerprint_digest(training_fingerprint(cfg))
+    return training, fingerprint_digest([training, asdict(cfg.infer)])
+
+
+def _share_network(cfg: Config, trained: dict[tuple[str, str], Path]) -> None:
+    """Start a new arm from the checkpoints (and maps, when made alike) of an earlier arm
+    trained with the same settings, instead of training the same network again: the run
+    then resumes past training, and its own checks (fingerprint, maps record) still
+    decide what it reuses. Only into a folder that does not exist yet, and by rank 0
+    alone under torchrun (the others take rank 0's choice of checkpoint when they train)."""
+    if not distributed.ranks().is_main:
+        return
+    key = _network_settings(cfg)
+    donor = next((root for (training, _), root in trained.items() if training == key[0]),
+                 None)
+    if donor is None or cfg.output_path.exists():
+        return
+    source, target = RunPaths(donor), RunPaths(cfg.output_path)
+    linked = link_tree(source.checkpoints, target.checkpoints)
+    shared = "checkpoints"
+    if key in trained:
+        for split in sorted(p.name for p in source.root.joinpath("maps").glob("*")
+                            if p.is_dir()):
+            linked += link_tree(source.maps(split), target.maps(split))
+        shared = "checkpoints and maps"
+    _log.info("compare: the %s of %s (same training settings) reused: %d files linked",
+              shared, donor, linked)
+
+
 def _finished_metrics(cfg: Config, settings: str) -> dict[str, Any] | None:
     """metrics.json of a run this comparison finished earlier with these settings."""
     paths = RunPaths(cfg.output_path)
@@ -151,6 +185,7 @@ def compare(config_path: str | os.PathLike[str] | None, overrides: Sequence[str]
                 plans.append((arm, seed, cfg))
     results: dict[str, list[dict[str, Any]]] = {}
     done: dict[str, dict[str, Any]] = {}
+    trained: dict[tuple[str, str], Path] = {}  # (training, maps) settings -> a finished run
     for arm, seed, cfg in plans:
         settings = _settings(cfg)
         if settings in done:
@@ -162,11 +197,13 @@ def compare(config_path: str | os.PathLike[str] | None, overrides: Sequence[str]
                 _log.info("compare: %s, seed %d: finished earlier, read back", arm.name, seed)
             else:
                 _log.info("compare: %s, seed %d", arm.name, seed)
+                _share_network(cfg, trained)
                 metrics = run(cfg, progress=progress)
                 write_json_atomic(RunPaths(cfg.output_path).root / MARKER, {
                     "arm": arm.name, "seed": seed, "overrides": list(arm.overrides),
                     "settings": fingerprint_digest(settings)})
             done[settings] = row_of(cfg, metrics)
+            trained.setdefault(_network_settings(cfg), cfg.output_path)
         results.setdefault(arm.name, []).append(done[settings])
         # Rewritten after every run: a long comparison shows its progress, and a stopped
         # one keeps the table of what finished.

@@ -11,6 +11,7 @@ import errno
 import functools
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -113,6 +114,27 @@ def append_lines(path: str | os.PathLike[str], lines: list[str]) -> None:
                 raise
     except OSError as exc:
         _reraise_as_output_error(path, exc)
+
+
+def link_tree(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> int:
+    """Hard-link every file under `source` to the same place under `target` (a copy, through
+    a temporary file, where the filesystem has no hard links); returns how many. Sharing is
+    safe because every writer replaces a file by renaming a new one over it, never rewrites
+    it in place. JSON records (checkpoint markers, a maps folder's record) come after the
+    files they describe, as their writers order them. A full disk or a folder that cannot
+    be written is an `OutputError` naming the file."""
+    source, target = Path(source), Path(target)
+    files = [p for p in source.rglob("*")
+             if p.is_file() and not p.name.endswith(".tmp")]  # unfinished writes stay behind
+    for path in sorted(files, key=lambda p: (p.suffix == ".json", p)):
+        dest = target / path.relative_to(source)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, dest)
+        except OSError:  # no hard links here (another device, a FAT disk), or no space
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(path, tmp)
+    return len(files)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

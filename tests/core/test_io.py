@@ -123,3 +123,49 @@ def test_damaged_map_files_are_named(tmp_path):
         assert found is not None and (problem is None or found == problem)
         with pytest.raises(DatasetError, match=r"a\.npz: damaged map file \(.*rerun `cpal infer`"):
             load_maps(path)
+
+
+def test_link_tree_links_every_finished_file_and_copies_where_links_fail(tmp_path,
+                                                                         monkeypatch):
+    import errno
+    import os
+
+    from cpal.errors import OutputError
+    from cpal.io import link_tree
+
+    source = tmp_path / "a"
+    (source / "sub").mkdir(parents=True)
+    (source / "w.safetensors").write_bytes(b"weights")
+    (source / "w.json").write_text("{}")
+    (source / "sub" / "m.npz").write_bytes(b"map")
+    (source / ".half.npz.x.tmp").write_bytes(b"torn")  # an unfinished write stays behind
+    assert link_tree(source, tmp_path / "b") == 3
+    for name in ("w.safetensors", "w.json", "sub/m.npz"):
+        assert (tmp_path / "b" / name).samefile(source / name)
+    assert not (tmp_path / "b" / ".half.npz.x.tmp").exists()
+
+    order: list[str] = []
+    real_copy = __import__("shutil").copyfile
+
+    def no_links(src, dst):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    def copy(src, dst):
+        order.append(os.path.basename(src))
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr("shutil.copyfile", copy)
+    assert link_tree(source, tmp_path / "c") == 3
+    assert (tmp_path / "c" / "sub" / "m.npz").read_bytes() == b"map"
+    assert not (tmp_path / "c" / "w.json").samefile(source / "w.json")
+    assert order[-1] == "w.json"  # records after the files they describe
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("shutil.copyfile", full)
+    with pytest.raises(OutputError) as info:
+        link_tree(source, tmp_path / "d")
+    assert str(info.value).startswith(f"{tmp_path / 'd' / 'sub' / 'm.npz'}: cannot write (")
+    assert not list((tmp_path / "d").rglob("*.npz"))  # nothing torn left behind

@@ -16,7 +16,7 @@ from cpal.cli import main
 from cpal.compare import BASES, compare, parse_bases
 from cpal.errors import ConfigError
 from cpal.io import write_json_atomic
-from tests.helpers import cli_error, tiny_overrides
+from tests.helpers import chain_overrides, cli_error, tiny_overrides
 
 
 def test_each_base_pairs_its_pipeline_with_cpal():
@@ -175,3 +175,26 @@ def test_bases_that_do_not_fit_the_config_are_refused_before_any_run(tiny_datase
         capsys.readouterr().err)
     assert main(["compare", str(config), f"output_dir={out}", "--seeds", "0"]) == 2
     assert "--seeds must be >= 1, got 0" in cli_error(capsys.readouterr().err)
+
+
+def test_bases_that_differ_in_refinement_alone_share_the_trained_network(tiny_dataset,
+                                                                         tmp_path):
+    """irn and crf train the same cam (and cpal) network: the second base's arms start from
+    the first's checkpoints and maps (hard links) and train nothing themselves."""
+    out = tmp_path / "run"
+    overrides = [*tiny_overrides(tiny_dataset, out), *chain_overrides(), "segment.network=null"]
+    md = compare(None, overrides, bases=["crf", "irn"], seeds=1, progress=False).read_text()
+    root = out / "compare"
+    for donor, reuser in (("crf", "irn"), ("crf-cpal", "irn-cpal")):
+        first, second = root / donor / "seed0", root / reuser / "seed0"
+        assert (first / "train_log.jsonl").is_file()  # trained here ...
+        assert not (second / "train_log.jsonl").exists()  # ... and not again here
+        ckpts = sorted(p.name for p in (first / "checkpoints").iterdir())
+        assert ckpts and ckpts == sorted(p.name for p in (second / "checkpoints").iterdir())
+        assert all((first / "checkpoints" / n).samefile(second / "checkpoints" / n)
+                   for n in ckpts)
+        maps = sorted((first / "maps" / "train").glob("*.npz"))
+        assert maps and all(m.samefile(second / "maps" / "train" / m.name) for m in maps)
+        stages = json.loads((second / "stages.json").read_text())
+        assert stages["refine"]["method"] == "irn"
+    assert "| irn | cam | irn | 1 | " in md and "| irn + cpal | cpal | irn | 1 | " in md
