@@ -261,10 +261,12 @@ def _cmd_ablate(cfg: Config, args: argparse.Namespace) -> Any:
 
 def _cmd_compare(cfg: Config, args: argparse.Namespace) -> Any:
     from cpal.compare import compare, parse_bases
+    from cpal.engine import distributed
 
     path = compare(args.config, list(args.overrides), bases=parse_bases(args.bases),
                    seeds=args.seeds, progress=not args.no_progress)
-    print(path.read_text(encoding="utf-8"))
+    if distributed.ranks().is_main:  # the table is rank 0's (torchrun)
+        print(path.read_text(encoding="utf-8"))
     return {"table": str(path)}
 
 

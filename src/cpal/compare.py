@@ -19,7 +19,9 @@ import csv
 import io
 import json
 import os
+import shutil
 import statistics
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,8 +34,9 @@ from cpal.engine.identity import fingerprint_digest, training_fingerprint
 from cpal.engine.paths import RunPaths
 from cpal.engine.refine import REFINEMENTS
 from cpal.errors import ConfigError
-from cpal.io import link_tree, read_json, write_json_atomic, write_text_atomic
+from cpal.io import link_tree, output_error, read_json, write_json_atomic, write_text_atomic
 from cpal.log import get_logger
+from cpal.models.cam_net import network_spec
 from cpal.pipeline import run
 from cpal.registry import Registry
 
@@ -102,35 +105,52 @@ def _settings(cfg: Config) -> str:
 
 def _network_settings(cfg: Config) -> tuple[str, str]:
     """What a run's network and maps depend on: its training fingerprint (the checkpoint
-    checks it on resume), and with the inference settings, its maps (whose folder record
-    is checked before reuse). Arms of two bases that differ in refinement alone share both."""
+    checks it on resume), and with the inference settings and the network's own map
+    settings, its maps (whose folder record is checked before reuse). Arms of two bases
+    that differ in refinement alone are equal in both."""
     training = fingerprint_digest(training_fingerprint(cfg))
-    return training, fingerprint_digest([training, asdict(cfg.infer)])
+    sections = {s: asdict(getattr(cfg, s)) for s in network_spec(cfg).map_sections}
+    return training, fingerprint_digest([training, asdict(cfg.infer), sections])
 
 
-def _share_network(cfg: Config, trained: dict[tuple[str, str], Path]) -> None:
+def _share_network(cfg: Config, trained: dict[tuple[str, str], Path]) -> Path | None:
     """Start a new arm from the checkpoints (and maps, when made alike) of an earlier arm
-    trained with the same settings, instead of training the same network again: the run
-    then resumes past training, and its own checks (fingerprint, maps record) still
-    decide what it reuses. Only into a folder that does not exist yet, and by rank 0
-    alone under torchrun (the others take rank 0's choice of checkpoint when they train)."""
-    if not distributed.ranks().is_main:
-        return
+    trained with the same settings, instead of training the same network again; returns
+    that arm's folder (None: nothing shared). The run then resumes past training, and its
+    own checks (fingerprint, maps record) still decide what it reuses. Only into a folder
+    that does not exist yet, which appears whole (linked in a temporary folder, then
+    renamed), and by rank 0 alone under torchrun (the others take rank 0's choice of
+    checkpoint when they train)."""
+    if not (distributed.ranks().is_main and cfg.train.resume) or cfg.output_path.exists():
+        return None
     key = _network_settings(cfg)
     donor = next((root for (training, _), root in trained.items() if training == key[0]),
                  None)
-    if donor is None or cfg.output_path.exists():
-        return
-    source, target = RunPaths(donor), RunPaths(cfg.output_path)
-    linked = link_tree(source.checkpoints, target.checkpoints)
+    if donor is None:
+        return None
+    maps_donor = trained.get(key)
+    target = cfg.output_path
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # from a stopped comparison
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    count = link_tree(RunPaths(donor).checkpoints, RunPaths(staging).checkpoints)
     shared = "checkpoints"
-    if key in trained:
-        for split in sorted(p.name for p in source.root.joinpath("maps").glob("*")
-                            if p.is_dir()):
-            linked += link_tree(source.maps(split), target.maps(split))
+    if maps_donor is not None:
+        source = RunPaths(maps_donor)
+        for split in sorted(p.name for p in (source.root / "maps").glob("*") if p.is_dir()):
+            count += link_tree(source.maps(split), RunPaths(staging).maps(split))
         shared = "checkpoints and maps"
-    _log.info("compare: the %s of %s (same training settings) reused: %d files linked",
-              shared, donor, linked)
+    if count == 0:  # a donor with nothing on disk (a method that does not train, no maps)
+        return None
+    try:
+        staging.rename(target)
+    except OSError as exc:
+        error = output_error(target, exc)
+        if error is None:
+            raise
+        raise error from exc
+    _log.info("compare: the %s of %s (same settings) reused: %d files", shared, donor, count)
+    return donor
 
 
 def _finished_metrics(cfg: Config, settings: str) -> dict[str, Any] | None:
@@ -197,19 +217,23 @@ def compare(config_path: str | os.PathLike[str] | None, overrides: Sequence[str]
                 _log.info("compare: %s, seed %d: finished earlier, read back", arm.name, seed)
             else:
                 _log.info("compare: %s, seed %d", arm.name, seed)
-                _share_network(cfg, trained)
-                metrics = run(cfg, progress=progress)
-                write_json_atomic(RunPaths(cfg.output_path).root / MARKER, {
-                    "arm": arm.name, "seed": seed, "overrides": list(arm.overrides),
-                    "settings": fingerprint_digest(settings)})
+                donor = _share_network(cfg, trained)
+                metrics = run(cfg, progress=progress)  # {} on ranks other than 0
+                if distributed.ranks().is_main:
+                    write_json_atomic(RunPaths(cfg.output_path).root / MARKER, {
+                        "arm": arm.name, "seed": seed, "overrides": list(arm.overrides),
+                        "settings": fingerprint_digest(settings),
+                        "network_from": None if donor is None else str(donor)})
             done[settings] = row_of(cfg, metrics)
             trained.setdefault(_network_settings(cfg), cfg.output_path)
         results.setdefault(arm.name, []).append(done[settings])
         # Rewritten after every run: a long comparison shows its progress, and a stopped
-        # one keeps the table of what finished.
-        md, table_csv = format_tables(results, base, seeds, [a for a, _, _ in plans])
-        write_text_atomic(root / "compare.md", md)
-        write_text_atomic(root / "compare.csv", table_csv)
+        # one keeps the table of what finished. Under torchrun rank 0 alone has the
+        # numbers (and a marker only once its run has finished every stage).
+        if distributed.ranks().is_main:
+            md, table_csv = format_tables(results, base, seeds, [a for a, _, _ in plans])
+            write_text_atomic(root / "compare.md", md)
+            write_text_atomic(root / "compare.csv", table_csv)
     return root / "compare.md"
 
 

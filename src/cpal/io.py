@@ -117,16 +117,16 @@ def append_lines(path: str | os.PathLike[str], lines: list[str]) -> None:
 
 
 def link_tree(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> int:
-    """Hard-link every file under `source` to the same place under `target` (a copy, through
-    a temporary file, where the filesystem has no hard links); returns how many. Sharing is
-    safe because every writer replaces a file by renaming a new one over it, never rewrites
-    it in place. JSON records (checkpoint markers, a maps folder's record) come after the
-    files they describe, as their writers order them. A full disk or a folder that cannot
-    be written is an `OutputError` naming the file."""
+    """Hard-link every finished file under `source` to the same place under `target` (a
+    copy, through a temporary file, where the filesystem has no hard links); returns how
+    many. Sharing is safe because every writer replaces a file by renaming a new one over
+    it, never rewrites it in place. Temporaries (hidden, or named *.tmp: unfinished
+    writes) stay behind. A full disk or a folder that cannot be written is an
+    `OutputError` naming the file."""
     source, target = Path(source), Path(target)
-    files = [p for p in source.rglob("*")
-             if p.is_file() and not p.name.endswith(".tmp")]  # unfinished writes stay behind
-    for path in sorted(files, key=lambda p: (p.suffix == ".json", p)):
+    files = sorted(p for p in source.rglob("*") if p.is_file()
+                   and not (p.name.startswith(".") or p.name.endswith(".tmp")))
+    for path in files:
         dest = target / path.relative_to(source)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -197,4 +197,56 @@ def test_bases_that_differ_in_refinement_alone_share_the_trained_network(tiny_da
         assert maps and all(m.samefile(second / "maps" / "train" / m.name) for m in maps)
         stages = json.loads((second / "stages.json").read_text())
         assert stages["refine"]["method"] == "irn"
+        assert json.loads((second / "compare_arm.json").read_text())["network_from"] == str(
+            first)
+        assert json.loads((first / "compare_arm.json").read_text())["network_from"] is None
     assert "| irn | cam | irn | 1 | " in md and "| irn + cpal | cpal | irn | 1 | " in md
+
+
+def test_a_shared_network_appears_whole_or_not_at_all(tiny_dataset, tmp_path, monkeypatch):
+    """The donor's files are linked in a temporary folder renamed into place: a link that
+    fails (a full disk) leaves no arm folder behind, and the rerun shares afresh; maps are
+    taken only from an arm whose maps settings match, and nothing is shared when the arm
+    may not resume (train.resume=false would refuse the linked checkpoints)."""
+    from cpal.config import load_config
+    from cpal.errors import OutputError
+
+    donor = tmp_path / "compare" / "crf" / "seed0"
+    (donor / "checkpoints").mkdir(parents=True)
+    (donor / "checkpoints" / "epoch_001.safetensors").write_bytes(b"w")
+    (donor / "checkpoints" / "epoch_001.json").write_text("{}")
+    (donor / "maps" / "train").mkdir(parents=True)
+    (donor / "maps" / "train" / "a.npz").write_bytes(b"m")
+    target = tmp_path / "compare" / "irn" / "seed0"
+    cfg = load_config(None, [f"data.root={tiny_dataset}", f"output_dir={target}"])
+    trained = {compare_module._network_settings(cfg): donor}
+
+    real = compare_module.link_tree
+    calls = []
+
+    def failing(source, dest):
+        calls.append(source)
+        if len(calls) == 2:
+            raise OutputError(f"{dest}: cannot write (No space left on device)")
+        return real(source, dest)
+
+    monkeypatch.setattr(compare_module, "link_tree", failing)
+    with pytest.raises(OutputError):
+        compare_module._share_network(cfg, trained)
+    assert not target.exists()
+    monkeypatch.setattr(compare_module, "link_tree", real)
+    assert compare_module._share_network(cfg, trained) == donor
+    assert (target / "maps" / "train" / "a.npz").samefile(donor / "maps" / "train" / "a.npz")
+    assert [p.name for p in target.parent.iterdir()] == ["seed0"]  # the stale staging: gone
+    assert compare_module._share_network(cfg, trained) is None  # the folder exists now
+
+    other = tmp_path / "compare" / "amn" / "seed0"  # same training, maps made otherwise
+    cfg = load_config(None, [f"data.root={tiny_dataset}", f"output_dir={other}",
+                             "infer.flip=false"])
+    assert compare_module._share_network(cfg, trained) == donor
+    assert (other / "checkpoints" / "epoch_001.json").is_file()
+    assert not (other / "maps").exists()
+    fresh = tmp_path / "compare" / "amn" / "seed1"
+    cfg = load_config(None, [f"data.root={tiny_dataset}", f"output_dir={fresh}",
+                             "train.resume=false"])
+    assert compare_module._share_network(cfg, trained) is None and not fresh.exists()
