@@ -40,12 +40,14 @@ def _worker(rank: int, world: int, port: int, commands: list[list[str]], out: st
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     import cpal.engine.infer as infer_module
+    import cpal.evaluation.scoring as scoring_module
     from cpal.cli import main
     from cpal.engine import distributed
     from cpal.engine.label_dirs import LabelFolder
 
     # Per command: the maps and the label PNGs this process wrote.
     real_write, real_label_write, written = infer_module._write_record, LabelFolder.write, []
+    real_score = scoring_module.score_label_dir
 
     def recording_write(path, *record):
         written[-1].append(f"{path.parent.name}/{path.name}")
@@ -55,9 +57,14 @@ def _worker(rank: int, world: int, port: int, commands: list[list[str]], out: st
         written[-1].append(f"{folder.directory.parent.name}/{folder.directory.name}/{image_id}")
         real_label_write(folder, image_id, label)
 
+    def recording_score(layout, ids, label_dir):
+        written[-1].append(f"scored:{label_dir.parent.name}/{label_dir.name}")
+        return real_score(layout, ids, label_dir)
+
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(infer_module, "_write_record", recording_write)
+            patch.setattr(scoring_module, "score_label_dir", recording_score)
             patch.setattr(LabelFolder, "write", recording_label_write)
             for argv in commands:
                 written.append([])
@@ -205,6 +212,11 @@ def test_refine_deals_its_images_to_the_processes(ddp_runs, tiny_dataset):
         assert sorted(parts[0] + parts[1]) == sorted(train), folder
         assert len(parts[0]) == len(parts[1]) == 12, folder
     assert len(list((root / "cam/refine/irn/train").glob("*.png"))) == 24
+    # Scored once, by rank 0: the IR labels and the walk's labels.
+    every = [json.loads((root / f"written{r}.json").read_text())[4] for r in range(2)]
+    scored = [[w for w in rank if w.startswith("scored:")] for rank in every]
+    assert scored[1] == [] and {"scored:ir_labels/train", "scored:irn/train"} <= set(
+        scored[0])
     metrics = json.loads((root / "cam/metrics.json").read_text())
     assert 0 <= metrics["refine"]["irn"]["labels"]["miou"] <= 100
     assert json.loads((root / "cam/stages.json").read_text())["refine"]["method"] == "irn"

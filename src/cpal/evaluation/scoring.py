@@ -18,6 +18,7 @@ import numpy as np
 from cpal.config import Config
 from cpal.data.images import load_mask
 from cpal.data.voc import VOCLayout
+from cpal.engine import distributed
 from cpal.engine.identity import read_maps_identity
 from cpal.engine.paths import RunPaths
 from cpal.errors import ConfigError, DatasetError, warn
@@ -356,11 +357,18 @@ def maps_provenance(identity: dict[str, Any], threshold: ChosenThreshold | None,
                       refinement)
 
 
+SCORED_BY_RANK_0 = "scored by rank 0 (torchrun), which writes metrics.json"
+
+
 def evaluate_labels(layout: VOCLayout, split: str, ids: Sequence[str], label_dir: Path,
                     provenance: Provenance, *, image_labels: str = "ground truth"
                     ) -> LabelsEvaluation:
     """Score a folder of labels of `split` made as `provenance` says (`image_labels`: what
-    gated their classes, for the protocol)."""
+    gated their classes, for the protocol). Under torchrun rank 0 alone scores (it alone
+    writes metrics.json); the other processes get a note, not a second reading of every
+    mask."""
+    if not distributed.ranks().is_main:
+        return LabelsEvaluation(split, len(ids), label_dir, skipped=SCORED_BY_RANK_0)
     if not layout.has_masks(ids):
         return LabelsEvaluation(split, len(ids), label_dir,
                                 skipped=no_masks_note(layout, ids))
