@@ -1,8 +1,9 @@
 """Optimizers and schedules by name: the poly schedule unchanged, timm's cosine with a
 linear warm-up, DeiT's linear learning-rate scaling, timm's no-decay groups, and
-fingerprints of runs made before these keys existed."""
+checkpoints of runs made before these keys existed."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,14 +66,28 @@ def test_unknown_names_and_ranges():
         _train("train.lr_reference_batch=0")
 
 
-def test_runs_made_before_the_new_keys_keep_their_fingerprint():
-    fingerprint = training_fingerprint(load_config(None, []))
-    new_train = {"schedule", "lr_reference_batch", "decay_norm_and_bias", "warmup_epochs",
-                 "warmup_lr", "min_lr"}
-    assert not new_train & set(fingerprint["train"])
-    assert "background" not in fingerprint["awareness"]
-    assert "vit" not in fingerprint and "clip_es" not in fingerprint
-    changed = training_fingerprint(load_config(None, ["train.schedule=cosine", "vit.depth=2",
-                                                      "awareness.background=instance"]))
-    assert changed["train"]["schedule"] == "cosine" and changed["vit"]["depth"] == 2
-    assert changed["awareness"]["background"] == "instance"
+def test_checkpoints_made_before_a_key_existed_are_accepted_while_it_holds_its_default():
+    """A checkpoint's record lacks the keys added after it was made (here as written by
+    the version before the transformer recipes and awareness.background): the run resumes
+    while they hold their defaults, and is refused, naming the key, when one is set."""
+    from cpal.engine.checkpoint import Checkpoint
+    from cpal.engine.identity import check_fingerprint
+    from cpal.errors import CheckpointError
+
+    current = training_fingerprint(load_config(None, []))
+    stored = {k: dict(v) if isinstance(v, dict) else v for k, v in current.items()
+              if k not in ("vit", "clip_es")}
+    for key in ("schedule", "lr_reference_batch", "warmup_epochs", "min_lr"):
+        del stored["train"][key]
+    del stored["awareness"]["background"]
+    old = Checkpoint(epoch=1, step=1, model={}, optimizer=None, meta={"fingerprint": stored})
+    check_fingerprint(Path("epoch_001.json"), old, current)  # accepted
+    for override, key in (("train.schedule=cosine", "train.schedule"),
+                          ("vit.depth=2", "vit"),
+                          ("awareness.background=instance", "awareness.background"),
+                          ("train.lr=0.5", "train.lr")):  # a key it has, changed
+        changed = training_fingerprint(load_config(None, [override]))
+        with pytest.raises(CheckpointError, match=rf"made with other settings \({key}\)"):
+            check_fingerprint(Path("epoch_001.json"), old, changed)
+    with pytest.raises(CheckpointError, match=r"\(unknown\)"):
+        check_fingerprint(Path("epoch_001.json"), Checkpoint(1, 1, {}, None, {}), current)

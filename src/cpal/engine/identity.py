@@ -9,6 +9,7 @@ files of an earlier format) are `cpal.engine.checkpoint`'s business and `MAPS_FO
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict
@@ -38,17 +39,6 @@ RUN_INDEPENDENT = frozenset({
 # Sections of the config that shape training (besides seed and method).
 _TRAINING_SECTIONS = ("data", "model", "train", "prototype", "bank", "awareness",
                       "alignment", "loss", "vit", "clip_es")
-# Keys and sections added after checkpoint format 2 (the transformer methods' recipes,
-# then awareness.background): left out of the fingerprint while they hold their defaults,
-# which every run made before they existed used, so that those runs still resume and make
-# maps. Set to anything else, they are in it like every other key.
-_LATER_KEYS: dict[str, frozenset[str]] = {
-    "train": frozenset({"schedule", "lr_reference_batch", "decay_norm_and_bias",
-                        "warmup_epochs", "warmup_lr", "min_lr"}),
-    "awareness": frozenset({"background"}),
-}
-_LATER_SECTIONS = frozenset({"vit", "clip_es"})
-
 MAPS_META = "_maps.json"
 MAPS_FORMAT = 2
 """Version of a maps folder's record; 1 (no `format` key): before precision was always
@@ -57,20 +47,30 @@ recorded. Folders of another version are refused, never reinterpreted."""
 
 def training_fingerprint(config: Config) -> dict[str, Any]:
     """The settings that shape training (precision included, process count not); a
-    checkpoint made under another fingerprint cannot be resumed or used for maps."""
+    checkpoint made under another fingerprint cannot be resumed or used for maps, except
+    that a key it predates is accepted at its default (`check_fingerprint`)."""
 
     def strip(name: str) -> dict[str, Any]:
-        section = getattr(config, name)
-        default = asdict(type(section)())
-        later = _LATER_KEYS.get(name, frozenset())
-        return {k: v for k, v in asdict(section).items()
-                if k not in RUN_INDEPENDENT and not (k in later and v == default[k])}
+        return {k: v for k, v in asdict(getattr(config, name)).items()
+                if k not in RUN_INDEPENDENT}
 
-    sections = {name: strip(name) for name in _TRAINING_SECTIONS}
-    for name in _LATER_SECTIONS:
-        if asdict(getattr(config, name)) == asdict(type(getattr(config, name))()):
-            del sections[name]
-    return {"seed": config.seed, "method": config.method, **sections}
+    return {"seed": config.seed, "method": config.method,
+            **{name: strip(name) for name in _TRAINING_SECTIONS}}
+
+
+@functools.cache
+def _default_training_fingerprint() -> dict[str, Any]:
+    return training_fingerprint(Config())
+
+
+def _lookup(record: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    """(found, value) of a dotted key in a nested record."""
+    value: Any = record
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False, None
+        value = value[part]
+    return True, value
 
 
 def fingerprint_digest(fingerprint: Any) -> str:
@@ -91,9 +91,21 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 
 def check_fingerprint(path: Path, ckpt: Checkpoint, fingerprint: dict[str, Any]) -> None:
-    """Refuse checkpoint `path` unless it was made with `fingerprint`, naming the keys."""
-    if ckpt.meta.get("fingerprint") != fingerprint:
-        changed = changed_keys(ckpt.meta.get("fingerprint", {}), fingerprint)
+    """Refuse checkpoint `path` unless it was made with `fingerprint`, naming the keys.
+    A training-config key the checkpoint's record lacks (the key was added to cpal after
+    the checkpoint was made) is accepted while it holds its default, the behaviour every
+    run had before it existed; so adding a key never strands earlier runs."""
+    stored = ckpt.meta.get("fingerprint", {})
+    if stored == fingerprint:
+        return
+    defaults = _default_training_fingerprint()
+    changed = []
+    for key in changed_keys(stored, fingerprint):
+        in_stored, _ = _lookup(stored, key)
+        has_default, default = _lookup(defaults, key)
+        if in_stored or not has_default or _lookup(fingerprint, key) != (True, default):
+            changed.append(key)
+    if changed or not stored:
         raise CheckpointError(
             f"{path}: made with other settings ({', '.join(changed) or 'unknown'}); "
             "use another output_dir to train with these"
