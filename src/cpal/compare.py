@@ -124,11 +124,11 @@ def _share_network(cfg: Config, trained: dict[tuple[str, str], Path]) -> Path | 
     if not (distributed.ranks().is_main and cfg.train.resume) or cfg.output_path.exists():
         return None
     key = _network_settings(cfg)
-    donor = next((root for (training, _), root in trained.items() if training == key[0]),
-                 None)
+    maps_donor = trained.get(key)  # the network and its maps from one arm, never mixed
+    donor = maps_donor or next(
+        (root for (training, _), root in trained.items() if training == key[0]), None)
     if donor is None:
         return None
-    maps_donor = trained.get(key)
     target = cfg.output_path
     for stale in target.parent.glob(f".{target.name}.*.tmp"):  # from a stopped comparison
         shutil.rmtree(stale, ignore_errors=True)
@@ -136,7 +136,7 @@ def _share_network(cfg: Config, trained: dict[tuple[str, str], Path]) -> Path | 
     count = link_tree(RunPaths(donor).checkpoints, RunPaths(staging).checkpoints)
     shared = "checkpoints"
     if maps_donor is not None:
-        source = RunPaths(maps_donor)
+        source = RunPaths(donor)
         for split in sorted(p.name for p in (source.root / "maps").glob("*") if p.is_dir()):
             count += link_tree(source.maps(split), RunPaths(staging).maps(split))
         shared = "checkpoints and maps"

@@ -250,3 +250,8 @@ def test_a_shared_network_appears_whole_or_not_at_all(tiny_dataset, tmp_path, mo
     cfg = load_config(None, [f"data.root={tiny_dataset}", f"output_dir={fresh}",
                              "train.resume=false"])
     assert compare_module._share_network(cfg, trained) is None and not fresh.exists()
+    # Network and maps come from one arm: the one whose maps match, not the first trained.
+    cfg = load_config(None, [f"data.root={tiny_dataset}", f"output_dir={fresh}"])
+    key = compare_module._network_settings(cfg)
+    assert compare_module._share_network(cfg, {(key[0], "maps made otherwise"): other,
+                                               key: donor}) == donor
