@@ -1114,7 +1114,11 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, base: Any = None) -> Any:
+    """`cls` from the mapping `raw`; keys it leaves out keep `base`'s values (default: the
+    class's defaults). A nested section given in part keeps the rest of *its own* default,
+    e.g. `amn.train: {crop_size: 192}` keeps AMN's schedule (Adam 5e-6, 5 epochs), not the
+    generic StageTrainConfig's."""
     if not isinstance(raw, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -1126,10 +1130,21 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             valid = ", ".join(prefix + n for n in names)
             raise ConfigError(f"unknown key '{prefix}{key}'{hint}; valid keys: {valid}")
     kwargs = {}
-    for name in names:
-        if name in raw:
-            kwargs[name] = _convert(hints[name], raw[name], prefix + name)
-    return cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        tp, value = hints[f.name], raw[f.name]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            if base is not None:
+                default = getattr(base, f.name)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = None
+            kwargs[f.name] = _build(tp, value, f"{prefix}{f.name}.", default)
+        else:
+            kwargs[f.name] = _convert(tp, value, prefix + f.name)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:

@@ -180,3 +180,25 @@ def test_merge_configs_replaces_lists_and_merges_mappings():
     assert merge_configs(base, {"a": {"y": [3]}, "c": None}) == {
         "a": {"x": 1, "y": [3]}, "b": 1, "c": None}
     assert base == {"a": {"x": 1, "y": [1, 2]}, "b": 1}  # inputs untouched
+
+
+def test_a_section_given_in_part_keeps_the_rest_of_its_own_default(tmp_path):
+    """`amn.train: {crop_size: 192}` (as configs/demo.yaml writes it) changes the crop and
+    keeps AMN's schedule: Adam at 5e-6 for 5 epochs of batch 16, not the generic stage
+    schedule's SGD-style 0.01 for 1 epoch (which made AMN diverge on the demo)."""
+    from cpal.config import load_config
+
+    amn = load_config(None, []).amn.train
+    for cfg in (load_config(None, ["amn.train.crop_size=192"]),
+                load_config(_write(tmp_path, "amn:\n  train:\n    crop_size: 192\n"), [])):
+        given = cfg.amn.train
+        assert given.crop_size == 192
+        assert (given.epochs, given.batch_size, given.lr, given.momentum, given.poly_power) == (
+            amn.epochs, amn.batch_size, amn.lr, amn.momentum, amn.poly_power) == (
+            5, 16, 5e-6, 0.0, 0.0)
+    irn = load_config(None, ["irn.train.batch_size=8"]).irn.train
+    assert (irn.batch_size, irn.epochs, irn.crop_size, irn.lr) == (8, 3, 512, 0.1)
+    # The shipped demo recipe: AMN's own schedule on the demo's crops.
+    demo = load_config(str(Path(__file__).parents[2] / "configs" / "demo.yaml"), []).amn.train
+    assert (demo.crop_size, demo.scale_range, demo.lr, demo.epochs) == (
+        192, [0.75, 1.25], 5e-6, 5)
