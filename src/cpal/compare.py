@@ -34,7 +34,13 @@ from cpal.engine.identity import fingerprint_digest, training_fingerprint
 from cpal.engine.paths import RunPaths
 from cpal.engine.refine import REFINEMENTS
 from cpal.errors import ConfigError
-from cpal.io import link_tree, output_error, read_json, write_json_atomic, write_text_atomic
+from cpal.io import (
+    link_tree,
+    read_json,
+    reraise_as_output_error,
+    write_json_atomic,
+    write_text_atomic,
+)
 from cpal.log import get_logger
 from cpal.models.cam_net import network_spec
 from cpal.pipeline import run
@@ -113,17 +119,17 @@ def _network_settings(cfg: Config) -> tuple[str, str]:
     return training, fingerprint_digest([training, asdict(cfg.infer), sections])
 
 
-def _share_network(cfg: Config, trained: dict[tuple[str, str], Path]) -> Path | None:
+def _share_network(cfg: Config, key: tuple[str, str],
+                   trained: dict[tuple[str, str], Path]) -> Path | None:
     """Start a new arm from the checkpoints (and maps, when made alike) of an earlier arm
     trained with the same settings, instead of training the same network again; returns
     that arm's folder (None: nothing shared). The run then resumes past training, and its
     own checks (fingerprint, maps record) still decide what it reuses. Only into a folder
     that does not exist yet, which appears whole (linked in a temporary folder, then
     renamed), and by rank 0 alone under torchrun (the others take rank 0's choice of
-    checkpoint when they train)."""
+    checkpoint when they train). `key`: the arm's `_network_settings`."""
     if not (distributed.ranks().is_main and cfg.train.resume) or cfg.output_path.exists():
         return None
-    key = _network_settings(cfg)
     maps_donor = trained.get(key)  # the network and its maps from one arm, never mixed
     donor = maps_donor or next(
         (root for (training, _), root in trained.items() if training == key[0]), None)
@@ -145,10 +151,7 @@ def _share_network(cfg: Config, trained: dict[tuple[str, str], Path]) -> Path | 
     try:
         staging.rename(target)
     except OSError as exc:
-        error = output_error(target, exc)
-        if error is None:
-            raise
-        raise error from exc
+        reraise_as_output_error(target, exc)
     _log.info("compare: the %s of %s (same settings) reused: %d files", shared, donor, count)
     return donor
 
@@ -207,7 +210,7 @@ def compare(config_path: str | os.PathLike[str] | None, overrides: Sequence[str]
     done: dict[str, dict[str, Any]] = {}
     trained: dict[tuple[str, str], Path] = {}  # (training, maps) settings -> a finished run
     for arm, seed, cfg in plans:
-        settings = _settings(cfg)
+        settings, network = _settings(cfg), _network_settings(cfg)
         if settings in done:
             _log.info("compare: %s, seed %d: same settings as an earlier arm, reused",
                       arm.name, seed)
@@ -217,7 +220,7 @@ def compare(config_path: str | os.PathLike[str] | None, overrides: Sequence[str]
                 _log.info("compare: %s, seed %d: finished earlier, read back", arm.name, seed)
             else:
                 _log.info("compare: %s, seed %d", arm.name, seed)
-                donor = _share_network(cfg, trained)
+                donor = _share_network(cfg, network, trained)
                 metrics = run(cfg, progress=progress)  # {} on ranks other than 0
                 if distributed.ranks().is_main:
                     write_json_atomic(RunPaths(cfg.output_path).root / MARKER, {
@@ -225,7 +228,7 @@ def compare(config_path: str | os.PathLike[str] | None, overrides: Sequence[str]
                         "settings": fingerprint_digest(settings),
                         "network_from": None if donor is None else str(donor)})
             done[settings] = row_of(cfg, metrics)
-            trained.setdefault(_network_settings(cfg), cfg.output_path)
+            trained.setdefault(network, cfg.output_path)
         results.setdefault(arm.name, []).append(done[settings])
         # Rewritten after every run: a long comparison shows its progress, and a stopped
         # one keeps the table of what finished. Under torchrun rank 0 alone has the

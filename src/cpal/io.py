@@ -60,7 +60,9 @@ def output_error(path: str | os.PathLike[str], exc: OSError) -> OutputError | No
     return None
 
 
-def _reraise_as_output_error(path: Path, exc: OSError) -> NoReturn:
+def reraise_as_output_error(path: str | os.PathLike[str], exc: OSError) -> NoReturn:
+    """Raise `output_error(path, exc)` from `exc`, or `exc` itself when it is not about the
+    output location: what every writer's `except OSError` does."""
     error = output_error(path, exc)
     if error is None:
         raise exc
@@ -78,7 +80,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        _reraise_as_output_error(path, exc)
+        reraise_as_output_error(path, exc)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -89,7 +91,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     except OSError as exc:
-        _reraise_as_output_error(path, exc)
+        reraise_as_output_error(path, exc)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -113,7 +115,7 @@ def append_lines(path: str | os.PathLike[str], lines: list[str]) -> None:
                     handle.truncate(start)
                 raise
     except OSError as exc:
-        _reraise_as_output_error(path, exc)
+        reraise_as_output_error(path, exc)
 
 
 def link_tree(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> int:

@@ -203,6 +203,10 @@ def test_bases_that_differ_in_refinement_alone_share_the_trained_network(tiny_da
     assert "| irn | cam | irn | 1 | " in md and "| irn + cpal | cpal | irn | 1 | " in md
 
 
+def _share(cfg, trained):
+    return compare_module._share_network(cfg, compare_module._network_settings(cfg), trained)
+
+
 def test_a_shared_network_appears_whole_or_not_at_all(tiny_dataset, tmp_path, monkeypatch):
     """The donor's files are linked in a temporary folder renamed into place: a link that
     fails (a full disk) leaves no arm folder behind, and the rerun shares afresh; maps are
@@ -232,26 +236,26 @@ def test_a_shared_network_appears_whole_or_not_at_all(tiny_dataset, tmp_path, mo
 
     monkeypatch.setattr(compare_module, "link_tree", failing)
     with pytest.raises(OutputError):
-        compare_module._share_network(cfg, trained)
+        _share(cfg, trained)
     assert not target.exists()
     monkeypatch.setattr(compare_module, "link_tree", real)
-    assert compare_module._share_network(cfg, trained) == donor
+    assert _share(cfg, trained) == donor
     assert (target / "maps" / "train" / "a.npz").samefile(donor / "maps" / "train" / "a.npz")
     assert [p.name for p in target.parent.iterdir()] == ["seed0"]  # the stale staging: gone
-    assert compare_module._share_network(cfg, trained) is None  # the folder exists now
+    assert _share(cfg, trained) is None  # the folder exists now
 
     other = tmp_path / "compare" / "amn" / "seed0"  # same training, maps made otherwise
     cfg = load_config(None, [f"data.root={tiny_dataset}", f"output_dir={other}",
                              "infer.flip=false"])
-    assert compare_module._share_network(cfg, trained) == donor
+    assert _share(cfg, trained) == donor
     assert (other / "checkpoints" / "epoch_001.json").is_file()
     assert not (other / "maps").exists()
     fresh = tmp_path / "compare" / "amn" / "seed1"
     cfg = load_config(None, [f"data.root={tiny_dataset}", f"output_dir={fresh}",
                              "train.resume=false"])
-    assert compare_module._share_network(cfg, trained) is None and not fresh.exists()
+    assert _share(cfg, trained) is None and not fresh.exists()
     # Network and maps come from one arm: the one whose maps match, not the first trained.
     cfg = load_config(None, [f"data.root={tiny_dataset}", f"output_dir={fresh}"])
     key = compare_module._network_settings(cfg)
-    assert compare_module._share_network(cfg, {(key[0], "maps made otherwise"): other,
+    assert _share(cfg, {(key[0], "maps made otherwise"): other,
                                                key: donor}) == donor

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cpal.errors import CheckpointError
-from cpal.io import atomic_path, output_error, write_json_atomic
+from cpal.io import atomic_path, reraise_as_output_error, write_json_atomic
 
 FORMAT_VERSION = 2
 """2: every setting in the fingerprint and the position in every marker; checkpoints of
@@ -52,10 +52,7 @@ def save_checkpoint(
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        error = output_error(directory / "checkpoint", exc)
-        if error is None:
-            raise
-        raise error from exc
+        reraise_as_output_error(directory / "checkpoint", exc)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     optim_meta = None
     if optimizer is not None:
