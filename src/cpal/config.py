@@ -667,6 +667,16 @@ class IRNConfig:
     """The walk takes 2^exp_times steps (IRN: 8)."""
     bg_score: float = 0.25
     """Constant background plane of the walked maps (IRN: sem_seg_bg_thres 0.25)."""
+    background: Literal["plane", "own"] = "plane"
+    """`plane` (IRN's): constant background scores (fg_threshold, bg_threshold, bg_score).
+    `own` (SIPE's official chain): maps that carry their own background channel (the
+    prototype methods') use it instead: IR labels by argmax against it (confident
+    background: against it x own_bg_factor), the walk on [background, classes]^own_power
+    with no plane, so no threshold enters. Maps without one (CAMs) keep the planes."""
+    own_bg_factor: float = 0.5
+    """`background: own`: the background channel's factor for confident background (SIPE: 0.5)."""
+    own_power: float = 1.5
+    """`background: own`: the maps are walked raised to this power (SIPE: 1.5)."""
     walk_batch: int = 8
     """Images per random-walk batch (padded to the largest grid of the batch)."""
 
@@ -685,6 +695,9 @@ class IRNConfig:
         need(self.beta > 0, f"{at}.beta", "must be > 0")
         need(0 <= self.exp_times <= 16, f"{at}.exp_times", "must lie in [0, 16]")
         need(0 <= self.bg_score <= 1, f"{at}.bg_score", "must lie in [0, 1]")
+        need(self.background in ("plane", "own"), f"{at}.background", "must be plane or own")
+        need(0 < self.own_bg_factor <= 1, f"{at}.own_bg_factor", "must lie in (0, 1]")
+        need(self.own_power > 0, f"{at}.own_power", "must be > 0")
         need(self.walk_batch >= 1, f"{at}.walk_batch", "must be >= 1")
         self.train.validate(f"{at}.train")
 

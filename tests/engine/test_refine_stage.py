@@ -5,7 +5,9 @@ one line naming the file."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from cpal.engine.hooks import Interrupt
 from cpal.engine.paths import RunPaths
 from cpal.errors import ConfigError, DatasetError
 from cpal.evaluation.scoring import choose_threshold
-from cpal.io import MapRecord, save_maps
+from cpal.io import MapRecord, load_maps, save_maps
 from cpal.pipeline import check_run_inputs, run, stage_infer, stage_labels, stage_refine
 from cpal.refine.irn import follow_threshold
 from tests.helpers import chain_overrides, cli_error, copied_run, finished_cam_run, tiny_overrides
@@ -191,3 +193,51 @@ def test_irn_thresholds_follow_the_seeds(tiny_dataset, finished, tmp_path):
     with pytest.raises(ConfigError, match=r"'irn.calibration': seeds is built for "
                                           r"refine.method=irn"):
         check_run_inputs(amn, progress=False)
+
+
+def _give_maps_a_background(cfg, split: str = "train") -> None:
+    """Turn the copied CAM run's maps into maps with their own background channel (1 - max
+    of the classes), as a prototype method writes them."""
+    for path in sorted(RunPaths(cfg.output_path).maps(split).glob("*.npz")):
+        record = load_maps(path)
+        top = record.maps.max(axis=0) if len(record.maps) else np.zeros(record.maps.shape[1:])
+        save_maps(path, replace(record, background=(1.0 - top).astype(np.float32)))
+
+
+def test_irn_on_the_maps_own_background(tiny_dataset, finished, tmp_path):
+    """irn.background=own (SIPE's chain): maps with a background channel are split and
+    walked against it, no threshold enters, and the protocol and records say so; CAM maps
+    (no background channel) keep IRN's planes."""
+    cam = _config(tiny_dataset, finished, tmp_path / "cam", "refine.method=irn",
+                  "irn.background=own")
+    planes = stage_refine(cam, progress=False)["labels"]["protocol"]
+    assert "background 0.25" in planes["refinement"] and planes["threshold"] == 0.25
+
+    own = _config(tiny_dataset, finished, tmp_path / "own", "refine.method=irn",
+                  "irn.background=own")
+    _give_maps_a_background(own)
+    result = stage_refine(own, progress=False)
+    for key in ("ir_labels", "labels"):
+        protocol = result[key]["protocol"]
+        assert protocol["threshold_choice"] == "none" and protocol["threshold"] is None
+        assert not protocol["gt_used_for_tuning"]
+        assert "against the maps' own background, confident bg x0.5" in protocol["refinement"]
+    assert "random walk of [own background, maps]^1.5" in result["labels"]["protocol"][
+        "refinement"]
+    paths = RunPaths(own.output_path)
+    walked = paths.refined("irn", "train")
+    assert sorted(p.stem for p in walked.glob("*.png")) == sorted(_ids(tiny_dataset, "train"))
+    record = json.loads((walked / "_labels.json").read_text())
+    assert record["background"] == "own" and record["own_power"] == 1.5
+    ir_record = json.loads((paths.refinement("irn") / "ir_labels" / "train" / "_labels.json")
+                           .read_text())
+    assert ir_record["params"]["own_bg_factor"] == 0.5
+
+    # One maps file without its background in a run whose maps have one: a line naming it.
+    broken = _config(tiny_dataset, finished, tmp_path / "broken", "refine.method=irn",
+                     "irn.background=own")
+    _give_maps_a_background(broken)
+    victim = sorted(RunPaths(broken.output_path).maps("train").glob("*.npz"))[5]
+    save_maps(victim, replace(load_maps(victim), background=None))
+    with pytest.raises(DatasetError, match=rf"{victim}: no background channel"):
+        stage_refine(broken, progress=False)

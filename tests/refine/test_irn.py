@@ -80,6 +80,29 @@ def test_ir_labels_thresholds_are_parameters() -> None:
         IRLabelParams(crf=CRFParams(unary="probabilities"))
 
 
+def test_ir_labels_against_the_maps_own_background_hand_computed() -> None:
+    """SIPE's cam2ir: confident fg by argmax against the own background, confident bg
+    against it x 0.5; the thresholds are unused. Without pairwise terms, per pixel: class
+    where m > b, background where 0.5 b >= m, unsure between (and ties go to background)."""
+    image = np.full((2, 4, 3), 128, dtype=np.uint8)
+    maps = np.array([[[0.9, 0.6, 0.3, 0.1], [0.5, 0.0, 0.4, 0.8]]], dtype=np.float32)
+    background = np.array([[0.5, 0.8, 0.5, 0.9], [0.5, 0.2, 0.9, 0.7]], dtype=np.float32)
+    params = IRLabelParams(fg_threshold=0.99, bg_threshold=0.98, crf=NO_PAIRWISE,
+                           own_bg_factor=0.5)
+    labels = ir_labels(image, maps, np.array([4]), params, background=background)
+    np.testing.assert_array_equal(labels, [[4, 255, 255, 0], [255, 0, 0, 4]])
+    # Without a background channel, or without the factor, IRN's planes apply.
+    planes = IRLabelParams(fg_threshold=0.99, bg_threshold=0.98, crf=NO_PAIRWISE)
+    np.testing.assert_array_equal(ir_labels(image, maps, np.array([4]), planes,
+                                            background=background), np.zeros((2, 4)))
+    np.testing.assert_array_equal(ir_labels(image, maps, np.array([4]), params),
+                                  np.zeros((2, 4)))
+    # The factor is recorded only when used, so earlier folder records still match.
+    assert "own_bg_factor" not in planes.record() and params.record()["own_bg_factor"] == 0.5
+    with pytest.raises(ValueError, match="own_bg_factor"):
+        IRLabelParams(own_bg_factor=0.0)
+
+
 def test_thresholds_follow_the_seeds_by_a_power() -> None:
     # reference 0.25 -> seeds at 0.5: the power is ln 0.5 / ln 0.25 = 1/2, a square root.
     for value, expected in ((0.04, 0.2), (0.09, 0.3), (0.25, 0.5), (0.64, 0.8)):

@@ -110,6 +110,22 @@ def test_labels_upsample_crop_and_background_plane() -> None:
     assert (random_walk_labels(torch.zeros(1, 3, 4), [5]) == 0).all()
 
 
+def test_labels_with_the_maps_own_background_channel() -> None:
+    """SIPE's make_seg_labels: channel 0 is the walked own background and takes the
+    plane's place; a class at 0.2 of the peak (below IRN's 0.25) wins where it beats it."""
+    propagated = torch.zeros(3, 2, 3)
+    propagated[0] = 0.1              # own background, low everywhere
+    propagated[1, :, 0] = 2.0        # class 5 at the peak
+    propagated[2, :, 2] = 0.4        # class 9 at 0.2 of the peak, above the background
+    labels = random_walk_labels(propagated, [5, 9], params=RandomWalkParams(stride=1),
+                                own_background=True)
+    np.testing.assert_array_equal(labels, [[5, 0, 9], [5, 0, 9]])
+    planes = random_walk_labels(propagated[1:], [5, 9], params=RandomWalkParams(stride=1))
+    np.testing.assert_array_equal(planes, [[5, 0, 0], [5, 0, 0]])
+    with pytest.raises(ValueError, match="the first the background"):
+        random_walk_labels(propagated, [5, 9, 11], own_background=True)
+
+
 def test_bad_input_raises_naming_it() -> None:
     maps, boundary = _scene(4, 8, 9)
     with pytest.raises(ValueError, match="differ in batch or grid size"):

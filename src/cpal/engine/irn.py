@@ -46,7 +46,7 @@ from cpal.engine.refine import MapInputs, RefinementMethod, refine_with_workers,
 from cpal.engine.runtime import autocast, setup
 from cpal.engine.trainer import fit
 from cpal.engine.trunks import check_trunk, prepare_stage_training
-from cpal.errors import ConfigError
+from cpal.errors import ConfigError, DatasetError
 from cpal.evaluation.scoring import (
     ChosenThreshold,
     Provenance,
@@ -55,7 +55,7 @@ from cpal.evaluation.scoring import (
     map_paths,
     source_text,
 )
-from cpal.io import IGNORE_INDEX, load_maps
+from cpal.io import IGNORE_INDEX, MapRecord, load_maps
 from cpal.log import Progress, get_logger
 from cpal.models import irnet
 from cpal.models.irnet import IRNet, boundary_map
@@ -105,7 +105,11 @@ def ir_one(job: IRJob) -> np.ndarray:
     """One image's IR labels (a worker's function)."""
     record = load_maps(job.maps)
     inputs = MapInputs(load_rgb(job.image), record, None, job.maps)  # checks the sizes
-    return ir_labels(inputs.image, record.maps, record.classes, job.params)
+    if job.params.own_bg_factor is not None and record.background is None:
+        raise DatasetError(f"{job.maps}: no background channel, which irn.background=own "
+                           "reads; the run's other maps have one")
+    return ir_labels(inputs.image, record.maps, record.classes, job.params,
+                     background=record.background)
 
 
 @dataclass(frozen=True)
@@ -146,11 +150,24 @@ def follow_seeds(config: Config, layout: VOCLayout) -> tuple[Config, Followed | 
         seeds, follow_power(seeds.value, irn.reference_threshold))
 
 
-def _ir_params(irn: IRNConfig) -> IRLabelParams:
-    return IRLabelParams(irn.fg_threshold, irn.bg_threshold, PRESETS[irn.crf_preset])
+def uses_own_background(config: Config, pairs: Sequence[tuple[str, Path]]) -> bool:
+    """irn.background=own, and the run's maps carry their own background channel (the
+    prototype methods'; a CAM run keeps IRN's planes). One file tells: a run's maps are
+    all of one method."""
+    if config.irn.background != "own" or not pairs:
+        return False
+    return load_maps(pairs[0][1]).background is not None
 
 
-def _ir_text(irn: IRNConfig) -> str:
+def _ir_params(irn: IRNConfig, own: bool = False) -> IRLabelParams:
+    return IRLabelParams(irn.fg_threshold, irn.bg_threshold, PRESETS[irn.crf_preset],
+                         own_bg_factor=irn.own_bg_factor if own else None)
+
+
+def _ir_text(irn: IRNConfig, own: bool = False) -> str:
+    if own:
+        return (f"IR labels (against the maps' own background, confident bg x"
+                f"{irn.own_bg_factor:g}, CRF {irn.crf_preset}; unsure 255)")
     return (f"IR labels (confident fg {irn.fg_threshold:g} / bg {irn.bg_threshold:g}, "
             f"CRF {irn.crf_preset}; unsure 255)")
 
@@ -160,7 +177,7 @@ def write_ir_labels(config: Config, layout: VOCLayout, pairs: Sequence[tuple[str
                     desc: str, progress: bool) -> LabelFolder:
     """IR labels of every image of `pairs` (id, maps file) not yet in `directory`, whose
     record is `record` plus the parameters: any maps (the run's, AMN's) in the same way."""
-    folder = LabelFolder(directory, {"kind": "ir_labels", **record, "params": asdict(params)})
+    folder = LabelFolder(directory, {"kind": "ir_labels", **record, "params": params.record()})
     with folder.share([i for i, _ in pairs]) as mine:
         todo = set(mine)
         jobs = {i: IRJob(layout.image_path(i), path, params) for i, path in pairs if i in todo}
@@ -186,12 +203,13 @@ def make_ir_labels(config: Config, layout: VOCLayout, progress: bool, *,
     split = config.labels.split
     pairs, identity = map_paths(config, layout, split)
     irn = config.irn
+    own = uses_own_background(config, pairs)
     provenance = Provenance(source_text("labels", identity), identity["inference"],
-                            _chosen(irn.fg_threshold, split, followed),
-                            _ir_text(irn) + _followed_text(irn, followed))
+                            None if own else _chosen(irn.fg_threshold, split, followed),
+                            _ir_text(irn, own) + _followed_text(irn, followed))
     if directory is None:
         directory = RunPaths(config.output_path).refinement(NAME) / "ir_labels" / split
-    folder = write_ir_labels(config, layout, pairs, directory, _ir_params(irn),
+    folder = write_ir_labels(config, layout, pairs, directory, _ir_params(irn, own),
                              {"maps": identity, "provenance": provenance.to_dict()},
                              f"IR labels {split}", progress)
     return folder, provenance, [i for i, _ in pairs]
@@ -328,6 +346,9 @@ class WalkPlan:
     """The IRNet's training fingerprint (its checkpoint is refused under another)."""
     power: float = 1.0
     """The maps on the boundary grid are raised to this first (AMN: 1.3)."""
+    own_power: float | None = None
+    """Set: the maps' own background channel is walked with them, raised to this power
+    (irn.background=own, SIPE: 1.5), in place of the background plane."""
 
 
 def walk_split(config: Config, layout: VOCLayout, plan: WalkPlan, progress: bool
@@ -365,19 +386,34 @@ def _walk_images(config: Config, layout: VOCLayout, plan: WalkPlan, todo: Sequen
             boundary = boundary[:, 0].float()
         records = [load_maps(plan.maps[i]) for i in batch["id"]]
         grid = tuple(boundary.shape[-2:])
-        maps, walls = stack_for_walk([grid_maps(r.maps, grid, device, plan.power)
-                                      for r in records], list(boundary))
+        maps, walls = stack_for_walk([_walked(r, plan, grid, device, plan.maps[i])
+                                      for r, i in zip(records, batch["id"], strict=True)],
+                                     list(boundary))
         with torch.inference_mode():
             walked = random_walk(maps, walls, params)
             if scale != 1.0:  # the walk ran on the enlarged image's grid: back to the image's
                 walked = F.interpolate(walked, size=irnet.grid_size(height, width), mode="bilinear",
                                        align_corners=False)
+        own = plan.own_power is not None
         for i, (image_id, record) in enumerate(zip(batch["id"], records, strict=True)):
-            count = len(record.classes)
+            count = len(record.classes) + int(own)
             folder.write(image_id, random_walk_labels(walked[i, :count], record.classes,
-                                                      (height, width), params))
+                                                      (height, width), params, own))
         bar.update(len(records))
     bar.close()
+
+
+def _walked(record: MapRecord, plan: WalkPlan, grid: tuple[int, int], device: torch.device,
+            path: Path) -> torch.Tensor:
+    """One image's maps on the boundary grid as the walk reads them: the classes raised to
+    `plan.power`, or [own background, classes] raised to `plan.own_power`."""
+    if plan.own_power is None:
+        return grid_maps(record.maps, grid, device, plan.power)
+    if record.background is None:
+        raise DatasetError(f"{path}: no background channel, which irn.background=own reads; "
+                           "the run's other maps have one")
+    stacked = np.concatenate([record.background[None], record.maps])
+    return grid_maps(stacked, grid, device, plan.own_power)
 
 
 def walk_record(config: Config, checkpoint: Path, fingerprint: dict[str, Any]
@@ -392,10 +428,13 @@ def _irn_walk_plan(config: Config, layout: VOCLayout, checkpoint: Path, fingerpr
     split = config.labels.split
     pairs, identity = map_paths(config, layout, split)
     paths = RunPaths(config.output_path)
+    own = uses_own_background(config, pairs)
     folder = LabelFolder(paths.refined(NAME, split), {
         "kind": "irn", "maps": identity, **walk_record(config, checkpoint, fingerprint),
-        "provenance": irn_provenance(config, identity, followed).to_dict()})
-    return WalkPlan(folder, dict(pairs), paths.refinement(NAME), fingerprint)
+        **({"background": "own", "own_power": config.irn.own_power} if own else {}),
+        "provenance": irn_provenance(config, identity, followed, own).to_dict()})
+    return WalkPlan(folder, dict(pairs), paths.refinement(NAME), fingerprint,
+                    own_power=config.irn.own_power if own else None)
 
 
 def walk_text(irn: IRNConfig) -> str:
@@ -413,18 +452,26 @@ def walk_provenance(config: Config, identity: dict[str, Any], refinement: str,
 
 
 def irn_provenance(config: Config, identity: dict[str, Any],
-                   followed: Followed | None = None) -> Provenance:
+                   followed: Followed | None = None, own: bool = False) -> Provenance:
+    """own: the maps' own background replaced every plane (irn.background=own): no
+    threshold entered the labels."""
     irn, t = config.irn, config.irn.train
-    return walk_provenance(config, identity, (
-        f"IRN: {_ir_text(irn)}; IRNet boundary ({config.model.arch} x{config.model.width:g}, "
-        f"trunk {irn.trunk}, {t.epochs} epochs of batch {t.batch_size}); random walk "
-        f"{walk_text(irn)}, background {irn.bg_score:g}{_followed_text(irn, followed)}"),
-        followed)
+    walk = (f"random walk of [own background, maps]^{irn.own_power:g}, {walk_text(irn)}"
+            if own else f"random walk {walk_text(irn)}, background {irn.bg_score:g}")
+    refinement = (f"IRN: {_ir_text(irn, own)}; IRNet boundary ({config.model.arch} "
+                  f"x{config.model.width:g}, trunk {irn.trunk}, {t.epochs} epochs of batch "
+                  f"{t.batch_size}); {walk}{_followed_text(irn, followed)}")
+    if own:
+        return Provenance(source_text("labels", identity), identity["inference"], None,
+                          refinement)
+    return walk_provenance(config, identity, refinement, followed)
 
 
 def _refine_irn(config: Config, layout: VOCLayout, progress: bool,
                 hooks: Sequence[HookBase] = ()) -> dict[str, Any]:
-    config, followed = follow_seeds(config, layout)
+    followed = None
+    if not uses_own_background(config, map_paths(config, layout, config.labels.split)[0]):
+        config, followed = follow_seeds(config, layout)  # own: no threshold to carry
     ir_folder, ir_provenance, ids = make_ir_labels(config, layout, progress,
                                                    followed=followed)
     checkpoint, fingerprint = train_irn(config, layout, ir_folder, ids, progress=progress,

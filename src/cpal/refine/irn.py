@@ -20,7 +20,7 @@ Pair tensors share one layout: (..., P, H, W), entry [p, y, x] for the pair from
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -65,12 +65,18 @@ def follow_threshold(value: float, seed_threshold: float, reference: float) -> f
 
 @dataclass(frozen=True)
 class IRLabelParams:
-    """IRN's defaults (conf_fg_thres 0.30, conf_bg_thres 0.05, its CRF)."""
+    """IRN's defaults (conf_fg_thres 0.30, conf_bg_thres 0.05, its CRF).
+
+    own_bg_factor (None: IRN's constant planes): maps that carry their own background
+    channel (a prototype map's) are split as SIPE's cam2ir does: confident foreground by
+    argmax against that channel, confident background against it times this factor
+    (SIPE: 0.5); the two thresholds are then unused."""
 
     fg_threshold: float = 0.30
     bg_threshold: float = 0.05
     crf: CRFParams = field(default_factory=lambda: PRESETS["irn"])
     ignore_index: int = IGNORE_INDEX
+    own_bg_factor: float | None = None
 
     def __post_init__(self) -> None:
         if not self.bg_threshold <= self.fg_threshold:
@@ -78,6 +84,16 @@ class IRLabelParams:
                              f"{self.fg_threshold} (the confident background is the wider one)")
         if self.crf.unary != "labels":
             raise ValueError("IR labels refine label maps: the CRF preset needs unary='labels'")
+        if self.own_bg_factor is not None and not 0 < self.own_bg_factor <= 1:
+            raise ValueError(f"own_bg_factor must lie in (0, 1], got {self.own_bg_factor}")
+
+    def record(self) -> dict[str, object]:
+        """The parameters as a folder record; own_bg_factor only when used, so records
+        written before it existed still match."""
+        fields = asdict(self)
+        if self.own_bg_factor is None:
+            del fields["own_bg_factor"]
+        return fields
 
 
 def _threshold_argmax(maps: np.ndarray, threshold: float) -> np.ndarray:
@@ -87,13 +103,22 @@ def _threshold_argmax(maps: np.ndarray, threshold: float) -> np.ndarray:
     return padded.argmax(axis=0)
 
 
+def _own_argmax(maps: np.ndarray, background: np.ndarray, factor: float) -> np.ndarray:
+    """0 where the background channel times `factor` wins, else 1 + the strongest map's
+    channel; ties go to background (SIPE's argmax over [bg, classes])."""
+    return np.concatenate([(background * factor)[None], maps]).argmax(axis=0)
+
+
 def ir_labels(image: np.ndarray, maps: np.ndarray, classes: np.ndarray,
               params: IRLabelParams = IRLabelParams(),
-              device: torch.device | str | None = None) -> np.ndarray:
+              device: torch.device | str | None = None,
+              background: np.ndarray | None = None) -> np.ndarray:
     """(H, W) uint8 IR labels: dataset class indices, 0 background, `ignore_index` unsure.
 
     image: uint8 RGB (H, W, 3); maps: float (C, H, W) in [0, 1], one per class in
-    `classes` (dataset indices of the image's foreground classes, as in `MapRecord`).
+    `classes` (dataset indices of the image's foreground classes, as in `MapRecord`);
+    background: the maps' own background channel (H, W), used when
+    `params.own_bg_factor` is set (else, or when None, IRN's constant planes).
     The CRF runs over 1 + C labels (background and the image's classes), as IRN's.
     """
     maps = np.asarray(maps)
@@ -114,10 +139,16 @@ def ir_labels(image: np.ndarray, maps: np.ndarray, classes: np.ndarray,
     if classes.size == 0:  # nothing but background to be confident about
         return np.zeros(maps.shape[1:], dtype=np.uint8)
     work = maps.astype(np.result_type(maps.dtype, np.float32), copy=False)
+    if params.own_bg_factor is not None and background is not None:
+        if background.shape != maps.shape[1:]:
+            raise ValueError(f"background size {background.shape} != maps size {maps.shape[1:]}")
+        own = background.astype(work.dtype, copy=False)
+        seeds = [_own_argmax(work, own, 1.0), _own_argmax(work, own, params.own_bg_factor)]
+    else:
+        seeds = [_threshold_argmax(work, params.fg_threshold),
+                 _threshold_argmax(work, params.bg_threshold)]
     # Both CRFs in one grouped mean field: they share the image's lattices.
-    fg, bg = (keys[x] for x in refine_label_group(
-        image, [_threshold_argmax(work, params.fg_threshold),
-                _threshold_argmax(work, params.bg_threshold)], len(keys), params.crf, device))
+    fg, bg = (keys[x] for x in refine_label_group(image, seeds, len(keys), params.crf, device))
     out = np.where(fg == 0, params.ignore_index, fg)
     out[(fg == 0) & (bg == 0)] = 0
     return out.astype(np.uint8)

@@ -183,18 +183,23 @@ def stack_for_walk(maps: Sequence[Tensor], boundaries: Sequence[Tensor]) -> tupl
 
 def random_walk_labels(propagated: Tensor, classes: np.ndarray | Sequence[int],
                        size: tuple[int, int] | None = None,
-                       params: RandomWalkParams = RandomWalkParams()) -> np.ndarray:
+                       params: RandomWalkParams = RandomWalkParams(),
+                       own_background: bool = False) -> np.ndarray:
     """(H, W) uint8 labels from propagated maps (C, h, w), as IRN's make_sem_seg_labels:
     upsampled by `params.stride` (bilinear) and cropped to `size` (default: the grid),
     divided by their global maximum, background plane `params.bg_score`, argmax (ties go
-    to background), channel -> dataset class via `classes`."""
+    to background), channel -> dataset class via `classes`.
+
+    own_background: channel 0 is the maps' own background, walked with the classes
+    (SIPE's make_seg_labels): it takes the plane's place, and `classes` names the others."""
     if not isinstance(propagated, Tensor) or propagated.ndim != 3:
         raise ValueError("propagated must be a (C, h, w) tensor")
     if not torch.is_floating_point(propagated):
         raise ValueError(f"propagated must be floating point, got dtype {propagated.dtype}")
     keys = np.concatenate([[0], np.asarray(classes, dtype=np.int64)])
-    if len(keys) != propagated.shape[0] + 1:
-        raise ValueError(f"{len(keys) - 1} classes given for {propagated.shape[0]} channels")
+    if len(keys) != propagated.shape[0] + (0 if own_background else 1):
+        raise ValueError(f"{len(keys) - 1} classes given for {propagated.shape[0]} channels"
+                         + (" (the first the background)" if own_background else ""))
     maps = propagated.float()
     if size is not None:
         height, width = size
@@ -211,7 +216,8 @@ def random_walk_labels(propagated: Tensor, classes: np.ndarray | Sequence[int],
     if not peak > 0:  # nothing propagated: all background
         return np.zeros(maps.shape[1:], dtype=np.uint8)
     maps = maps / peak
-    stacked = torch.cat([torch.full_like(maps[:1], params.bg_score), maps])
+    stacked = maps if own_background else torch.cat(
+        [torch.full_like(maps[:1], params.bg_score), maps])
     return keys[stacked.argmax(dim=0).cpu().numpy()].astype(np.uint8)
 
 
