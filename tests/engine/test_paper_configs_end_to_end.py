@@ -50,10 +50,13 @@ def test_voc12_config_on_a_prepared_voc_with_sbd(tmp_path):
     # Trained on train_aug (VOC train + SBD, 6 images here: 3 steps of 2), scored on train.
     assert log[-1]["step"] == len(TRAIN_AUG) // 2
     assert metrics["maps"]["train"]["num_images"] == len(VOC_TRAIN)
-    # The seeds' background threshold is tuned on val GT; IRN's labels use its fixed ones.
+    # The seeds' background threshold is tuned on val GT.
     assert metrics["seeds"]["protocol"]["threshold_choice"] == "tuned"
     assert metrics["pseudo_labels"]["source"] == "irn"
-    assert metrics["pseudo_labels"]["protocol"]["threshold_choice"] == "fixed"
+    # SIPE's chain into IRN (irn.background=own): PACAM's own background, no threshold.
+    assert metrics["pseudo_labels"]["protocol"]["threshold_choice"] == "none"
+    assert "against the maps' own background" in metrics["pseudo_labels"]["protocol"][
+        "refinement"]
     assert "miou" in metrics["segmentation"]
     assert metrics["maps"]["train"]["own_background"]["protocol"]["threshold_choice"] == "none"
 
