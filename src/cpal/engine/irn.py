@@ -105,11 +105,19 @@ def ir_one(job: IRJob) -> np.ndarray:
     """One image's IR labels (a worker's function)."""
     record = load_maps(job.maps)
     inputs = MapInputs(load_rgb(job.image), record, None, job.maps)  # checks the sizes
-    if job.params.own_bg_factor is not None and record.background is None:
-        raise DatasetError(f"{job.maps}: no background channel, which irn.background=own "
-                           "reads; the run's other maps have one")
+    if job.params.own_bg_factor is not None:
+        _require_background(record, job.maps)
     return ir_labels(inputs.image, record.maps, record.classes, job.params,
                      background=record.background)
+
+
+def _require_background(record: MapRecord, path: Path) -> np.ndarray:
+    """The record's own background channel, which irn.background=own reads; a file
+    without one, in a run whose first maps had one, is a line naming it."""
+    if record.background is None:
+        raise DatasetError(f"{path}: no background channel, which irn.background=own reads; "
+                           "the run's other maps have one")
+    return record.background
 
 
 @dataclass(frozen=True)
@@ -409,10 +417,7 @@ def _walked(record: MapRecord, plan: WalkPlan, grid: tuple[int, int], device: to
     `plan.power`, or [own background, classes] raised to `plan.own_power`."""
     if plan.own_power is None:
         return grid_maps(record.maps, grid, device, plan.power)
-    if record.background is None:
-        raise DatasetError(f"{path}: no background channel, which irn.background=own reads; "
-                           "the run's other maps have one")
-    stacked = np.concatenate([record.background[None], record.maps])
+    stacked = np.concatenate([_require_background(record, path)[None], record.maps])
     return grid_maps(stacked, grid, device, plan.own_power)
 
 
