@@ -18,6 +18,7 @@ from cpal.data.synthetic import (
     GENERATOR_VERSION,
     ensure_dataset,
     generate,
+    render_sample,
     rendering,
     store,
 )
@@ -379,3 +380,25 @@ def test_families_are_cached_apart(tmp_path: Path) -> None:
     assert ensure_dataset(tmp_path, **_spec_kwargs(), family="attributes") == b
     with pytest.raises(ConfigError, match="unknown family"):
         synthetic.render_sample(0, "train", 1, 48, "stripes")
+
+
+def test_part_mask_marks_only_labelled_object_pixels() -> None:
+    """The diagnostics' part mask: inside labelled objects (never background, border or an
+    unlabelled object), present in every image, a small share of the object pixels."""
+    part_pixels = object_pixels = 0
+    for index in range(1, 21):
+        sample = render_sample(0, "train", index, 128, "parts")
+        assert sample.parts.shape == sample.mask.shape and sample.parts.dtype == bool
+        inside = sample.mask[sample.parts]
+        assert ((inside > 0) & (inside != 255)).all()
+        assert sample.parts.any()
+        part_pixels += int(sample.parts.sum())
+        object_pixels += int(((sample.mask > 0) & (sample.mask != 255)).sum())
+    assert 0.02 < part_pixels / object_pixels < 0.4
+
+
+def test_part_mask_is_the_same_for_both_families() -> None:
+    """The families share their objects and differ in appearance only: so do their parts."""
+    a, b = render_sample(3, "val", 7, 96, "parts"), render_sample(3, "val", 7, 96, "attributes")
+    assert np.array_equal(a.parts, b.parts) and np.array_equal(a.mask, b.mask)
+    assert not np.array_equal(a.image, b.image)

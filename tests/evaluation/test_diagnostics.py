@@ -7,7 +7,12 @@ import torch
 
 from cpal.config import load_config
 from cpal.engine.infer import PrototypeInference
-from cpal.evaluation.diagnostics import BorderShare, border_band, prototype_separation
+from cpal.evaluation.diagnostics import (
+    BorderShare,
+    PartBodyRecall,
+    border_band,
+    prototype_separation,
+)
 from cpal.models.cam_net import build_network
 
 
@@ -47,3 +52,22 @@ def test_prototype_separation_runs_on_a_tiny_model() -> None:
                 "cos_other_class_across_images"):
         value = d[key]
         assert np.isnan(value) or -1.0 <= value <= 1.0
+
+
+def test_part_body_recall_on_a_hand_made_case() -> None:
+    gt = np.zeros((8, 8), dtype=np.uint8)
+    gt[2:6, 2:6] = 1  # one object of 16 pixels
+    parts = np.zeros((8, 8), dtype=bool)
+    parts[2:4, 2:4] = True  # its part: 4 pixels
+    pred = np.zeros_like(gt)
+    pred[2:4, 2:6] = 1  # the part and 4 body pixels found
+    pred[4, 2] = 2  # a body pixel with the wrong class
+    pred[0, 0:3] = 1  # 3 false object pixels, one of them on ignored GT
+    gt[0, 2] = 255
+    recall = PartBodyRecall()
+    recall.update(pred, gt, parts)
+    d = recall.to_dict()
+    assert d["part_recall"] == 100.0
+    assert d["body_recall"] == round(100 * 4 / 12, 2)
+    assert d["object_precision"] == round(100 * 8 / 11, 2)  # 8 correct of 11 counted
+    assert d["part_share_of_objects"] == 25.0

@@ -6,6 +6,9 @@
   from the background that its prototypes separate.
 - Border: the share of predicted object pixels that lie in a band along the image border,
   against the ground truth's share, to catch maps that learned the frame.
+- Part / body recall (built-in data, whose generator knows each object's class part): how
+  much of the discriminative part and how much of the rest of the body a labelling finds,
+  to tell a map that misses bodies from one that misses parts.
 """
 
 from __future__ import annotations
@@ -141,3 +144,41 @@ class BorderShare:
         return {"predicted_object_in_border_band": share(self.predicted_in_band, self.predicted),
                 "gt_object_in_border_band": share(self.gt_in_band, self.gt),
                 "band_fraction_of_short_side": BORDER_FRACTION}
+
+
+@dataclass
+class PartBodyRecall:
+    """Object pixels found with their class, split into the objects' class parts and the
+    rest of their bodies, summed over images (ignored GT pixels left out)."""
+
+    part: int = 0
+    part_found: int = 0
+    body: int = 0
+    body_found: int = 0
+    predicted: int = 0
+    predicted_correct: int = 0
+
+    def update(self, prediction: np.ndarray, gt: np.ndarray, parts: np.ndarray,
+               ignore_index: int = 255) -> None:
+        """`prediction` and `gt`: (H, W) class indices; `parts`: (H, W) bool part pixels."""
+        if not prediction.shape == gt.shape == parts.shape:
+            raise ValueError(f"shapes differ: prediction {prediction.shape}, gt {gt.shape}, "
+                             f"parts {parts.shape}")
+        obj = (gt > 0) & (gt != ignore_index)
+        found = obj & (prediction == gt)
+        self.part += int((obj & parts).sum())
+        self.part_found += int((found & parts).sum())
+        self.body += int((obj & ~parts).sum())
+        self.body_found += int((found & ~parts).sum())
+        pred_obj = (prediction > 0) & (prediction != ignore_index) & (gt != ignore_index)
+        self.predicted += int(pred_obj.sum())
+        self.predicted_correct += int((pred_obj & (prediction == gt)).sum())
+
+    def to_dict(self) -> dict[str, float | None]:
+        def share(a: int, b: int) -> float | None:
+            return None if b == 0 else round(100 * a / b, 2)
+
+        return {"part_recall": share(self.part_found, self.part),
+                "body_recall": share(self.body_found, self.body),
+                "object_precision": share(self.predicted_correct, self.predicted),
+                "part_share_of_objects": share(self.part, self.part + self.body)}

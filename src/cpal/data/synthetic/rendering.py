@@ -484,6 +484,7 @@ class Sample:
     mask: Array  # (H, W) uint8: 0 background, i = CLASS_NAMES[i], 255 border/uncertain
     labels: list[str]  # class names present in the mask, in CLASS_NAMES order
     objects: list[dict[str, Any]]
+    parts: Array  # (H, W) bool: the visible class part of a labelled object (diagnostics)
 
 
 def render_sample(
@@ -513,11 +514,14 @@ def render_sample(
     image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
 
     mask = np.zeros((size, size), dtype=np.uint8)
+    parts = np.zeros((size, size), dtype=bool)
     records = []
     for j, obj in enumerate(objects):
         interior = (vis.owner == j) & ~vis.band
         listed = vis.visible[j] >= MIN_VISIBLE_PIXELS
         mask[interior] = obj.cls + 1 if listed else IGNORE_INDEX
+        if listed and obj.part is not None:
+            parts[obj.region] |= (obj.part >= 0.5) & interior[obj.region]
         records.append(
             {
                 "class": obj.spec.name,
@@ -535,4 +539,4 @@ def render_sample(
     mask[vis.band] = IGNORE_INDEX
     counts = np.bincount(mask.ravel(), minlength=IGNORE_INDEX + 1)
     labels = [CLASS_NAMES[i] for i in range(1, len(CLASS_NAMES)) if counts[i]]
-    return Sample(image=image, mask=mask, labels=labels, objects=records)
+    return Sample(image=image, mask=mask, labels=labels, objects=records, parts=parts)
