@@ -118,6 +118,11 @@ def border_band(shape: tuple[int, int], fraction: float = BORDER_FRACTION) -> np
     return band
 
 
+def _percent(count: int, total: int) -> float | None:
+    """100 x count / total to two decimals; None for an empty total."""
+    return None if total == 0 else round(100 * count / total, 2)
+
+
 @dataclass
 class BorderShare:
     """Object pixels in the border band, summed over images."""
@@ -138,11 +143,9 @@ class BorderShare:
         self.gt_in_band += int((gt_obj & band).sum())
 
     def to_dict(self) -> dict[str, float | None]:
-        def share(a: int, b: int) -> float | None:
-            return None if b == 0 else round(100 * a / b, 2)
-
-        return {"predicted_object_in_border_band": share(self.predicted_in_band, self.predicted),
-                "gt_object_in_border_band": share(self.gt_in_band, self.gt),
+        return {"predicted_object_in_border_band": _percent(self.predicted_in_band,
+                                                            self.predicted),
+                "gt_object_in_border_band": _percent(self.gt_in_band, self.gt),
                 "band_fraction_of_short_side": BORDER_FRACTION}
 
 
@@ -175,10 +178,7 @@ class PartBodyRecall:
         self.predicted_correct += int((pred_obj & (prediction == gt)).sum())
 
     def to_dict(self) -> dict[str, float | None]:
-        def share(a: int, b: int) -> float | None:
-            return None if b == 0 else round(100 * a / b, 2)
-
-        return {"part_recall": share(self.part_found, self.part),
-                "body_recall": share(self.body_found, self.body),
-                "object_precision": share(self.predicted_correct, self.predicted),
-                "part_share_of_objects": share(self.part, self.part + self.body)}
+        return {"part_recall": _percent(self.part_found, self.part),
+                "body_recall": _percent(self.body_found, self.body),
+                "object_precision": _percent(self.predicted_correct, self.predicted),
+                "part_share_of_objects": _percent(self.part, self.part + self.body)}
