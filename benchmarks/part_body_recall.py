@@ -23,6 +23,7 @@ from pathlib import Path
 from cpal.config import load_config
 from cpal.data.images import load_mask
 from cpal.data.synthetic import CLASS_NAMES, render_sample
+from cpal.data.synthetic.store import sample_id
 from cpal.errors import CpalError
 from cpal.evaluation.diagnostics import PartBodyRecall
 
@@ -35,17 +36,18 @@ def score_run(spec: str, split: str) -> dict[str, float | None]:
         raise CpalError(f"{run_dir / 'config.yaml'}: data.root is set; part masks exist "
                         "only for the built-in data")
     s = config.data.synthetic
+    count = {"train": s.num_train, "val": s.num_val}.get(split)
+    if count is None:
+        raise CpalError(f"split {split!r}: the built-in data has train and val")
     label_dir = run_dir / (sub or f"labels/{split}")
-    ids = sorted(p.stem for p in label_dir.glob(f"{split}_*.png"))
-    if not ids:
-        raise CpalError(f"{label_dir}: no label PNGs of split {split!r}")
     recall = PartBodyRecall()
-    for image_id in ids:
-        index = int(image_id.rsplit("_", 1)[1])
+    for index in range(1, count + 1):
+        path = label_dir / f"{sample_id(split, index)}.png"
+        if not path.is_file():
+            raise CpalError(f"{path}: label PNG not found")
         sample = render_sample(s.seed, split, index, s.image_size, s.family)
-        prediction = load_mask(label_dir / f"{image_id}.png", len(CLASS_NAMES))
-        recall.update(prediction, sample.mask, sample.parts)
-    return {"images": len(ids), **recall.to_dict()}
+        recall.update(load_mask(path, len(CLASS_NAMES)), sample.mask, sample.parts)
+    return {"images": count, **recall.to_dict()}
 
 
 def main() -> int:

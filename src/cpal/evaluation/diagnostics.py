@@ -27,6 +27,7 @@ from cpal.data.voc import VOCLayout
 from cpal.engine.identity import load_final_checkpoint
 from cpal.engine.infer import PrototypeInference, _prototype_scale, load_trained_model
 from cpal.engine.runtime import resolve_device
+from cpal.io import IGNORE_INDEX
 from cpal.models.cam_net import LocalisationNet
 
 BORDER_FRACTION = 1 / 8
@@ -132,7 +133,8 @@ class BorderShare:
     gt_in_band: int = 0
     gt: int = 0
 
-    def update(self, prediction: np.ndarray, gt: np.ndarray, ignore_index: int = 255) -> None:
+    def update(self, prediction: np.ndarray, gt: np.ndarray,
+               ignore_index: int = IGNORE_INDEX) -> None:
         valid = gt != ignore_index
         band = border_band(gt.shape)
         pred_obj = (prediction > 0) & (prediction != ignore_index) & valid
@@ -162,7 +164,7 @@ class PartBodyRecall:
     predicted_correct: int = 0
 
     def update(self, prediction: np.ndarray, gt: np.ndarray, parts: np.ndarray,
-               ignore_index: int = 255) -> None:
+               ignore_index: int = IGNORE_INDEX) -> None:
         """`prediction` and `gt`: (H, W) class indices; `parts`: (H, W) bool part pixels."""
         if not prediction.shape == gt.shape == parts.shape:
             raise ValueError(f"shapes differ: prediction {prediction.shape}, gt {gt.shape}, "

@@ -77,6 +77,11 @@ def _mode_table() -> dict[str, list[dict[str, Any]]]:
     }
 
 
+def sample_id(split: str, index: int) -> str:
+    """The image id of sample `index` (1-based) of `split`, as the generator names its files."""
+    return f"{split}_{index:05d}"
+
+
 def generate(
     root: Path, *, seed: int, num_train: int, num_val: int, image_size: int,
     family: str = "parts",
@@ -104,7 +109,7 @@ def generate(
         mode_counts = {s.name: {m.name: 0 for m in s.modes} for s in CLASSES}
         labels_per_image = {"1": 0, "2": 0, "3": 0}
         for index in range(1, count + 1):
-            image_id = f"{split}_{index:05d}"
+            image_id = sample_id(split, index)
             sample = render_sample(seed, split, index, image_size, family)
             with atomic_path(image_dir / f"{image_id}.png") as tmp:
                 # Level 1: noisy images barely compress further, and it halves encode time.
